@@ -5,7 +5,7 @@
     python3 tasks.py test  [args...]   # the test suite: python -m pytest
 
 Each first makes ``.venv`` (if missing or stale) and installs the package with
-its ``experiments`` and ``dev`` extras into it.
+its ``experiments``, ``dev`` and ``docs`` extras into it.
 """
 
 from __future__ import annotations
@@ -34,15 +34,15 @@ def _fingerprint() -> str:
 
 
 def ensure_venv() -> None:
-  """Creates .venv and installs ``.[experiments,dev]`` unless already current."""
+  """Creates .venv and installs ``.[experiments,dev,docs]`` unless already current."""
   if STAMP.exists() and STAMP.read_text() == _fingerprint() and PY.exists():
     return
   if not PY.exists():
     print(f"[tasks] creating {VENV}", flush=True)
     venv.EnvBuilder(with_pip=True).create(VENV)
-  print("[tasks] installing xsam_jax with extras [experiments,dev] ...", flush=True)
+  print("[tasks] installing xsam_jax with extras [experiments,dev,docs] ...", flush=True)
   subprocess.check_call([str(PY), "-m", "pip", "install", "-q", "--upgrade", "pip"])
-  subprocess.check_call([str(PY), "-m", "pip", "install", "-q", "-e", f"{ROOT}[experiments,dev]"])
+  subprocess.check_call([str(PY), "-m", "pip", "install", "-q", "-e", f"{ROOT}[experiments,dev,docs]"])
   STAMP.write_text(_fingerprint())
 
 
