@@ -42,6 +42,12 @@ class AscentTrace(NamedTuple):
       a combination of gradients (``d_K`` itself when not adaptive). It lets
       a rule work in ASAM's rescaled coordinates without dividing by ``T``:
       there the displacement is ``T c_K``.
+    displacement_scale: for a one-step, non-adaptive ascent, the scalar
+      ``c = rho / (|u| + eps)`` with ``d_1 = c u`` for ``u =
+      first_direction``; None otherwise. With ``displacement_norm``
+      (``c |u|``, i.e. ``|d_1|``) it lets a rule use ``d_1`` through
+      ``u`` without materializing ``d_1`` or re-reading it for its norm.
+    displacement_norm: ``|d_1|`` when ``displacement_scale`` is set, else None.
   """
 
   grads: tuple
@@ -49,6 +55,8 @@ class AscentTrace(NamedTuple):
   first_direction: Any = None
   scale: Any = None
   gradient_displacement: Any = None
+  displacement_scale: Any = None
+  displacement_norm: Any = None
 
 
 def ascent(
@@ -116,6 +124,7 @@ def ascent(
   c = zeros() if adaptive else None
   grads = [g0]
   g = first
+  d_scale = d_norm = None
   for _ in range(num_steps):
     if adaptive:
       tg = jax.tree.map(lambda t, x: t * x.astype(t.dtype), scale_t, g)
@@ -123,7 +132,10 @@ def ascent(
       direction = jax.tree.map(jnp.multiply, scale_t, unit_tg)
       c = add_step(c, tm.tree_scale(1.0 / (tg_norm + tm.EPS), tm.tree_wide(g)))
     else:
-      direction, _ = tm.tree_normalize(g)
+      direction, g_norm = tm.tree_normalize(g)
+      if num_steps == 1:
+        d_scale = step / (g_norm + tm.EPS)
+        d_norm = d_scale * g_norm
     d = add_step(d, direction)
     g = sync(grad_fn(tm.tree_add_to_params(params, d)))
     grads.append(g)
@@ -133,4 +145,6 @@ def ascent(
       first_direction=first,
       scale=scale_t if adaptive else None,
       gradient_displacement=c if adaptive else d,
+      displacement_scale=d_scale,
+      displacement_norm=d_norm,
   )

@@ -56,6 +56,22 @@ def tree_vdot(a, b) -> jax.Array:
   return sum(parts, jnp.zeros((), dtype))
 
 
+def tree_scaled_vdot(s, a, t, b) -> jax.Array:
+  """``<s a, t b>`` for scalars ``s``, ``t``, as one fused reduction in wide precision.
+
+  Each element is scaled before the product, ``sum_i (s a_i)(t b_i)``, so
+  with ``s = 1/|a|`` and ``t = 1/|b|`` (a cosine) nothing overflows even for
+  vectors near 1e30 in float32, and neither scaled tree is materialized.
+  """
+  dtype = _scalar_dtype(a)
+  s, t = jnp.asarray(s).astype(dtype), jnp.asarray(t).astype(dtype)
+  parts = [
+      jnp.sum((x.astype(dtype) * s) * (y.astype(dtype) * t))
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  ]
+  return sum(parts, jnp.zeros((), dtype))
+
+
 def tree_norm(tree) -> jax.Array:
   """Global L2 norm, robust to under/overflow.
 

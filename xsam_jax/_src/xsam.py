@@ -83,6 +83,41 @@ def slerp_coefficients(alpha, theta):
   return a, b
 
 
+def plane_scalars(x0, x1):
+  r"""The scalars of XSAM's plane spanned by ``x0`` and ``x1``, without forming it.
+
+  With ``v0 = s0 x0`` and ``v1 = s1 x1`` for
+  ``s0 = 1/(|x0|+eps)``, ``s1 = 1/(|x1|+eps)``:
+
+  .. math::
+
+    \theta = \arccos \mathrm{clip}\Big(\textstyle\sum_i (s_0 x_{0,i})(s_1 x_{1,i}), -1, 1\Big).
+
+  The unit vectors are never materialized: the cosine is one fused reduction
+  over ``x0`` and ``x1`` (each element scaled before the product, so
+  gradients near 1e30 do not overflow), and XSAM's rule folds ``s0``, ``s1``
+  into the scalar coefficients of its probes and output. This is what makes
+  a non-probe XSAM step cost about a SAM step.
+
+  Args:
+    x0, x1: pytrees of one structure (wide precision, see
+      ``tree_math.tree_wide``).
+
+  Returns:
+    ``(theta, s0, s1, |x1|)``, scalars in the trees' wide dtype.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> theta, s0, s1, n1 = plane_scalars({"w": jnp.array([2.0, 0.0])}, {"w": jnp.array([0.0, 3.0])})
+    >>> [round(float(x), 4) for x in (theta, s0, s1, n1)]
+    [1.5708, 0.5, 0.3333, 3.0]
+  """
+  n0, n1 = tm.tree_norm(x0), tm.tree_norm(x1)
+  s0, s1 = 1.0 / (n0 + tm.EPS), 1.0 / (n1 + tm.EPS)
+  cos = tm.tree_scaled_vdot(s0, x0, s1, x1)
+  return jnp.arccos(jnp.clip(cos, -1.0, 1.0)), s0, s1, n1
+
+
 def xsam_plane(displacement, g_k):
   """Unit spanning vectors and angle of XSAM's search plane.
 
@@ -93,12 +128,17 @@ def xsam_plane(displacement, g_k):
   Returns:
     ``(v0, v1, theta, |g_K|)`` with ``v0 = d_K/(|d_K|+eps)``,
     ``v1 = g_K/(|g_K|+eps)`` (wide precision) and
-    ``theta = arccos(clip(<v0, v1>, -1, 1))``.
+    ``theta = arccos(clip(<v0, v1>, -1, 1))`` (see :func:`plane_scalars`).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> v0, v1, theta, g_norm = xsam_plane({"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([1.0, 1.0])})
+    >>> round(float(theta), 4), round(float(g_norm), 4)  # pi/4, sqrt(2)
+    (0.7854, 1.4142)
   """
-  v0, _ = tm.tree_normalize(displacement)
-  v1, g_norm = tm.tree_normalize(g_k)
-  theta = jnp.arccos(jnp.clip(tm.tree_vdot(v0, v1), -1.0, 1.0))
-  return v0, v1, theta, g_norm
+  x0, x1 = tm.tree_wide(displacement), tm.tree_wide(g_k)
+  theta, s0, s1, g_norm = plane_scalars(x0, x1)
+  return tm.tree_scale(s0, x0), tm.tree_scale(s1, x1), theta, g_norm
 
 
 def adaptive_xsam_plane(trace):
@@ -132,15 +172,44 @@ def adaptive_xsam_plane(trace):
     ``|T g_K| (a o0 + b o1)`` for the slerp coefficients ``(a, b)`` of
     :func:`slerp_coefficients`; ``p = T v`` and ``o = T^{-1} v``.
   """
+  bases, theta, (s0, s1), tg_norm = _adaptive_bases(trace)
+  (x0, x1), probe_bases = bases, bases.probe()
+  probe_pair = (tm.tree_scale(s0, probe_bases[0]), tm.tree_scale(s1, probe_bases[1]))
+  output_pair = (tm.tree_scale(s0, x0), tm.tree_scale(s1, x1))
+  return probe_pair, output_pair, theta, tg_norm
+
+
+class _Bases(NamedTuple):
+  """The plane as unscaled trees: ``v0 = s0 x0``, ``v1 = s1 x1`` (output side),
+  and a thunk building the probe side's trees (only inside the probe branch)."""
+
+  x0: Any
+  x1: Any
+  probe: Any
+
+
+def _plain_bases(trace):
+  x1 = tm.tree_wide(trace.grads[-1])
+  if trace.displacement_scale is None:
+    x0 = tm.tree_wide(trace.displacement)
+    theta, s0, s1, g_norm = plane_scalars(x0, x1)
+  else:  # K = 1: d_1 = c u, so v0 = (c / (|d_1| + eps)) u; d_1 is never formed.
+    x0 = tm.tree_wide(trace.first_direction)
+    s0 = trace.displacement_scale / (trace.displacement_norm + tm.EPS)
+    g_norm = tm.tree_norm(x1)
+    s1 = 1.0 / (g_norm + tm.EPS)
+    theta = jnp.arccos(jnp.clip(tm.tree_scaled_vdot(s0, x0, s1, x1), -1.0, 1.0))
+  return _Bases(x0, x1, lambda: (x0, x1)), theta, (s0, s1), g_norm
+
+
+def _adaptive_bases(trace):
   scale = trace.scale
   times_t = lambda tree: jax.tree.map(lambda t, x: t * x.astype(t.dtype), scale, tree)
   c_k, g_k = trace.gradient_displacement, tm.tree_wide(trace.grads[-1])
-  v0, e_norm = tm.tree_normalize(times_t(c_k))
-  v1, tg_norm = tm.tree_normalize(times_t(g_k))
-  theta = jnp.arccos(jnp.clip(tm.tree_vdot(v0, v1), -1.0, 1.0))
-  probe_pair = (times_t(v0), times_t(v1))
-  output_pair = (tm.tree_scale(1.0 / (e_norm + tm.EPS), c_k), tm.tree_scale(1.0 / (tg_norm + tm.EPS), g_k))
-  return probe_pair, output_pair, theta, tg_norm
+  theta, s0, s1, tg_norm = plane_scalars(times_t(c_k), times_t(g_k))
+  # Probes at w + rho_max T v: T v0 = s0 T^2 c_K, T v1 = s1 T^2 g_K.
+  probe = lambda: (times_t(times_t(c_k)), times_t(times_t(g_k)))
+  return _Bases(c_k, g_k, probe), theta, (s0, s1), tg_norm
 
 
 def probe_losses(loss_fn, params, v0, v1, theta, alphas, rho_max, *, batch_size=None, axis_name=None):
@@ -163,10 +232,16 @@ def probe_losses(loss_fn, params, v0, v1, theta, alphas, rho_max, *, batch_size=
     A 1-D array of losses, one per alpha.
   """
   coef_a, coef_b = slerp_coefficients(alphas, theta)
+  return _probe_combinations(loss_fn, params, v0, v1, coef_a, coef_b, rho_max,
+                             batch_size=batch_size, axis_name=axis_name)
+
+
+def _probe_combinations(loss_fn, params, x0, x1, coef_a, coef_b, rho_max, *, batch_size, axis_name):
+  """Losses ``L(w + rho_max (a_i x0 + b_i x1))``, batched over the coefficient arrays."""
 
   def one(coefs):
     a, b = coefs
-    return loss_fn(tm.tree_add_to_params(params, tm.tree_lincomb(a, v0, b, v1), rho_max))
+    return loss_fn(tm.tree_add_to_params(params, tm.tree_lincomb(a, x0, b, x1), rho_max))
 
   if batch_size is None:
     losses = jax.vmap(one)((coef_a, coef_b))
@@ -184,17 +259,68 @@ def resolve_probe_batch_size(probe_batch_size):
   return probe_batch_size
 
 
-def select_alpha(losses, alphas, alpha_old):
+ALPHA_REFINEMENTS = (None, "parabola")
+"""Allowed values of ``xsam(..., alpha_refinement=)``."""
+
+
+def parabola_vertex(xm, x0, xp, ym, y0, yp):
+  r"""Abscissa of the vertex of the parabola through three points, clipped to ``[xm, xp]``.
+
+  For ``xm < x0 < xp`` and ``y0 >= ym, yp`` (``x0`` a grid maximum):
+
+  .. math::
+
+    x^* = x_0 - \frac{1}{2}\,
+      \frac{(x_0-x_m)^2 (y_0-y_p) - (x_0-x_p)^2 (y_0-y_m)}
+           {(x_0-x_m)(y_0-y_p) - (x_0-x_p)(y_0-y_m)},
+
+  which lies in ``[xm, xp]`` (within half a step of ``x0`` on a uniform
+  grid). A flat triple (zero denominator) returns ``x0``.
+
+  Example:
+    >>> round(float(parabola_vertex(0.0, 1.0, 2.0, 0.0, 1.0, 0.5)), 4)  # -(x-1.25)^2 fits
+    1.1667
+  """
+  num = (x0 - xm) ** 2 * (y0 - yp) - (x0 - xp) ** 2 * (y0 - ym)
+  den = (x0 - xm) * (y0 - yp) - (x0 - xp) * (y0 - ym)
+  ok = den > 0
+  vertex = x0 - 0.5 * num / jnp.where(ok, den, jnp.ones_like(den))
+  return jnp.where(ok, jnp.clip(vertex, xm, xp), x0)
+
+
+def select_alpha(losses, alphas, alpha_old, *, refine=None):
   """The alpha of the first maximal finite loss; ``alpha_old`` if none is finite.
+
+  With ``refine="parabola"`` (``alphas`` strictly increasing), an interior
+  maximum whose two neighbours are finite is refined to the vertex of the
+  parabola through the three points (:func:`parabola_vertex`); a maximum at
+  either end of the grid is kept. ``max_loss`` is always the probed
+  (grid) maximum.
 
   Returns:
     ``(alpha, max_loss)``; non-finite losses never win.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> grid = jnp.array([0.0, 0.5, 1.0, 1.5, 2.0])
+    >>> losses = -(grid - 1.2) ** 2
+    >>> [round(float(x), 4) for x in select_alpha(losses, grid, 1.0)]
+    [1.0, -0.04]
+    >>> round(float(select_alpha(losses, grid, 1.0, refine="parabola")[0]), 4)
+    1.2
   """
   finite = jnp.isfinite(losses)
   masked = jnp.where(finite, losses, -jnp.inf)
   idx = jnp.argmax(masked)
   any_finite = jnp.any(finite)
-  alpha = jnp.where(any_finite, alphas[idx].astype(jnp.float32), alpha_old)
+  best = alphas[idx]
+  if refine == "parabola" and alphas.shape[0] >= 3:
+    lo, hi = jnp.maximum(idx - 1, 0), jnp.minimum(idx + 1, alphas.shape[0] - 1)
+    interior = (idx > 0) & (idx < alphas.shape[0] - 1) & finite[lo] & finite[hi]
+    safe = lambda y: jnp.where(interior, y, jnp.zeros_like(y))
+    vertex = parabola_vertex(alphas[lo], best, alphas[hi], safe(losses[lo]), safe(losses[idx]), safe(losses[hi]))
+    best = jnp.where(interior, vertex, best)
+  alpha = jnp.where(any_finite, best.astype(jnp.float32), alpha_old)
   max_loss = jnp.where(any_finite, masked[idx], jnp.nan)
   return alpha, max_loss
 
@@ -207,6 +333,7 @@ def xsam(
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     alpha_init=1.0,
     alpha_update_period: Optional[int] = 100,
+    alpha_refinement: Optional[str] = None,
     probe_batch_size="auto",
     axis_name: Optional[str] = None,
     adaptive: bool = False,
@@ -275,6 +402,12 @@ def xsam(
     alpha_init: alpha before the first probe, finite (stored as float32).
     alpha_update_period: probe every this many calls (int >= 1); set it to
       the steps per epoch for the paper's schedule. ``None``: never probe.
+    alpha_refinement: ``None`` (default, the paper): alpha is the best grid
+      point. ``"parabola"`` (beyond the paper): the best interior grid point
+      is refined to the vertex of the parabola through it and its two
+      neighbours' probe losses (no extra forward passes; see
+      :func:`select_alpha`), so a coarse grid can stand in for a fine one.
+      Needs strictly increasing ``alphas``.
     probe_batch_size: ``"auto"`` (default): decided when the step is traced,
       from ``jax.default_backend()``: ``1`` on CPU, ``None`` elsewhere. On
       CPU (``python -m experiments.bench``, 2026-11-23, 2 cores) a full
@@ -356,6 +489,10 @@ def xsam(
   validation.check_finite("alpha_init", alpha_init)
   validation.check_period("alpha_update_period", alpha_update_period)
   validation.check_nonnegative("eta", eta)
+  if alpha_refinement not in ALPHA_REFINEMENTS:
+    raise ValueError(f"`alpha_refinement` must be one of {ALPHA_REFINEMENTS}, got {alpha_refinement!r}.")
+  if alpha_refinement is not None and not np.all(np.diff(alpha_grid) > 0):
+    raise ValueError(f"`alphas` must be strictly increasing with `alpha_refinement={alpha_refinement!r}`, got {alphas!r}.")
   if isinstance(probe_batch_size, str) and probe_batch_size != "auto":
     raise ValueError(f'`probe_batch_size` must be "auto", None or an int >= 1, got {probe_batch_size!r}.')
   if probe_batch_size is not None and probe_batch_size != "auto":
@@ -375,22 +512,22 @@ def xsam(
     )
 
   def rule(trace, state, params, loss_fn):
-    if adaptive:
-      (v0, v1), (o0, o1), theta, out_scale = adaptive_xsam_plane(trace)
-      g_norm = tm.tree_norm(trace.grads[-1])
-    else:
-      v0, v1, theta, g_norm = xsam_plane(trace.displacement, trace.grads[-1])
-      (o0, o1), out_scale = (v0, v1), g_norm
+    # v0 = s0 x0, v1 = s1 x1 are never formed: s0, s1 go into the scalar
+    # coefficients, so a non-probe step reads x0 and x1 twice (cosine, output).
+    bases, theta, (s0, s1), out_scale = (_adaptive_bases if adaptive else _plain_bases)(trace)
+    g_norm = tm.tree_norm(trace.grads[-1]) if adaptive else out_scale
     alpha, losses, max_loss = state.alpha, state.probe_losses, state.max_loss
     if alpha_update_period is not None:
       grid = jnp.asarray(alpha_grid, theta.dtype)
 
       def do_probe(_):
-        new = probe_losses(
-            loss_fn, params, v0, v1, theta, grid, rho_max,
+        coef_a, coef_b = slerp_coefficients(grid, theta)
+        p0, p1 = bases.probe()
+        new = _probe_combinations(
+            loss_fn, params, p0, p1, coef_a * s0, coef_b * s1, rho_max,
             batch_size=resolve_probe_batch_size(probe_batch_size), axis_name=axis_name,
         )
-        new_alpha, new_max = select_alpha(new, grid, state.alpha)
+        new_alpha, new_max = select_alpha(new, grid, state.alpha, refine=alpha_refinement)
         return new_alpha, new.astype(jnp.float32), new_max.astype(jnp.float32)
 
       def keep(_):
@@ -399,8 +536,7 @@ def xsam(
       probe_now = state.count % alpha_update_period == 0
       alpha, losses, max_loss = jax.lax.cond(probe_now, do_probe, keep, None)
     coef_a, coef_b = slerp_coefficients(alpha.astype(theta.dtype), theta)
-    direction = tm.tree_lincomb(coef_a, o0, coef_b, o1)
-    output = tm.tree_scale(out_scale, direction)
+    output = tm.tree_lincomb(out_scale * coef_a * s0, bases.x0, out_scale * coef_b * s1, bases.x1)
     theta_f32, g_norm_f32 = theta.astype(jnp.float32), g_norm.astype(jnp.float32)
     if m_sharpness:
       theta_f32, g_norm_f32 = collectives.replica_mean((theta_f32, g_norm_f32), axis_name)
