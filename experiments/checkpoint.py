@@ -10,6 +10,11 @@ A checkpoint at step ``s`` holds two items:
 The data order is a function of ``(seed, epoch)`` (see ``experiments.data``),
 so the step alone fixes the data position; a resumed run is bitwise equal to
 an uninterrupted one.
+
+Sharded state (a data-parallel run, ``devices > 1``) is saved from its
+replicated arrays and restored onto the shardings of the state passed to
+:meth:`RunCheckpointer.restore` (the run's freshly initialised, replicated
+state), so a resumed data-parallel run is placed exactly like a fresh one.
 """
 
 from __future__ import annotations
@@ -68,7 +73,9 @@ class RunCheckpointer:
 
     Args:
       state: an NNX state with the structure, shapes and dtypes of the saved
-        one (e.g. a freshly initialised run's); it is not modified.
+        one (e.g. a freshly initialised run's); it is not modified. The
+        restored arrays get the shardings of its leaves (e.g. replicated
+        over a data-parallel mesh).
       step: the step to restore; None means the newest.
 
     Returns:

@@ -33,7 +33,9 @@ class TrainConfig:
     seed: initialisation and data-order seed.
     epochs: training epochs.
     batch_size: training batch size (the last partial batch is dropped).
-    eval_batch_size: evaluation batch size (the last batch is padded).
+    eval_batch_size: evaluation batch size (the last batch is padded; with
+      ``devices > 1`` rounded up to a multiple of ``devices``, the extra
+      rows being padding, so it need not divide).
     learning_rate: peak learning rate of the cosine schedule.
     momentum: SGD momentum.
     weight_decay: decoupled from the loss, applied by
@@ -56,6 +58,12 @@ class TrainConfig:
     stop_after_epochs: stop this invocation after this many epochs have
       been completed in total (simulates a preemption; resume by running
       again). Not part of the run's identity.
+    devices: train data-parallel over the first this many of
+      ``jax.devices()``: a 1-D mesh, the batch sharded along its leading
+      axis, parameters and optimizer state replicated, the same jitted step
+      (global semantics: equal to one device up to the order of float
+      reductions). ``batch_size`` must be divisible by it. 1 (the default)
+      places nothing explicitly, exactly as before the option existed.
   """
 
   dataset: str = "mnist1d"
@@ -81,6 +89,7 @@ class TrainConfig:
   augment: Optional[bool] = None
   checkpoint_every: int = 10
   stop_after_epochs: Optional[int] = None
+  devices: int = 1
 
   def replace(self, **changes) -> "TrainConfig":
     """A copy with ``changes`` applied."""
@@ -96,11 +105,17 @@ class TrainConfig:
     Excludes ``stop_after_epochs`` and ``checkpoint_every`` (they do not change
     the result), so an interrupted run and its resumption share a checkpoint
     directory while a run with other hyperparameters never reuses it.
+    ``devices`` counts only when it is not 1 (fingerprints of single-device
+    runs are those from before the option existed): a run on N devices
+    equals the single-device one only up to float reduction order, so it
+    keeps its own checkpoints.
     """
     ident = {
         k: v for k, v in self.to_dict().items()
         if k not in ("stop_after_epochs", "checkpoint_every", "data_dir")
     }
+    if ident["devices"] == 1:
+      del ident["devices"]
     blob = json.dumps(ident, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
 

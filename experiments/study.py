@@ -39,7 +39,8 @@ def run_study(
 
   Args:
     base: the configuration shared by all runs (``method`` and ``seed`` are
-      overridden per run).
+      overridden per run); ``base.devices > 1`` trains every run data
+      parallel (see ``experiments.trainer``).
     method_names: names understood by ``experiments.methods``.
     seeds: the seeds; each run's initialisation and data order.
     workdir: checkpoint folder (None: no checkpoints).
@@ -52,11 +53,17 @@ def run_study(
     ``{"methods": {name: {...}}, "wall_time_s": ..., "completed": bool}``;
     per method: the resolved ``config`` (of its first seed), ``seeds``,
     ``final_test_accuracy`` per seed with its ``summary`` (mean, std),
-    ``train_time_s`` per seed and the per-seed ``histories``.
+    ``train_time_s`` per seed and the per-seed ``histories``. The device
+    count is recorded in every ``config`` (``devices``).
+
+  Raises:
+    ValueError: for an unknown method or a ``base.devices`` this machine or
+      batch size cannot take (before any data is loaded).
   """
   for name in method_names:
     if not methods_lib.is_known(name):
       raise ValueError(f"unknown method {name!r}; known: {sorted(methods_lib.METHODS)}")
+  trainer.check_devices(base.devices, base.batch_size)
   start = time.perf_counter()
   data = data_lib.load_dataset(base.dataset, base.data_dir, download=download)
   results, completed = {}, True

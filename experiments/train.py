@@ -6,11 +6,19 @@
     python -m experiments.train --methods sam,xsam --dataset cifar10 \\
         --data-dir ~/tensorflow_datasets --model resnet18 --epochs 200 \\
         --batch-size 125 --rho 0.15                  # the paper's setting, GPU
+    python -m experiments.train --devices 8          # data parallel over 8 devices
 
 Prints a table of final test accuracy (mean ± std over seeds) and writes
 ``results.json``, ``accuracy.png`` and ``xsam_alpha_theta.png`` into
 ``--output-dir``. Checkpoints go to ``--workdir``; re-running the same
 command resumes interrupted runs (and reuses finished ones).
+
+``--devices N`` trains data parallel over the first N of ``jax.devices()``
+(the batch sharded, parameters and optimizer state replicated, one jitted
+global step: the single-device result up to float reduction order). On a
+CPU, make N devices with
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before starting.
+Flags given on the command line always win over ``--quick``'s settings.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import argparse
 import sys
 import time
 from typing import Optional, Sequence
+
+import jax
 
 from experiments import configs
 from experiments import report
@@ -50,12 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated methods to compare")
   g.add_argument("--seeds", type=int, default=3, help="number of seeds per method")
   g.add_argument("--seed0", type=int, default=0, help="first seed")
-  g.add_argument("--quick", action="store_true", help="tiny subset, 1 epoch, 1 seed (smoke test)")
+  g.add_argument("--quick", action="store_true", help="tiny subset, 1 epoch, 1 seed (smoke test); flags given explicitly override it")
   g.add_argument("--workdir", default=None, help="checkpoint folder [runs/train, or runs/quick with --quick]")
   g.add_argument("--output-dir", default=None, help="results folder [results/train, or runs/quick with --quick]")
   g.add_argument("--fresh", action="store_true", help="ignore and overwrite existing checkpoints")
   g.add_argument("--no-checkpoints", action="store_true", help="do not write checkpoints")
   g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+  g.add_argument("--devices", type=int, default=d.devices,
+                 help="data parallel over the first N of jax.devices(): batch sharded, params replicated "
+                 "(N must divide --batch-size; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
 
   g = p.add_argument_group("data and model")
   g.add_argument("--dataset", default=d.dataset, help="mnist1d, digits, or a tensorflow-datasets name (cifar10, ...)")
@@ -89,37 +102,93 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+# TrainConfig field -> argparse dest of its flag (all other flags are not fields).
+CONFIG_FLAGS = {
+    "dataset": "dataset", "data_dir": "data_dir", "model": "model", "width": "width",
+    "batch_norm": "batch_norm", "train_subset": "train_subset", "test_subset": "test_subset",
+    "augment": "augment", "epochs": "epochs", "batch_size": "batch_size", "learning_rate": "lr",
+    "momentum": "momentum", "weight_decay": "weight_decay", "rho": "rho", "rho_max": "rho_max",
+    "num_steps": "num_steps", "alpha_update_period": "alpha_update_period",
+    "probe_batch_size": "probe_batch_size", "checkpoint_every": "checkpoint_every",
+    "stop_after_epochs": "stop_after_epochs", "devices": "devices",
+}
+
+
+def parse_args(
+    argv: Optional[Sequence[str]] = None, parser: Optional[argparse.ArgumentParser] = None
+) -> argparse.Namespace:
+  """Parses the command line.
+
+  Args:
+    argv: the arguments (None: ``sys.argv[1:]``).
+    parser: the parser to use (None: :func:`build_parser`'s).
+
+  Returns:
+    The namespace of :func:`build_parser`, plus ``explicit``: the set of
+    dests whose flags were given on the command line (whatever their value,
+    default or not), so that they win over ``--quick``.
+  """
+  args = (parser or build_parser()).parse_args(argv)
+  # A second parse in which no flag has a default: only given flags appear.
+  # (Per action: parser-level set_defaults(SUPPRESS) would leak into the namespace.)
+  probe = build_parser()
+  for action in probe._actions:  # pylint: disable=protected-access
+    action.default = argparse.SUPPRESS
+  args.explicit = frozenset(vars(probe.parse_args(argv)))
+  return args
+
+
 def config_from_args(args: argparse.Namespace) -> configs.TrainConfig:
   """The base :class:`TrainConfig` of the study described by ``args``.
 
   With ``--quick`` the quick configuration's fields replace the defaults,
-  except those given explicitly on the command line.
+  except those given explicitly on the command line (``args.explicit`` from
+  :func:`parse_args`), even when given with their default value.
   """
-  explicit = dict(
-      dataset=args.dataset, data_dir=args.data_dir, model=args.model, width=args.width,
-      batch_norm=args.batch_norm, train_subset=args.train_subset, test_subset=args.test_subset,
-      augment=args.augment, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-      momentum=args.momentum, weight_decay=args.weight_decay, rho=args.rho, rho_max=args.rho_max,
-      num_steps=args.num_steps, alpha_update_period=args.alpha_update_period,
-      probe_batch_size=args.probe_batch_size, checkpoint_every=args.checkpoint_every,
-      stop_after_epochs=args.stop_after_epochs,
-  )
+  values = {field: getattr(args, dest) for field, dest in CONFIG_FLAGS.items()}
   if not args.quick:
-    return configs.TrainConfig(**explicit)
-  defaults = configs.default_config()
+    return configs.TrainConfig(**values)
   quick = configs.quick_config()
-  fields = {k: (v if v != getattr(defaults, k) else getattr(quick, k)) for k, v in explicit.items()}
+  explicit = getattr(args, "explicit", frozenset())
+  fields = {k: (v if CONFIG_FLAGS[k] in explicit else getattr(quick, k)) for k, v in values.items()}
   return configs.TrainConfig(**fields)
+
+
+def seeds_from_args(args: argparse.Namespace) -> list[int]:
+  """The seeds of the study: ``--seeds`` of them from ``--seed0``; 1 with ``--quick`` unless ``--seeds`` is given."""
+  quick_default = args.quick and "seeds" not in getattr(args, "explicit", frozenset())
+  return list(range(args.seed0, args.seed0 + (1 if quick_default else args.seeds)))
+
+
+def check_devices(parser: argparse.ArgumentParser, config: configs.TrainConfig) -> None:
+  """Exits with a usage error (status 2) for a ``--devices`` this machine or batch cannot take."""
+  available = len(jax.devices())
+  if not 1 <= config.devices <= available:
+    parser.error(
+        f"argument --devices: must be between 1 and {available} (the number of jax.devices() on the "
+        f"{jax.default_backend()} backend), got {config.devices}"
+        + ("; on a CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N before starting"
+           if config.devices > available and jax.default_backend() == "cpu" else "")
+    )
+  if config.batch_size % config.devices:
+    parser.error(
+        f"argument --batch-size: {config.batch_size} is not divisible by --devices {config.devices}; "
+        f"use a multiple of {config.devices} (each device gets batch_size / devices examples)"
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs the study described by the command line; returns the exit status."""
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parse_args(argv, parser)
   base = config_from_args(args)
+  check_devices(parser, base)
   names = [args.method] if args.method else [m.strip() for m in args.methods.split(",") if m.strip()]
-  seeds = list(range(args.seed0, args.seed0 + (1 if args.quick and args.seeds == 3 else args.seeds)))
+  seeds = seeds_from_args(args)
   workdir = args.workdir or ("runs/quick" if args.quick else "runs/train")
   output_dir = args.output_dir or ("runs/quick" if args.quick else "results/train")
+  if base.devices > 1:
+    print(f"data parallel over {base.devices} of {len(jax.devices())} {jax.default_backend()} devices")
   start = time.perf_counter()
   result = study_lib.run_study(
       base, names, seeds,

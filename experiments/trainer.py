@@ -12,6 +12,13 @@ optimizer) works on the split state of ``(model, optimizer)``:
    ``loss_fn`` merges those parameters into a throwaway model with the
    current non-parameter state, runs it in training mode (batch statistics)
    and discards whatever running statistics it computed.
+
+Data parallel (``config.devices = N > 1``): the state is replicated over a
+1-D mesh of the first N of ``jax.devices()`` (``NamedSharding(mesh, P())``)
+and every batch is sharded along its leading axis (``P("data")``); the same
+jitted step then computes the global-batch step, with the collectives
+inserted by XLA (no ``axis_name``: XSAM's ascent, probes and alpha are
+global). With N = 1 nothing is placed explicitly.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from experiments import checkpoint as ckpt_lib
@@ -37,6 +46,66 @@ from experiments.configs import TrainConfig
 
 DIAGNOSTICS = ("alpha", "theta", "grad_norm")
 """Scalar fields of a method's optax state logged every step when present."""
+
+DATA_AXIS = "data"
+"""Name of the mesh axis the batch is sharded along when ``devices > 1``."""
+
+
+class DataParallel(NamedTuple):
+  """Shardings of a data-parallel run.
+
+  Attributes:
+    state: ``NamedSharding(mesh, P())``: parameters and optimizer state,
+      replicated on every device.
+    batch: ``NamedSharding(mesh, P("data"))``: batches, split along their
+      leading (example) axis.
+  """
+
+  state: NamedSharding
+  batch: NamedSharding
+
+
+def check_devices(devices: int, batch_size: int) -> None:
+  """Validates a data-parallel device count against the machine and the batch.
+
+  Args:
+    devices: the requested number of devices.
+    batch_size: the training batch size, split evenly across the devices.
+
+  Raises:
+    ValueError: if ``devices`` is not in ``[1, len(jax.devices())]`` or does
+      not divide ``batch_size``.
+  """
+  available = len(jax.devices())
+  if isinstance(devices, bool) or not isinstance(devices, (int, np.integer)) or not 1 <= devices <= available:
+    raise ValueError(
+        f"devices must be an integer between 1 and {available} (the number of jax.devices() on "
+        f"this {jax.default_backend()} backend), got {devices!r}"
+    )
+  if batch_size % devices:
+    raise ValueError(
+        f"batch_size {batch_size} is not divisible by devices={devices}: every device gets "
+        f"batch_size / devices examples; use a multiple of {devices}"
+    )
+
+
+def data_parallel(config: TrainConfig) -> Optional[DataParallel]:
+  """The shardings of ``config``'s run, or None on a single device.
+
+  Args:
+    config: the run's configuration; ``config.devices`` is validated by
+      :func:`check_devices`.
+
+  Returns:
+    ``None`` for ``devices == 1`` (nothing is placed explicitly), else a
+    :class:`DataParallel` over a 1-D mesh of the first ``devices`` of
+    ``jax.devices()``.
+  """
+  check_devices(config.devices, config.batch_size)
+  if config.devices == 1:
+    return None
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:config.devices]), (DATA_AXIS,))
+  return DataParallel(state=NamedSharding(mesh, P()), batch=NamedSharding(mesh, P(DATA_AXIS)))
 
 
 def resolve(config: TrainConfig, data: data_lib.Dataset) -> TrainConfig:
@@ -129,11 +198,31 @@ def eval_step(graphdef: nnx.GraphDef, state: nnx.State, x, y, mask):
   return jnp.sum(losses * mask), jnp.sum(correct * mask)
 
 
-def evaluate(graphdef, state, data: data_lib.Dataset, batch_size: int) -> dict:
-  """Test loss and accuracy of the model in ``state`` over the whole test set."""
+def evaluate(
+    graphdef, state, data: data_lib.Dataset, batch_size: int, *, sharding: Optional[NamedSharding] = None
+) -> dict:
+  """Test loss and accuracy of the model in ``state`` over the whole test set.
+
+  Args:
+    graphdef, state: the split ``(model, optimizer)``.
+    data: the data set; its test split is evaluated.
+    batch_size: examples per evaluation batch (capped at the test set size;
+      the last batch is padded and masked).
+    sharding: if given, every batch is placed with it (data parallel); the
+      batch size is then rounded up to a multiple of its device count, the
+      extra rows being masked padding, so any ``batch_size`` works.
+
+  Returns:
+    ``{"test_loss": ..., "test_accuracy": ...}``.
+  """
   batch_size = min(batch_size, len(data.y_test))
+  if sharding is not None:
+    n_dev = sharding.num_devices
+    batch_size = -(-batch_size // n_dev) * n_dev
   loss_sum, correct = 0.0, 0.0
   for x, y, mask in data_lib.eval_batches(data, batch_size):
+    if sharding is not None:
+      x, y, mask = jax.device_put((x, y, mask), sharding)
     l, c = eval_step(graphdef, state, x, y, mask)
     loss_sum += float(l)
     correct += float(c)
@@ -150,8 +239,14 @@ def init_run(config: TrainConfig, data: data_lib.Dataset):
 
   Returns:
     ``(resolved_config, graphdef, state)`` with ``graphdef, state =
-    nnx.split((model, optimizer))``, ready for :func:`train_step`.
+    nnx.split((model, optimizer))``, ready for :func:`train_step`; with
+    ``config.devices > 1`` the state is replicated over the devices
+    (:func:`data_parallel`).
+
+  Raises:
+    ValueError: for a bad ``config.devices`` (see :func:`check_devices`).
   """
+  parallel = data_parallel(config)
   config = resolve(config, data)
   total_steps = (len(data.y_train) // config.batch_size) * config.epochs
   model = models.make_model(
@@ -160,6 +255,8 @@ def init_run(config: TrainConfig, data: data_lib.Dataset):
   )
   optimizer = nnx.Optimizer(model, methods.make_optimizer(config, total_steps), wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
+  if parallel is not None:
+    state = jax.device_put(state, parallel.state)
   return config, graphdef, state
 
 
@@ -225,7 +322,9 @@ def train_and_evaluate(
 
   If ``workdir`` holds a checkpoint of this very configuration (same
   :meth:`TrainConfig.fingerprint`), training resumes from it and ends with the
-  same weights, bitwise, as an uninterrupted run.
+  same weights, bitwise, as an uninterrupted run. With ``config.devices > 1``
+  the run is data parallel (see the module docstring); its checkpoints are
+  restored onto the replicated sharding.
 
   Args:
     config: the run's configuration (data-dependent fields may be unset).
@@ -239,6 +338,7 @@ def train_and_evaluate(
   Returns:
     A :class:`TrainResult`.
   """
+  parallel = data_parallel(config)  # validates devices before loading anything
   if data is None:
     data = data_lib.load_dataset(config.dataset, config.data_dir)
   data = data.subset(config.train_subset, config.test_subset)
@@ -255,7 +355,7 @@ def train_and_evaluate(
       shutil.rmtree(run_dir)
     checkpointer = ckpt_lib.RunCheckpointer(run_dir)
     if checkpointer.latest_step() is not None:
-      state, meta = checkpointer.restore(state)
+      state, meta = checkpointer.restore(state)  # onto the shardings of `state`
       step, history, elapsed = int(meta["step"]), meta["history"], float(meta["elapsed_s"])
 
   bar = tqdm(
@@ -272,11 +372,13 @@ def train_and_evaluate(
     step_metrics = []
     for i in range(step - epoch * steps_per_epoch, steps_per_epoch):
       x, y = batches[i]
+      if parallel is not None:
+        x, y = jax.device_put((x, y), parallel.batch)
       state, metrics = train_step(graphdef, state, x, y)
       step_metrics.append(metrics)
       step += 1
       bar.update(1)
-    test = evaluate(graphdef, state, data, config.eval_batch_size)
+    test = evaluate(graphdef, state, data, config.eval_batch_size, sharding=None if parallel is None else parallel.batch)
     elapsed += time.perf_counter() - t0
     _log_epoch(history, epoch, step_metrics, test, float(schedule(step - 1)), elapsed)
     bar.set_postfix(test_acc=f"{test['test_accuracy']:.3f}", refresh=False)

@@ -167,6 +167,29 @@ def test_resnet18_shapes_abstractly():
   assert out.shape == (2, 100)
 
 
+def test_flags_given_explicitly_win_over_quick():
+  """Even when given with their full-run default value (--epochs 60 is the default)."""
+  d, q = configs.default_config(), configs.quick_config()
+  args = train.parse_args(["--quick", "--epochs", "60", "--batch-size", "100", "--seeds", "3", "--no-augment"])
+  config = train.config_from_args(args)
+  assert (config.epochs, config.batch_size, config.augment) == (d.epochs, d.batch_size, False)
+  assert (config.width, config.train_subset, config.test_subset) == (q.width, q.train_subset, q.test_subset)
+  assert train.seeds_from_args(args) == [0, 1, 2]
+  quick = train.parse_args(["--quick", "--seed0", "5"])
+  assert train.config_from_args(quick) == q
+  assert train.seeds_from_args(quick) == [5]
+  full = train.parse_args(["--width", "16"])
+  assert train.config_from_args(full) == d.replace(width=16) and train.seeds_from_args(full) == [0, 1, 2]
+
+
+def test_single_device_fingerprints_unchanged_by_devices_option():
+  """Checkpoints of runs made before --devices existed still resume; N > 1 runs keep their own."""
+  assert configs.default_config().fingerprint() == "293517fbda"
+  assert configs.quick_config().fingerprint() == "d2af170499"
+  assert configs.default_config().replace(devices=8).fingerprint() != "293517fbda"
+  assert train.config_from_args(train.parse_args([])).devices == 1
+
+
 def test_method_table_and_chain():
   assert set(methods.METHODS) >= {"sgd", "sam", "xsam"}
   config = trainer.resolve(_tiny(method="xsam"), data_lib.load_digits())
