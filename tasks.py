@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""The project's two Quickstart commands, needing nothing but python3.
+"""The project's Quickstart commands, needing nothing but python3.
 
     python3 tasks.py run   [args...]   # the main job: python -m experiments.train
     python3 tasks.py test  [args...]   # the test suite: python -m pytest
+    python3 tasks.py docs  [args...]   # the HTML docs: sphinx-build -W -b html docs docs/_build/html
 
 Each first makes ``.venv`` (if missing or stale) and installs the package with
 its ``experiments``, ``dev`` and ``docs`` extras into it.
@@ -26,6 +27,7 @@ STAMP = VENV / ".xsam_jax_installed"
 COMMANDS = {
     "run": ["-m", "experiments.train"],
     "test": ["-m", "pytest"],
+    "docs": ["-m", "sphinx", "-W", "-b", "html", "docs", "docs/_build/html"],  # = sphinx-build
 }
 
 

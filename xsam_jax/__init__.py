@@ -24,8 +24,7 @@ from xsam_jax._src.xsam import xsam as xsam
 from xsam_jax._src.xsam import xsam_plane as xsam_plane
 from xsam_jax import sharpness as sharpness
 from xsam_jax import testfns as testfns
-
-__version__ = "0.1.0"
+from xsam_jax._version import __version__ as __version__
 
 __all__ = (
     "AscentTrace",

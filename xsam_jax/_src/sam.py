@@ -90,6 +90,10 @@ def sam(
     >>> state = tx.init(params)
     >>> grads = jax.grad(loss_fn)(params)
     >>> updates, state = tx.update(grads, state, params, loss_fn=loss_fn)
+    >>> [round(float(u), 4) for u in updates["w"]]  # -0.01 g_1, g_1 = grad at w + 0.1 g_0/|g_0|
+    [-0.0415, 0.37]
+    >>> round(float(state[0].grad_norm), 3)  # |g_1|
+    37.235
     >>> params = optax.apply_updates(params, updates)
 
   References:

@@ -873,7 +873,11 @@ def plot_loss_surface(
     >>> import jax.numpy as jnp
     >>> s = loss_surface(lambda p: jnp.sum(p ** 2), jnp.zeros(2), jnp.array([1.0, 0.0]),
     ...                  jnp.array([0.0, 1.0]))
-    >>> ax = plot_loss_surface(s, arrows={"e1": (1.0, 0.0)}, radius=0.5)  # doctest: +SKIP
+    >>> ax = plot_loss_surface(s, arrows={"e1": (1.0, 0.0)}, radius=0.5)
+    >>> ax.get_legend_handles_labels()[1]
+    ['e1']
+    >>> import matplotlib.pyplot as plt
+    >>> plt.close(ax.figure)
 
   References:
     Li et al., Visualizing the Loss Landscape of Neural Nets, NeurIPS 2018;
@@ -939,7 +943,11 @@ def plot_xsam_plane(plane: XSAMPlane, surface: LossSurface, *, ax=None, title: O
     >>> w = jnp.array([1.0, -0.5, 0.3])
     >>> plane = xsam_directions(loss_fn, w, rho=0.1, rho_max=0.2)
     >>> s = loss_surface(loss_fn, w, plane.e1, plane.e2)
-    >>> ax = plot_xsam_plane(plane, s)  # doctest: +SKIP
+    >>> ax = plot_xsam_plane(plane, s)
+    >>> print(ax.get_title())
+    $\\theta$=0.01 rad, $\\alpha^*$=2.0
+    >>> import matplotlib.pyplot as plt
+    >>> plt.close(ax.figure)
 
   References:
     Chen & Zhou, Revisiting Sharpness-Aware Minimization: A More Faithful and

@@ -1,0 +1,102 @@
+"""The Sphinx documentation builds with warnings as errors, and its API
+reference covers every public symbol (docs/conf.py fails the build if not)."""
+
+import doctest
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import xsam_jax
+
+pytest.importorskip("sphinx")
+pytest.importorskip("myst_parser")
+pytest.importorskip("furo")
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+
+@pytest.fixture(scope="module")
+def conf():
+  """docs/conf.py, imported as a module."""
+  spec = importlib.util.spec_from_file_location("xsam_jax_docs_conf", DOCS / "conf.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _sphinx_build(srcdir, outdir, *extra):
+  """Runs ``sphinx-build -q -b html *extra`` in a fresh process; returns the CompletedProcess."""
+  cmd = [sys.executable, "-m", "sphinx", "-q", "-b", "html", *extra,
+         "-d", str(Path(outdir) / ".doctrees"), str(srcdir), str(outdir)]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run(cmd, cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=600)
+
+
+def test_docs_build_without_warnings_and_document_every_public_symbol(tmp_path, conf):
+  out = tmp_path / "html"
+  result = _sphinx_build(DOCS, out, "-W")  # as `python3 tasks.py docs` builds
+  assert result.returncode == 0, result.stdout + result.stderr
+  for page in ("index", "getting-started", "methods", "flax", "scaling-out", "sharpness",
+               "performance", "api/index", "api/optimizers", "api/building-blocks",
+               "api/sharpness", "api/testfns"):
+    assert (out / f"{page}.html").is_file(), page
+  html = "".join(p.read_text() for p in (out / "api").glob("*.html"))
+  for module, names in conf.public_symbols().items():
+    for name in names:
+      full = f"{module}.{name}"
+      anchor = f'id="module-{full}"' if full in conf.PUBLIC_MODULES else f'id="{full}"'
+      assert anchor in html, f"{full} has no entry in the API reference"
+  # README sections are included, not copied: the guides show README text.
+  assert "nnx.Optimizer.update" in (out / "flax.html").read_text()
+  assert "m-sharpness" in (out / "scaling-out.html").read_text()
+
+
+def test_missing_symbol_fails_the_build(tmp_path):
+  """A reference that documents only ``xsam_jax.sam`` must not build, even without ``-W``."""
+  src = tmp_path / "src"
+  src.mkdir()
+  (src / "index.rst").write_text("API\n===\n\n.. autofunction:: xsam_jax.sam\n")
+  result = _sphinx_build(src, tmp_path / "html", "-c", str(DOCS))
+  message = result.stdout + result.stderr
+  assert result.returncode == 1, message
+  assert "has no entry for these public symbols" in message
+  assert "xsam_jax.xsam," in message and "xsam_jax.sharpness.hessian_eigenvalues" in message
+  assert "xsam_jax.sam," not in message
+
+
+def test_completeness_check_names_an_undocumented_symbol(conf):
+  public = conf.public_symbols()
+  documented = {f"{m}.{n}" for m, names in public.items() for n in names}
+  assert conf.missing_symbols(documented, public) == []
+  fake = dict(public, xsam_jax=(*xsam_jax.__all__, "not_documented"))
+  assert conf.missing_symbols(documented, fake) == ["xsam_jax.not_documented"]
+
+  class Domain:
+    def __init__(self):
+      self.objects = dict.fromkeys(documented)
+      self.modules = {}
+
+  class Env:
+    @staticmethod
+    def get_domain(name):
+      assert name == "py"
+      return Domain()
+
+  class App:
+    statuscode = 0
+
+  app = App()
+  assert conf.check_api_reference(app, Env, public=public) == []  # complete
+  assert app.statuscode == 0
+  assert conf.check_api_reference(app, Env, public=fake) == ["xsam_jax.not_documented"]
+  assert app.statuscode == 1  # the build fails
+
+
+def test_conf_examples(conf):
+  result = doctest.testmod(conf)
+  assert result.attempted > 0 and result.failed == 0
