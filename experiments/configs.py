@@ -64,6 +64,10 @@ class TrainConfig:
       (global semantics: equal to one device up to the order of float
       reductions). ``batch_size`` must be divisible by it. 1 (the default)
       places nothing explicitly, exactly as before the option existed.
+    alphas: XSAM's alpha grid as a tuple of floats; None is the paper's
+      0.0, 0.1, ..., 2.0 (``xsam_jax.DEFAULT_ALPHAS``).
+    alpha_refinement: XSAM's sub-grid refinement (``None`` or
+      ``"parabola"``, see ``xsam_jax.xsam``).
   """
 
   dataset: str = "mnist1d"
@@ -90,6 +94,8 @@ class TrainConfig:
   checkpoint_every: int = 10
   stop_after_epochs: Optional[int] = None
   devices: int = 1
+  alphas: Optional[tuple] = None
+  alpha_refinement: Optional[str] = None
 
   def replace(self, **changes) -> "TrainConfig":
     """A copy with ``changes`` applied."""
@@ -105,8 +111,8 @@ class TrainConfig:
     Excludes ``stop_after_epochs`` and ``checkpoint_every`` (they do not change
     the result), so an interrupted run and its resumption share a checkpoint
     directory while a run with other hyperparameters never reuses it.
-    ``devices`` counts only when it is not 1 (fingerprints of single-device
-    runs are those from before the option existed): a run on N devices
+    ``devices`` (and ``alphas``, ``alpha_refinement``) count only when not
+    at their defaults (fingerprints of earlier runs stay valid): a run on N devices
     equals the single-device one only up to float reduction order, so it
     keeps its own checkpoints.
     """
@@ -114,8 +120,9 @@ class TrainConfig:
         k: v for k, v in self.to_dict().items()
         if k not in ("stop_after_epochs", "checkpoint_every", "data_dir")
     }
-    if ident["devices"] == 1:
-      del ident["devices"]
+    for key, default in (("devices", 1), ("alphas", None), ("alpha_refinement", None)):
+      if ident[key] == default:  # options added later count only when set
+        del ident[key]
     blob = json.dumps(ident, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
 

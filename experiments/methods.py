@@ -30,6 +30,8 @@ def _xsam(c: TrainConfig) -> optax.GradientTransformationExtraArgs:
       num_steps=c.num_steps,
       alpha_update_period=c.alpha_update_period,
       probe_batch_size=c.probe_batch_size,
+      alphas=xsam_jax.DEFAULT_ALPHAS if c.alphas is None else c.alphas,
+      alpha_refinement=c.alpha_refinement,
   )
 
 

@@ -47,6 +47,19 @@ def _probe_batch_size(text: str):
   return _optional_int(text)
 
 
+def _alphas(text: str) -> Optional[tuple]:
+  if text.lower() in ("none", "default", ""):
+    return None
+  try:
+    return tuple(float(x) for x in text.split(","))
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(f"expected comma-separated floats, got {text!r}") from e
+
+
+def _refinement(text: str) -> Optional[str]:
+  return None if text.lower() == "none" else text
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The command line; defaults of training fields come from ``configs``."""
   d = configs.default_config()
@@ -96,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="XSAM probe period in steps [one epoch]")
   g.add_argument("--probe-batch-size", type=_probe_batch_size, default=d.probe_batch_size,
                  help="XSAM probes at a time: an int, none (one vmap) or auto")
+  g.add_argument("--alphas", type=_alphas, default=d.alphas,
+                 help="XSAM's alpha grid, comma-separated [none: 0.0, 0.1, ..., 2.0]")
+  g.add_argument("--alpha-refinement", type=_refinement, default=d.alpha_refinement,
+                 choices=[None, "parabola"], help="XSAM's sub-grid alpha refinement: none or parabola")
   g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="epochs between checkpoints")
   g.add_argument("--stop-after-epochs", type=int, default=None,
                  help="stop after this many epochs (simulated preemption; re-run to resume)")
@@ -111,6 +128,7 @@ CONFIG_FLAGS = {
     "num_steps": "num_steps", "alpha_update_period": "alpha_update_period",
     "probe_batch_size": "probe_batch_size", "checkpoint_every": "checkpoint_every",
     "stop_after_epochs": "stop_after_epochs", "devices": "devices",
+    "alphas": "alphas", "alpha_refinement": "alpha_refinement",
 }
 
 

@@ -151,7 +151,10 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def _diagnostics(optimizer: nnx.Optimizer) -> dict:
   opt_state = nnx.as_pure(optimizer.opt_state)
   first = opt_state[0] if isinstance(opt_state, tuple) and opt_state else opt_state
-  return {k: jnp.asarray(getattr(first, k), jnp.float32) for k in DIAGNOSTICS if hasattr(first, k)}
+  out = {k: jnp.asarray(getattr(first, k), jnp.float32) for k in DIAGNOSTICS if hasattr(first, k)}
+  if hasattr(first, "probe_losses"):
+    out["probe_losses"] = jnp.asarray(first.probe_losses, jnp.float32)
+  return out
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
@@ -308,6 +311,8 @@ def _log_epoch(history: dict, epoch: int, step_metrics: list, test: dict, lr: fl
       history.setdefault(k, []).append(float(v.mean()))
       history.setdefault(k + "_min", []).append(float(v.min()))
       history.setdefault(k + "_max", []).append(float(v.max()))
+  if "probe_losses" in stacked:  # the last probe round of the epoch (XSAM)
+    history.setdefault("probe_losses", []).append([float(x) for x in stacked["probe_losses"][-1]])
 
 
 def train_and_evaluate(

@@ -69,7 +69,20 @@ def ascent(grad, w, g0, rho, k_steps, t=None, first=None):
   return gs, d
 
 
-def xsam_output(loss, grad, w, rho, k_steps, rho_max, alphas, alpha, probe):
+def parabola_alpha(alphas, losses):
+  """The first grid maximum refined by a least-squares quadratic through it and
+  its two neighbours (np.polyfit, exact for 3 points): vertex -b / (2a) when
+  the fit is concave, clipped to the neighbours; ends of the grid are kept."""
+  alphas, losses = np.asarray(alphas, np.float64), np.asarray(losses, np.float64)
+  i = int(np.argmax(losses))
+  if 0 < i < len(alphas) - 1:
+    a, b, _ = np.polyfit(alphas[i - 1:i + 2], losses[i - 1:i + 2], 2)
+    if a < 0:
+      return float(np.clip(-b / (2 * a), alphas[i - 1], alphas[i + 1]))
+  return float(alphas[i])
+
+
+def xsam_output(loss, grad, w, rho, k_steps, rho_max, alphas, alpha, probe, refine=None):
   """One XSAM output; returns (output, alpha used). alpha is stored as float32."""
   gs, d = ascent(grad, w, grad(w), rho, k_steps)
   v0 = d / (np.linalg.norm(d) + EPS)
@@ -78,7 +91,8 @@ def xsam_output(loss, grad, w, rho, k_steps, rho_max, alphas, alpha, probe):
   theta = np.arccos(np.clip(v0 @ v1, -1.0, 1.0))
   if probe:
     losses = [loss(w + rho_max * slerp(v0, v1, a, theta)) for a in alphas]
-    alpha = float(np.float32(alphas[int(np.argmax(losses))]))
+    best = parabola_alpha(alphas, losses) if refine == "parabola" else alphas[int(np.argmax(losses))]
+    alpha = float(np.float32(best))
   return nk * slerp(v0, v1, alpha, theta), alpha
 
 
@@ -88,7 +102,7 @@ def sam_output(grad, w, rho, k_steps):
 
 
 def train(problem, w, steps, *, method, rho, k_steps, lr, momentum, wd, rho_max=None,
-          alphas=None, alpha_init=1.0, period=None):
+          alphas=None, alpha_init=1.0, period=None, refine=None):
   """Runs ``chain(method, add_decayed_weights(wd), sgd(lr, momentum))``.
 
   Returns the final flat params and the list of alphas used per step.
@@ -100,7 +114,7 @@ def train(problem, w, steps, *, method, rho, k_steps, lr, momentum, wd, rho_max=
       out = sam_output(problem.grad, w, rho, k_steps)
     else:
       probe = period is not None and count % period == 0
-      out, alpha = xsam_output(problem.loss, problem.grad, w, rho, k_steps, rho_max, alphas, alpha, probe)
+      out, alpha = xsam_output(problem.loss, problem.grad, w, rho, k_steps, rho_max, alphas, alpha, probe, refine)
       used.append(alpha)
     u = out + wd * w
     m = u + momentum * m

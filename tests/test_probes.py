@@ -6,9 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import xsam_jax
 from tests import problems
+from xsam_jax._src.xsam import parabola_vertex, select_alpha
 
 
 def _plane(params, loss_fn, rho=0.3, k=1):
@@ -120,3 +123,53 @@ def test_auto_probe_strategy_is_sequential_on_cpu():
   assert jax.default_backend() == "cpu"
   assert resolve_probe_batch_size("auto") == 1
   assert resolve_probe_batch_size(None) is None and resolve_probe_batch_size(3) == 3
+
+
+# --- sub-grid refinement (alpha_refinement="parabola") ----------------------
+
+@settings(max_examples=60, deadline=None)
+@given(
+    vertex=st.floats(0.0, 2.0),
+    curvature=st.floats(0.05, 50.0),
+    offset=st.floats(-10.0, 10.0),
+    stride=st.sampled_from([1, 2, 4, 5]),
+)
+def test_parabola_refinement_recovers_the_vertex_of_a_concave_quadratic(vertex, curvature, offset, stride):
+  grid = np.asarray(xsam_jax.DEFAULT_ALPHAS[::stride], np.float64)
+  losses = offset - curvature * (grid - vertex) ** 2
+  with jax.enable_x64(True):
+    alpha, max_loss = select_alpha(jnp.asarray(losses), jnp.asarray(grid), 1.0, refine="parabola")
+  i = int(np.argmax(losses))
+  if 0 < i < len(grid) - 1:  # an interior maximum: the quadratic is recovered exactly
+    np.testing.assert_allclose(float(alpha), vertex, atol=1e-6)
+  else:  # a maximum at an end of the grid is kept
+    assert float(alpha) == np.float32(grid[i])
+  assert float(max_loss) == pytest.approx(losses[i])
+
+
+def test_parabola_refinement_edge_cases():
+  grid = jnp.asarray([0.0, 0.5, 1.0, 1.5], jnp.float32)
+  flat = jnp.asarray([1.0, 2.0, 2.0, 2.0], jnp.float32)  # first maximum at 0.5; its parabola peaks at 0.75
+  assert float(select_alpha(flat, grid, 1.0, refine="parabola")[0]) == pytest.approx(0.75)
+  plateau = jnp.asarray([1.0, 1.0, 1.0, 0.0], jnp.float32)  # flat triple around the first maximum (index 0: an end)
+  assert float(select_alpha(plateau, grid, 1.0, refine="parabola")[0]) == 0.0
+  nan_neighbour = jnp.asarray([1.0, 3.0, jnp.nan, 0.0], jnp.float32)
+  assert float(select_alpha(nan_neighbour, grid, 1.0, refine="parabola")[0]) == 0.5
+  all_nan = jnp.full([4], jnp.nan, jnp.float32)
+  assert float(select_alpha(all_nan, grid, 0.3, refine="parabola")[0]) == pytest.approx(0.3)
+  # a flat triple in the interior: zero denominator, the grid point is kept
+  assert float(parabola_vertex(0.0, 1.0, 2.0, 5.0, 5.0, 5.0)) == 1.0
+
+
+def test_refined_alpha_is_the_vertex_of_the_stored_probe_losses():
+  params, loss_fn = problems.mlp_problem(seed=3)
+  grid = (0.0, 0.5, 1.0, 1.5, 2.0)
+  tx = xsam_jax.xsam(0.3, 0.6, alphas=grid, alpha_update_period=1, alpha_refinement="parabola")
+  _, s = jax.jit(lambda p, s: tx.update(jax.grad(loss_fn)(p), s, p, loss_fn=loss_fn))(params, tx.init(params))
+  losses = np.asarray(s.probe_losses, np.float64)
+  i = int(np.argmax(losses))
+  expected = grid[i]
+  if 0 < i < len(grid) - 1:
+    a, b, _ = np.polyfit(grid[i - 1:i + 2], losses[i - 1:i + 2], 2)
+    expected = float(np.clip(-b / (2 * a), grid[i - 1], grid[i + 1])) if a < 0 else grid[i]
+  np.testing.assert_allclose(float(s.alpha), expected, atol=1e-4)

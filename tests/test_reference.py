@@ -60,6 +60,27 @@ def test_xsam_matches_float64_reference(k_steps, period, alpha_init):
 
 
 @pytest.mark.parametrize("k_steps", [1, 3])
+def test_xsam_parabola_refinement_matches_float64_reference(k_steps):
+  problem, p0 = problems.mlp_data(seed=1)
+  coarse = (0.0, 0.5, 1.0, 1.5, 2.0)
+  w_ref, alphas_ref = reference.train(
+      problem, reference.MLP.flatten(p0), STEPS, method="xsam", k_steps=k_steps,
+      rho_max=2 * HP["rho"], alphas=np.asarray(coarse), period=2, refine="parabola", **HP,
+  )
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), p0)
+    tx0 = xsam_jax.xsam(HP["rho"], 2 * HP["rho"], num_steps=k_steps, alphas=coarse, alpha_update_period=2,
+                        alpha_refinement="parabola")
+    out, _, alphas = _run_jax(tx0, params, problems.mlp_loss_fn(problem, jnp.float64), STEPS)
+    w = reference.MLP.flatten(jax.tree.map(np.asarray, out))
+  # Refined alphas are off the grid (the test exercises the refinement) and
+  # agree to float32 rounding (both are stored as float32).
+  assert any(a not in coarse for a in alphas_ref)
+  np.testing.assert_allclose(alphas, alphas_ref, rtol=0, atol=2e-7)
+  np.testing.assert_allclose(w, w_ref, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("k_steps", [1, 3])
 def test_sam_matches_float64_reference(k_steps):
   problem, p0 = problems.mlp_data(seed=2)
   w_ref, _ = reference.train(problem, reference.MLP.flatten(p0), STEPS, method="sam", k_steps=k_steps, **HP)

@@ -57,6 +57,10 @@ def test_quick_end_to_end_writes_json_and_pngs(tmp_path):
   xsam_hist = doc["methods"]["xsam"]["histories"][0]
   assert xsam_hist["alpha"][0] in [pytest.approx(a) for a in xsam_jax.DEFAULT_ALPHAS]
   assert 0.0 <= xsam_hist["theta"][0] <= np.pi
+  # the epoch's probe round: one loss per alpha of the grid, and alpha is its first maximum
+  losses = xsam_hist["probe_losses"][0]
+  assert len(losses) == len(xsam_jax.DEFAULT_ALPHAS)
+  assert xsam_hist["alpha"][0] == pytest.approx(xsam_jax.DEFAULT_ALPHAS[int(np.argmax(losses))])
   assert "| xsam |" in doc["table"]
   assert "xsam - sam" in doc["paired_differences"] and "alpha" in doc["alpha_summary"]
   for png in ("accuracy.png", "xsam_alpha_theta.png"):
@@ -188,6 +192,18 @@ def test_single_device_fingerprints_unchanged_by_devices_option():
   assert configs.quick_config().fingerprint() == "d2af170499"
   assert configs.default_config().replace(devices=8).fingerprint() != "293517fbda"
   assert train.config_from_args(train.parse_args([])).devices == 1
+  assert configs.default_config().replace(alpha_refinement="parabola").fingerprint() != "293517fbda"
+
+
+def test_alpha_grid_and_refinement_flags_reach_xsam():
+  args = train.parse_args(["--alphas", "0,0.5,1,1.5,2", "--alpha-refinement", "parabola"])
+  config = train.config_from_args(args)
+  assert config.alphas == (0.0, 0.5, 1.0, 1.5, 2.0) and config.alpha_refinement == "parabola"
+  state = methods.method_transform(config.replace(method="xsam", rho_max=0.2, alpha_update_period=1)).init(
+      {"w": jnp.ones(3)})
+  assert state.probe_losses.shape == (5,)
+  with pytest.raises(SystemExit):
+    train.parse_args(["--alpha-refinement", "cubic"])
 
 
 def test_method_table_and_chain():

@@ -42,6 +42,9 @@ def test_sam_rejects(kwargs, match):
         (dict(rho=0.1, rho_max=0.2, alpha_update_period=2.5), r"`alpha_update_period`"),
         (dict(rho=0.1, rho_max=0.2, probe_batch_size=0), r"`probe_batch_size`"),
         (dict(rho=0.1, rho_max=0.2, probe_batch_size="fast"), r'`probe_batch_size` must be "auto", None or an int'),
+        (dict(rho=0.1, rho_max=0.2, alpha_refinement="cubic"), r"`alpha_refinement` must be one of"),
+        (dict(rho=0.1, rho_max=0.2, alphas=[0.0, 2.0, 1.0], alpha_refinement="parabola"),
+         r"`alphas` must be strictly increasing"),
     ],
 )
 def test_xsam_rejects(kwargs, match):
