@@ -2,11 +2,13 @@
 """The project's Quickstart commands, needing nothing but python3.
 
     python3 tasks.py run   [args...]   # the main job: python -m experiments.train
-    python3 tasks.py test  [args...]   # the test suite: python -m pytest
+    python3 tasks.py test  [args...]   # lint, format check, type check, then python -m pytest [args...]
+    python3 tasks.py lint              # only the checks: ruff check, ruff format --check, mypy
     python3 tasks.py docs  [args...]   # the HTML docs: sphinx-build -W -b html docs docs/_build/html
 
 Each first makes ``.venv`` (if missing or stale) and installs the package with
-its ``experiments``, ``dev`` and ``docs`` extras into it.
+its ``experiments``, ``dev`` and ``docs`` extras into it. ``test`` and ``lint``
+run their steps in order and stop at the first that fails, with its exit code.
 """
 
 from __future__ import annotations
@@ -24,11 +26,19 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
 STAMP = VENV / ".xsam_jax_installed"
 
-COMMANDS = {
-    "run": ["-m", "experiments.train"],
-    "test": ["-m", "pytest"],
-    "docs": ["-m", "sphinx", "-W", "-b", "html", "docs", "docs/_build/html"],  # = sphinx-build
+CHECKS = [
+  ["-m", "ruff", "check", "."],
+  ["-m", "ruff", "format", "--check", "."],
+  ["-m", "mypy"],  # what it checks, and how strictly: [tool.mypy] in pyproject.toml
+]
+
+COMMANDS = {  # name -> steps; the command line's extra arguments go to the last step
+  "run": [["-m", "experiments.train"]],
+  "test": [*CHECKS, ["-m", "pytest"]],
+  "lint": CHECKS,
+  "docs": [["-m", "sphinx", "-W", "-b", "html", "docs", "docs/_build/html"]],  # = sphinx-build
 }
+PASS_THROUGH = {"run", "test", "docs"}
 
 
 def _fingerprint() -> str:
@@ -49,13 +59,19 @@ def ensure_venv() -> None:
 
 
 def main(argv: list[str]) -> int:
-  if not argv or argv[0] not in COMMANDS:
+  if not argv or argv[0] not in COMMANDS or (argv[1:] and argv[0] not in PASS_THROUGH):
     print(__doc__)
     return 2
   ensure_venv()
-  cmd = [str(PY), *COMMANDS[argv[0]], *argv[1:]]
-  print("[tasks] " + " ".join(cmd), flush=True)
-  return subprocess.call(cmd, cwd=ROOT)
+  steps = COMMANDS[argv[0]]
+  for i, step in enumerate(steps):
+    cmd = [str(PY), *step, *(argv[1:] if i == len(steps) - 1 else [])]
+    print("[tasks] " + " ".join(cmd), flush=True)
+    code = subprocess.call(cmd, cwd=ROOT)
+    if code != 0:
+      print(f"[tasks] failed (exit code {code}): " + " ".join(cmd), flush=True)
+      return code
+  return 0
 
 
 if __name__ == "__main__":

@@ -39,10 +39,10 @@ version = release
 # -- General -------------------------------------------------------------------
 
 extensions = [
-    "sphinx.ext.autodoc",  # imports the real objects: signatures are the runtime ones
-    "sphinx.ext.napoleon",  # reads the Google-style docstrings (Args:, Returns:, Example:)
-    "sphinx.ext.mathjax",
-    "myst_parser",  # the guides are Markdown (and include README sections)
+  "sphinx.ext.autodoc",  # imports the real objects: signatures are the runtime ones
+  "sphinx.ext.napoleon",  # reads the Google-style docstrings (Args:, Returns:, Example:)
+  "sphinx.ext.mathjax",
+  "myst_parser",  # the guides are Markdown (and include README sections)
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
@@ -98,8 +98,9 @@ def missing_symbols(documented: Collection[str], public: Mapping[str, Iterable[s
     >>> missing_symbols({"pkg.a", "pkg.sub"}, {"pkg": ["a", "b", "sub"]})
     ['pkg.b']
   """
-  return sorted(f"{module}.{name}" for module, names in public.items() for name in names
-                if f"{module}.{name}" not in documented)
+  return sorted(
+    f"{module}.{name}" for module, names in public.items() for name in names if f"{module}.{name}" not in documented
+  )
 
 
 def documented_objects(env) -> set[str]:
@@ -125,8 +126,10 @@ def check_api_reference(app, env, public: Mapping[str, Iterable[str]] | None = N
   missing = missing_symbols(documented_objects(env), public_symbols() if public is None else public)
   if missing:
     logging.getLogger(__name__).warning(
-        "the API reference (docs/api/) has no entry for these public symbols (from __all__): %s",
-        ", ".join(missing), type="xsam_jax", subtype="api_reference",
+      "the API reference (docs/api/) has no entry for these public symbols (from __all__): %s",
+      ", ".join(missing),
+      type="xsam_jax",
+      subtype="api_reference",
     )
     if app is not None:
       app.statuscode = 1

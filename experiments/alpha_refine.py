@@ -28,16 +28,16 @@ import datetime
 import json
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import xsam_jax
-from experiments import configs
-from experiments import study
+from experiments import configs, study
 from xsam_jax._src.xsam import select_alpha
 
 GRID21 = tuple(xsam_jax.DEFAULT_ALPHAS)
@@ -45,15 +45,15 @@ SUBGRID_STRIDES = (2, 4, 5)
 """Sub-grids of the 21-point grid: every 2nd (11 points), 4th (6) and 5th (5) point."""
 
 TRAINED = {
-    "grid21": (None, None),
-    "grid21+parabola": (None, "parabola"),
-    "grid5": (GRID21[::5], None),
-    "grid5+parabola": (GRID21[::5], "parabola"),
+  "grid21": (None, None),
+  "grid21+parabola": (None, "parabola"),
+  "grid5": (GRID21[::5], None),
+  "grid5+parabola": (GRID21[::5], "parabola"),
 }
 """Variants trained end to end: name -> (alphas, alpha_refinement)."""
 
 
-def choose(losses: np.ndarray, grid: Sequence[float], refine: Optional[str]) -> float:
+def choose(losses: np.ndarray, grid: Sequence[float], refine: str | None) -> float:
   """The alpha ``xsam_jax`` picks from ``losses`` on ``grid`` (with its own rule)."""
   alpha, _ = select_alpha(jnp.asarray(losses, jnp.float32), jnp.asarray(grid, jnp.float32), 1.0, refine=refine)
   return float(alpha)
@@ -71,18 +71,22 @@ def alpha_errors(rounds: Sequence[Sequence[float]]) -> dict:
     the fine grid (0.05); plus the fraction of rounds whose 21-point maximum
     lies at an end of the grid (where no refinement can help).
   """
-  rounds = [np.asarray(r, np.float64) for r in rounds]
-  ref = np.array([choose(r, GRID21, None) for r in rounds])
-  rules = {"grid21+parabola": (slice(None), "parabola")}
+  losses = [np.asarray(r, np.float64) for r in rounds]
+  ref = np.array([choose(r, GRID21, None) for r in losses])
+  rules: dict[str, tuple[slice, str | None]] = {"grid21+parabola": (slice(None), "parabola")}
   for k in SUBGRID_STRIDES:
     n = len(GRID21[::k])
     rules[f"grid{n}"] = (slice(None, None, k), None)
     rules[f"grid{n}+parabola"] = (slice(None, None, k), "parabola")
-  out = {"rounds": len(rounds), "at_grid_end": float(np.mean((ref == GRID21[0]) | (ref == GRID21[-1])))}
+  out: dict[str, Any] = {"rounds": len(losses), "at_grid_end": float(np.mean((ref == GRID21[0]) | (ref == GRID21[-1])))}
   for name, (sl, refine) in rules.items():
-    got = np.array([choose(r[sl], GRID21[sl], refine) for r in rounds])
+    got = np.array([choose(r[sl], GRID21[sl], refine) for r in losses])
     err = np.abs(got - ref)
-    out[name] = {"mean_abs": float(err.mean()), "max_abs": float(err.max()), "frac_over_0.05": float(np.mean(err > 0.05 + 1e-6))}
+    out[name] = {
+      "mean_abs": float(err.mean()),
+      "max_abs": float(err.max()),
+      "frac_over_0.05": float(np.mean(err > 0.05 + 1e-6)),
+    }
   return out
 
 
@@ -94,13 +98,13 @@ def run(base: configs.TrainConfig, seeds: Sequence[int], progress: bool) -> dict
     res = study.run_study(cfg, ["xsam"], seeds, workdir=None, progress=progress)["methods"]["xsam"]
     alpha_hist = [h["alpha"] for h in res["histories"]]
     results[name] = {
-        "alphas": list(alphas or GRID21),
-        "alpha_refinement": refine,
-        "final_test_accuracy": res["final_test_accuracy"],
-        "summary": res["summary"],
-        "final_train_loss": [h["train_loss"][-1] for h in res["histories"]],
-        "mean_alpha": float(np.mean(alpha_hist)),
-        "train_time_s": res["train_time_s"],
+      "alphas": list(alphas or GRID21),
+      "alpha_refinement": refine,
+      "final_test_accuracy": res["final_test_accuracy"],
+      "summary": res["summary"],
+      "final_train_loss": [h["train_loss"][-1] for h in res["histories"]],
+      "mean_alpha": float(np.mean(alpha_hist)),
+      "train_time_s": res["train_time_s"],
     }
     if name == "grid21":
       rounds = [r for h in res["histories"] for r in h["probe_losses"]]
@@ -110,27 +114,33 @@ def run(base: configs.TrainConfig, seeds: Sequence[int], progress: bool) -> dict
 def format_tables(report: dict) -> str:
   err = report["alpha_error"]
   lines = [
+    (
       f"Alpha error against the 21-point grid's choice, {err['rounds']} probe rounds "
-      f"({100 * err['at_grid_end']:.0f}% of them with the maximum at an end of the grid):",
-      "",
-      "| rule | mean abs error | max abs error | rounds off by > 0.05 |",
-      "|---|---|---|---|",
+      f"({100 * err['at_grid_end']:.0f}% of them with the maximum at an end of the grid):"
+    ),
+    "",
+    "| rule | mean abs error | max abs error | rounds off by > 0.05 |",
+    "|---|---|---|---|",
   ]
   for name, v in err.items():
     if isinstance(v, dict):
       lines.append(f"| {name} | {v['mean_abs']:.3f} | {v['max_abs']:.3f} | {100 * v['frac_over_0.05']:.0f}% |")
-  lines += ["", "| trained with | test accuracy (%) | per seed (%) | final train loss | mean alpha |", "|---|---|---|---|---|"]
+  lines += [
+    "",
+    "| trained with | test accuracy (%) | per seed (%) | final train loss | mean alpha |",
+    "|---|---|---|---|---|",
+  ]
   for name, v in report["trained"].items():
     s = v["summary"]
     per = ", ".join(f"{100 * a:.1f}" for a in v["final_test_accuracy"])
     lines.append(
-        f"| {name} | {100 * s['mean']:.2f} ± {100 * s['std']:.2f} | {per} | "
-        f"{np.mean(v['final_train_loss']):.4f} | {v['mean_alpha']:.2f} |"
+      f"| {name} | {100 * s['mean']:.2f} ± {100 * s['std']:.2f} | {per} | "
+      f"{np.mean(v['final_train_loss']):.4f} | {v['mean_alpha']:.2f} |"
     )
   return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="tiny subset, 2 epochs, 1 seed")
   ap.add_argument("--seeds", type=int, default=None, help="number of seeds [3, or 1 with --quick]")
@@ -143,11 +153,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   t0 = time.perf_counter()
   report = run(base, seeds, progress=not args.no_progress)
   report.update(
-      date=datetime.date.today().isoformat(),
-      command="python -m experiments.alpha_refine" + (" --quick" if args.quick else ""),
-      machine=f"{platform.machine()}, {jax.default_backend()}, {jax.device_count()} device(s)",
-      seeds=seeds,
-      wall_time_s=time.perf_counter() - t0,
+    date=datetime.date.today().isoformat(),
+    command="python -m experiments.alpha_refine" + (" --quick" if args.quick else ""),
+    machine=f"{platform.machine()}, {jax.default_backend()}, {jax.device_count()} device(s)",
+    seeds=seeds,
+    wall_time_s=time.perf_counter() - t0,
   )
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "alpha_refine.json").write_text(json.dumps(report, indent=1))

@@ -17,8 +17,9 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -72,7 +73,11 @@ def _base():
   return [optax.add_decayed_weights(WD), optax.sgd(LR, momentum=0.9)]
 
 
-def _step(tx, loss_of, extra: Callable = None):
+def _step(
+  tx: optax.GradientTransformationExtraArgs,
+  loss_of: Callable[[Any], jax.Array],
+  extra: Callable[[Callable[[Any], jax.Array]], dict[str, Any]] | None = None,
+) -> Callable[[Any, Any], tuple[Any, Any, jax.Array]]:
   def step(params, state):
     loss, g = jax.value_and_grad(loss_of)(params)
     kwargs = extra(loss_of) if extra else {"loss_fn": loss_of}
@@ -84,19 +89,22 @@ def _step(tx, loss_of, extra: Callable = None):
 
 def _variants(loss_of, probe_batch_size):
   sam = optax.chain(xsam_jax.sam(RHO), *_base())
-  xs_probe = optax.chain(xsam_jax.xsam(RHO, RHO_MAX, alpha_update_period=1, probe_batch_size=probe_batch_size), *_base())
-  xs_never = optax.chain(xsam_jax.xsam(RHO, RHO_MAX, alpha_update_period=10**9, probe_batch_size=probe_batch_size),
-                         *_base())
+  xs_probe = optax.chain(
+    xsam_jax.xsam(RHO, RHO_MAX, alpha_update_period=1, probe_batch_size=probe_batch_size), *_base()
+  )
+  xs_never = optax.chain(
+    xsam_jax.xsam(RHO, RHO_MAX, alpha_update_period=10**9, probe_batch_size=probe_batch_size), *_base()
+  )
   contrib = optax.contrib.sam(
-      optax.chain(*_base()), optax.chain(optax.contrib.normalize(), optax.sgd(RHO)), sync_period=2, opaque_mode=True
+    optax.chain(*_base()), optax.chain(optax.contrib.normalize(), optax.sgd(RHO)), sync_period=2, opaque_mode=True
   )
   grad_fn = lambda lo: {"grad_fn": jax.grad(lambda p, _: lo(p))}
   return {
-      "sgd": (optax.chain(*_base()), _step(optax.chain(*_base()), loss_of, lambda lo: {})),
-      "sam": (sam, _step(sam, loss_of)),
-      "xsam_nonprobe": (xs_never, _step(xs_never, loss_of)),
-      "xsam_probe": (xs_probe, _step(xs_probe, loss_of)),
-      "optax_contrib_sam": (contrib, _step(contrib, loss_of, grad_fn)),
+    "sgd": (optax.chain(*_base()), _step(optax.chain(*_base()), loss_of, lambda lo: {})),
+    "sam": (sam, _step(sam, loss_of)),
+    "xsam_nonprobe": (xs_never, _step(xs_never, loss_of)),
+    "xsam_probe": (xs_probe, _step(xs_probe, loss_of)),
+    "optax_contrib_sam": (contrib, _step(contrib, loss_of, grad_fn)),
   }
 
 
@@ -112,7 +120,7 @@ def _compile(fn, *args):
 
 
 def _time_round_robin(calls: dict, repeats: int) -> dict:
-  times = {k: [] for k in calls}
+  times: dict[str, list[float]] = {k: [] for k in calls}
   for _ in range(repeats):
     for name, call in calls.items():
       t0 = time.perf_counter()
@@ -122,18 +130,19 @@ def _time_round_robin(calls: dict, repeats: int) -> dict:
 
 
 def bench_steps(params, loss_of, repeats, probe_batch_size):
-  out, calls = {}, {}
+  out: dict[str, dict[str, Any]] = {}
+  calls: dict[str, Callable[..., Any]] = {}
   for name, (tx, step) in _variants(loss_of, probe_batch_size).items():
     state = tx.init(params)
     if name == "xsam_nonprobe":  # count=1: the call does not probe
-      state = (state[0]._replace(count=jnp.ones([], jnp.int32)),) + tuple(state[1:])
+      state = (state[0]._replace(count=jnp.ones([], jnp.int32)), *state[1:])
     compiled, secs, peak = _compile(step, params, state)
     jax.block_until_ready(compiled(params, state))  # warm-up run
-    calls[name] = (lambda c=compiled, s=state: c(params, s))
+    calls[name] = lambda c=compiled, s=state: c(params, s)
     out[name] = {"compile_s": secs, "peak_bytes": peak}
   medians = _time_round_robin(calls, repeats)
-  for name in out:
-    out[name]["median_s"] = medians[name]
+  for name, entry in out.items():
+    entry["median_s"] = medians[name]
   return out
 
 
@@ -143,13 +152,14 @@ def bench_probes(params, loss_of, repeats, chunk_sizes):
   trace = xsam_jax.ascent(loss_of, params, g0, rho=RHO, num_steps=1)
   v0, v1, theta, _ = xsam_jax.xsam_plane(trace.displacement, trace.grads[-1])
   alphas = jnp.asarray(xsam_jax.DEFAULT_ALPHAS, jnp.float32)
-  out, calls = {}, {}
+  out: dict[str, dict[str, Any]] = {}
+  calls: dict[str, Callable[..., Any]] = {}
   strategies = {"vmap": None, **{f"lax.map(batch_size={b})": b for b in chunk_sizes}}
   for name, bs in strategies.items():
     fn = lambda p, bs=bs: xsam_jax.probe_losses(loss_of, p, v0, v1, theta, alphas, RHO_MAX, batch_size=bs)
     compiled, secs, peak = _compile(fn, params)
     jax.block_until_ready(compiled(params))
-    calls[name] = (lambda c=compiled: c(params))
+    calls[name] = lambda c=compiled: c(params)
     out[name] = {"compile_s": secs, "peak_bytes": peak}
 
   def one_probe(p, a, b):
@@ -165,8 +175,8 @@ def bench_probes(params, loss_of, repeats, chunk_sizes):
   calls["python loop"] = loop
   out["python loop"] = {"compile_s": secs, "peak_bytes": peak}
   medians = _time_round_robin(calls, repeats)
-  for name in out:
-    out[name]["median_s"] = medians[name]
+  for name, entry in out.items():
+    entry["median_s"] = medians[name]
   return out
 
 
@@ -176,14 +186,14 @@ def ratios(steps, probes, period=100):
   best = min(v["median_s"] for k, v in probes.items() if k != "python loop")
   sam, xs_np, xs_p = (steps[k]["median_s"] for k in ("sam", "xsam_nonprobe", "xsam_probe"))
   return {
-      "sam/sgd": sam / steps["sgd"]["median_s"],
-      "sam/optax_contrib_sam": sam / steps["optax_contrib_sam"]["median_s"],
-      "xsam_nonprobe/sam": xs_np / sam,
-      "xsam_probe/sam": xs_p / sam,
-      "probe_vmap/loop": default / loop,
-      "probe_best_batched/loop": best / loop,
-      f"xsam_epoch/sam_epoch (1 probe round per {period} steps)": ((period - 1) * xs_np + xs_p) / (period * sam),
-      "xsam_compile/sam_compile": steps["xsam_probe"]["compile_s"] / steps["sam"]["compile_s"],
+    "sam/sgd": sam / steps["sgd"]["median_s"],
+    "sam/optax_contrib_sam": sam / steps["optax_contrib_sam"]["median_s"],
+    "xsam_nonprobe/sam": xs_np / sam,
+    "xsam_probe/sam": xs_p / sam,
+    "probe_vmap/loop": default / loop,
+    "probe_best_batched/loop": best / loop,
+    f"xsam_epoch/sam_epoch (1 probe round per {period} steps)": ((period - 1) * xs_np + xs_p) / (period * sam),
+    "xsam_compile/sam_compile": steps["xsam_probe"]["compile_s"] / steps["sam"]["compile_s"],
   }
 
 
@@ -198,12 +208,16 @@ def main(argv=None):
   repeats = args.repeats or (3 if args.quick else 15)
   models = {"mlp": MLP(64 if args.quick else 256), "cnn": SmallCNN(8 if args.quick else 32)}
   device = jax.devices()[0]
-  report = {
-      "date": time.strftime("%Y-%m-%d"),
-      "device": f"{device.platform}: {getattr(device, 'device_kind', '')}",
-      "host": f"{platform.machine()}, {jax.device_count()} device(s), {__import__('os').cpu_count()} CPU cores",
-      "jax": jax.__version__, "optax": optax.__version__,
-      "batch": batch, "image": f"{image}x{image}x3", "repeats": repeats, "models": {},
+  report: dict[str, Any] = {
+    "date": time.strftime("%Y-%m-%d"),
+    "device": f"{device.platform}: {getattr(device, 'device_kind', '')}",
+    "host": f"{platform.machine()}, {jax.device_count()} device(s), {__import__('os').cpu_count()} CPU cores",
+    "jax": jax.__version__,
+    "optax": optax.__version__,
+    "batch": batch,
+    "image": f"{image}x{image}x3",
+    "repeats": repeats,
+    "models": {},
   }
   for key in args.models.split(","):
     params, loss_of = _problem(models[key], batch, image)
@@ -220,7 +234,7 @@ def main(argv=None):
   return report
 
 
-def format_table(report) -> str:
+def format_table(report: dict[str, Any]) -> str:
   lines = [f"device: {report['device']} ({report['host']}), jax {report['jax']}, {report['date']}"]
   for key, m in report["models"].items():
     lines.append(f"\n{key} ({m['params']} params)")

@@ -20,7 +20,7 @@ state), so a resumed data-parallel run is placed exactly like a fresh one.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -42,16 +42,16 @@ class RunCheckpointer:
   def __init__(self, directory: str, max_to_keep: int = 1):
     self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        item_names=("state", "meta"),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            create=True,
-            enable_async_checkpointing=False,
-        ),
+      self.directory,
+      item_names=("state", "meta"),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=True,
+        enable_async_checkpointing=False,
+      ),
     )
 
-  def latest_step(self) -> Optional[int]:
+  def latest_step(self) -> int | None:
     """The newest saved step, or None."""
     return self._manager.latest_step()
 
@@ -59,16 +59,16 @@ class RunCheckpointer:
     """Writes ``state`` (an NNX state pytree) and ``meta`` (JSON) at ``step``."""
     pure = nnx.to_pure_dict(state)
     self._manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(pure),
-            meta=ocp.args.JsonSave(meta),
-        ),
-        force=True,
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(pure),
+        meta=ocp.args.JsonSave(meta),
+      ),
+      force=True,
     )
     self._manager.wait_until_finished()
 
-  def restore(self, state: nnx.State, step: Optional[int] = None) -> tuple[nnx.State, dict]:
+  def restore(self, state: nnx.State, step: int | None = None) -> tuple[nnx.State, dict]:
     """Restores into the structure of ``state``.
 
     Args:
@@ -86,11 +86,11 @@ class RunCheckpointer:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))
     restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract),
-            meta=ocp.args.JsonRestore(),
-        ),
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract),
+        meta=ocp.args.JsonRestore(),
+      ),
     )
     new_state = jax.tree.map(lambda x: x, state)  # a copy with fresh leaves
     nnx.replace_by_pure_dict(new_state, _as_arrays(restored["state"]))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Optional
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,7 @@ class TrainConfig:
 
   dataset: str = "mnist1d"
   data_dir: str = "./data_cache"
-  model: Optional[str] = None
+  model: str | None = None
   width: int = 32
   batch_norm: bool = False
   method: str = "sgd"
@@ -84,20 +84,20 @@ class TrainConfig:
   momentum: float = 0.9
   weight_decay: float = 5e-4
   rho: float = 0.1
-  rho_max: Optional[float] = None
+  rho_max: float | None = None
   num_steps: int = 1
-  alpha_update_period: Optional[int] = None
-  probe_batch_size: object = "auto"
-  train_subset: Optional[int] = None
-  test_subset: Optional[int] = None
-  augment: Optional[bool] = None
+  alpha_update_period: int | None = None
+  probe_batch_size: int | str | None = "auto"
+  train_subset: int | None = None
+  test_subset: int | None = None
+  augment: bool | None = None
   checkpoint_every: int = 10
-  stop_after_epochs: Optional[int] = None
+  stop_after_epochs: int | None = None
   devices: int = 1
-  alphas: Optional[tuple] = None
-  alpha_refinement: Optional[str] = None
+  alphas: tuple | None = None
+  alpha_refinement: str | None = None
 
-  def replace(self, **changes) -> "TrainConfig":
+  def replace(self, **changes: Any) -> TrainConfig:
     """A copy with ``changes`` applied."""
     return dataclasses.replace(self, **changes)
 
@@ -116,10 +116,7 @@ class TrainConfig:
     equals the single-device one only up to float reduction order, so it
     keeps its own checkpoints.
     """
-    ident = {
-        k: v for k, v in self.to_dict().items()
-        if k not in ("stop_after_epochs", "checkpoint_every", "data_dir")
-    }
+    ident = {k: v for k, v in self.to_dict().items() if k not in ("stop_after_epochs", "checkpoint_every", "data_dir")}
     for key, default in (("devices", 1), ("alphas", None), ("alpha_refinement", None)):
       if ident[key] == default:  # options added later count only when set
         del ident[key]
@@ -140,10 +137,10 @@ def default_config() -> TrainConfig:
 def quick_config() -> TrainConfig:
   """A smoke-test configuration that runs in seconds (tiny subset, 1 epoch)."""
   return TrainConfig(
-      epochs=1,
-      width=8,
-      batch_size=32,
-      train_subset=512,
-      test_subset=256,
-      checkpoint_every=1,
+    epochs=1,
+    width=8,
+    batch_size=32,
+    train_subset=512,
+    test_subset=256,
+    checkpoint_every=1,
   )

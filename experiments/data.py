@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -60,18 +61,18 @@ class Dataset:
     """``(x - mean) / std`` as float32."""
     return ((x.astype(np.float32) - self.mean) / self.std).astype(np.float32)
 
-  def subset(self, train: Optional[int] = None, test: Optional[int] = None) -> "Dataset":
+  def subset(self, train: int | None = None, test: int | None = None) -> Dataset:
     """The first ``train`` / ``test`` examples (None keeps all)."""
     return dataclasses.replace(
-        self,
-        x_train=self.x_train[:train],
-        y_train=self.y_train[:train],
-        x_test=self.x_test[:test],
-        y_test=self.y_test[:test],
+      self,
+      x_train=self.x_train[:train],
+      y_train=self.y_train[:train],
+      x_test=self.x_test[:test],
+      y_test=self.y_test[:test],
     )
 
 
-def _stats(x: np.ndarray, is_image: bool):
+def _stats(x: np.ndarray, is_image: bool) -> tuple[np.ndarray, np.ndarray]:
   axes = tuple(range(x.ndim - 1)) if is_image else None
   mean = np.asarray(x.astype(np.float64).mean(axis=axes), np.float32)
   std = np.asarray(x.astype(np.float64).std(axis=axes), np.float32)
@@ -113,15 +114,15 @@ def load_mnist1d(data_dir: str) -> Dataset:
   x, x_test = x.astype(np.float32), x_test.astype(np.float32)
   mean, std = _stats(x, is_image=False)
   return Dataset(
-      name="mnist1d",
-      x_train=x,
-      y_train=y.astype(np.int32),
-      x_test=x_test,
-      y_test=y_test.astype(np.int32),
-      num_classes=10,
-      mean=np.float32(mean),
-      std=np.float32(std),
-      is_image=False,
+    name="mnist1d",
+    x_train=x,
+    y_train=y.astype(np.int32),
+    x_test=x_test,
+    y_test=y_test.astype(np.int32),
+    num_classes=10,
+    mean=np.float32(mean),
+    std=np.float32(std),
+    is_image=False,
   )
 
 
@@ -139,28 +140,31 @@ def load_digits() -> Dataset:
   return Dataset("digits", x[tr], y[tr], x[te], y[te], 10, mean, std, is_image=True)
 
 
-def _read_tfds_split(source, image_key: str, label_key: str, desc: str):
+def _read_tfds_split(source: Any, image_key: str, label_key: str, desc: str) -> tuple[np.ndarray, np.ndarray]:
   from tqdm.auto import tqdm
 
   n = len(source)
-  images, labels = None, np.zeros([n], np.int32)
+  images: np.ndarray | None = None
+  labels = np.zeros([n], np.int32)
   for i in tqdm(range(n), desc=desc, leave=False, mininterval=1.0):
     example = source[i]
     image = np.asarray(example[image_key])
     if images is None:
-      images = np.zeros((n,) + image.shape, image.dtype)
+      images = np.zeros((n, *image.shape), image.dtype)
     images[i] = image
     labels[i] = int(example[label_key])
+  if images is None:
+    raise ValueError(f"{desc}: the split is empty.")
   return images, labels
 
 
 def load_tfds(
-    name: str,
-    data_dir: Optional[str],
-    *,
-    image_key: str = "image",
-    label_key: str = "label",
-    download: bool = False,
+  name: str,
+  data_dir: str | None,
+  *,
+  image_key: str = "image",
+  label_key: str = "label",
+  download: bool = False,
 ) -> Dataset:
   """An image classification set from tensorflow-datasets, into memory.
 
@@ -194,7 +198,7 @@ def load_tfds(
   return Dataset(name, x, y, x_test, y_test, num_classes, mean, std, is_image=True)
 
 
-def load_dataset(name: str, data_dir: Optional[str], *, download: bool = False) -> Dataset:
+def load_dataset(name: str, data_dir: str | None, *, download: bool = False) -> Dataset:
   """Loads ``mnist1d``, ``digits`` or a tensorflow-datasets set by name."""
   if name == "mnist1d":
     return load_mnist1d(data_dir or "./data_cache")
@@ -226,9 +230,9 @@ def random_crop_flip(images: np.ndarray, rng: np.random.Generator, padding: int 
   """
   b, h, w, _ = images.shape
   padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  dy = rng.integers(0, 2 * padding + 1, size=b)
-  dx = rng.integers(0, 2 * padding + 1, size=b)
-  flip = rng.random(b) < 0.5
+  dy = rng.integers(0, 2 * padding + 1, size=(b,))
+  dx = rng.integers(0, 2 * padding + 1, size=(b,))
+  flip = rng.random((b,)) < 0.5
   rows = dy[:, None] + np.arange(h)[None, :]
   cols = dx[:, None] + np.arange(w)[None, :]
   cols = np.where(flip[:, None], cols[:, ::-1], cols)
@@ -254,17 +258,17 @@ class EpochBatches:
   def __len__(self) -> int:
     return len(self.order) // self.batch_size
 
-  def __getitem__(self, i: int):
+  def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
     if not 0 <= i < len(self):
       raise IndexError(i)
-    idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
+    idx = self.order[i * self.batch_size : (i + 1) * self.batch_size]
     x = self.data.x_train[idx]
     if self.augment:
       x = random_crop_flip(x, np.random.default_rng([self.seed, self.epoch, i, 1]))
     return self.data.normalize(x), self.data.y_train[idx]
 
 
-def eval_batches(data: Dataset, batch_size: int):
+def eval_batches(data: Dataset, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """Yields ``(x, y, mask)`` over the test set in fixed-size batches.
 
   The last batch is padded with zeros and ``mask`` marks the real examples,
@@ -272,12 +276,12 @@ def eval_batches(data: Dataset, batch_size: int):
   """
   n = len(data.y_test)
   for start in range(0, n, batch_size):
-    x = data.normalize(data.x_test[start:start + batch_size])
-    y = data.y_test[start:start + batch_size]
+    x = data.normalize(data.x_test[start : start + batch_size])
+    y = data.y_test[start : start + batch_size]
     real = len(y)
     mask = np.zeros([batch_size], np.float32)
     mask[:real] = 1.0
     if real < batch_size:
-      x = np.concatenate([x, np.zeros((batch_size - real,) + x.shape[1:], x.dtype)])
+      x = np.concatenate([x, np.zeros((batch_size - real, *x.shape[1:]), x.dtype)])
       y = np.concatenate([y, np.zeros([batch_size - real], y.dtype)])
     yield x, y, mask

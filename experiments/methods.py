@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import optax
 
@@ -24,39 +25,41 @@ from experiments.configs import TrainConfig
 
 
 def _xsam(c: TrainConfig) -> optax.GradientTransformationExtraArgs:
+  if c.rho_max is None:
+    raise ValueError("`rho_max` is None: resolve the configuration first (trainer.resolve).")
   return xsam_jax.xsam(
-      c.rho,
-      c.rho_max,
-      num_steps=c.num_steps,
-      alpha_update_period=c.alpha_update_period,
-      probe_batch_size=c.probe_batch_size,
-      alphas=xsam_jax.DEFAULT_ALPHAS if c.alphas is None else c.alphas,
-      alpha_refinement=c.alpha_refinement,
+    c.rho,
+    c.rho_max,
+    num_steps=c.num_steps,
+    alpha_update_period=c.alpha_update_period,
+    probe_batch_size=c.probe_batch_size,
+    alphas=xsam_jax.DEFAULT_ALPHAS if c.alphas is None else c.alphas,
+    alpha_refinement=c.alpha_refinement,
   )
 
 
-METHODS: dict[str, Optional[Callable[[TrainConfig], optax.GradientTransformation]]] = {
-    "sgd": None,
-    "sam": lambda c: xsam_jax.sam(c.rho, num_steps=c.num_steps),
-    "xsam": _xsam,
+METHODS: dict[str, Callable[[TrainConfig], optax.GradientTransformation] | None] = {
+  "sgd": None,
+  "sam": lambda c: xsam_jax.sam(c.rho, num_steps=c.num_steps),
+  "xsam": _xsam,
 }
 """Name -> builder of the sharpness-aware transformation (None: plain SGD)."""
 
 _FAMILY = {
-    # name: (xsam_jax attribute it needs, builder)
-    "asam": ("sam", lambda c: xsam_jax.sam(c.rho, num_steps=c.num_steps, adaptive=True)),
-    "msam": ("msam", lambda c: xsam_jax.msam(c.rho, num_steps=c.num_steps)),
-    "msam_plus": ("msam", lambda c: xsam_jax.msam(c.rho, num_steps=c.num_steps, plus=True)),
-    "lsam": ("lsam", lambda c: xsam_jax.lsam(c.rho, num_steps=c.num_steps)),
-    "lsam_plus": ("lsam", lambda c: xsam_jax.lsam(c.rho, num_steps=c.num_steps, plus=True)),
-    "vasso": ("vasso", lambda c: xsam_jax.vasso(c.rho)),
+  # name: (xsam_jax attribute it needs, builder)
+  "asam": ("sam", lambda c: xsam_jax.sam(c.rho, num_steps=c.num_steps, adaptive=True)),
+  "msam": ("msam", lambda c: xsam_jax.msam(c.rho, num_steps=c.num_steps)),
+  "msam_plus": ("msam", lambda c: xsam_jax.msam(c.rho, num_steps=c.num_steps, plus=True)),
+  "lsam": ("lsam", lambda c: xsam_jax.lsam(c.rho, num_steps=c.num_steps)),
+  "lsam_plus": ("lsam", lambda c: xsam_jax.lsam(c.rho, num_steps=c.num_steps, plus=True)),
+  "vasso": ("vasso", lambda c: xsam_jax.vasso(c.rho)),
 }
 METHODS.update({name: build for name, (needs, build) in _FAMILY.items() if hasattr(xsam_jax, needs)})
 
 
 def _generic(name: str, c: TrainConfig) -> optax.GradientTransformation:
   factory = getattr(xsam_jax, name)
-  kwargs = {}
+  kwargs: dict[str, Any] = {}
   params = inspect.signature(factory).parameters
   if "num_steps" in params:
     kwargs["num_steps"] = c.num_steps
@@ -72,7 +75,7 @@ def is_known(name: str) -> bool:
   return name in METHODS or callable(getattr(xsam_jax, name, None))
 
 
-def method_transform(config: TrainConfig) -> Optional[optax.GradientTransformation]:
+def method_transform(config: TrainConfig) -> optax.GradientTransformation | None:
   """The sharpness-aware transformation of ``config.method`` (None for SGD).
 
   Raises:
@@ -112,7 +115,7 @@ def _make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTran
   method_tx = method_transform(config)
   parts = [] if method_tx is None else [method_tx]
   parts += [
-      optax.add_decayed_weights(config.weight_decay),
-      optax.sgd(schedule, momentum=config.momentum),
+    optax.add_decayed_weights(config.weight_decay),
+    optax.sgd(schedule, momentum=config.momentum),
   ]
   return optax.chain(*parts)

@@ -16,8 +16,9 @@ serves training and evaluation.
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,16 +43,16 @@ class MLP(nnx.Module):
   """
 
   def __init__(
-      self,
-      in_features: int,
-      num_classes: int,
-      *,
-      hidden: Sequence[int] = (256, 256),
-      batch_norm: bool = False,
-      rngs: nnx.Rngs,
+    self,
+    in_features: int,
+    num_classes: int,
+    *,
+    hidden: Sequence[int] = (256, 256),
+    batch_norm: bool = False,
+    rngs: nnx.Rngs,
   ):
     sizes = [in_features, *hidden]
-    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(sizes)])
     self.norms = nnx.List([_batch_norm(b, rngs) for b in hidden]) if batch_norm else None
     self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
 
@@ -82,21 +83,23 @@ class CNN1D(nnx.Module):
   """
 
   def __init__(
-      self,
-      length: int,
-      in_channels: int,
-      num_classes: int,
-      *,
-      width: int = 32,
-      batch_norm: bool = False,
-      rngs: nnx.Rngs,
+    self,
+    length: int,
+    in_channels: int,
+    num_classes: int,
+    *,
+    width: int = 32,
+    batch_norm: bool = False,
+    rngs: nnx.Rngs,
   ):
     kernels = (5, 3, 3)
     chans = [in_channels, width, width, width]
-    self.convs = nnx.List([
+    self.convs = nnx.List(
+      [
         nnx.Conv(a, b, (k,), strides=(2,), rngs=rngs)
-        for a, b, k in zip(chans[:-1], chans[1:], kernels)
-    ])
+        for (a, b), k in zip(itertools.pairwise(chans), kernels, strict=True)
+      ]
+    )
     self.norms = nnx.List([_batch_norm(width, rngs) for _ in kernels]) if batch_norm else None
     out_len = length
     for _ in kernels:
@@ -130,16 +133,15 @@ class CNN2D(nnx.Module):
 
   def __init__(self, in_channels: int, num_classes: int, *, width: int = 32, rngs: nnx.Rngs):
     chans = [in_channels, width, 2 * width, 4 * width]
-    self.convs = nnx.List([
-        nnx.Conv(a, b, (3, 3), strides=(2, 2), use_bias=False, rngs=rngs)
-        for a, b in zip(chans[:-1], chans[1:])
-    ])
+    self.convs = nnx.List(
+      [nnx.Conv(a, b, (3, 3), strides=(2, 2), use_bias=False, rngs=rngs) for a, b in itertools.pairwise(chans)]
+    )
     self.norms = nnx.List([_batch_norm(b, rngs) for b in chans[1:]])
     self.head = nnx.Linear(chans[-1], num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     """Logits ``(B, num_classes)`` for images ``(B, H, W, C)``."""
-    for conv, norm in zip(self.convs, self.norms):
+    for conv, norm in zip(self.convs, self.norms, strict=True):
       x = jax.nn.relu(norm(conv(x), use_running_average=not train))
     return self.head(jnp.mean(x, axis=(1, 2)))
 
@@ -153,8 +155,10 @@ class BasicBlock(nnx.Module):
     self.conv2 = nnx.Conv(channels, channels, (3, 3), use_bias=False, rngs=rngs)
     self.bn2 = _batch_norm(channels, rngs)
     if stride != 1 or in_channels != channels:
-      self.proj = nnx.Conv(in_channels, channels, (1, 1), strides=(stride, stride), use_bias=False, rngs=rngs)
-      self.proj_bn = _batch_norm(channels, rngs)
+      self.proj: nnx.Conv | None = nnx.Conv(
+        in_channels, channels, (1, 1), strides=(stride, stride), use_bias=False, rngs=rngs
+      )
+      self.proj_bn: nnx.BatchNorm | None = _batch_norm(channels, rngs)
     else:
       self.proj = None
       self.proj_bn = None
@@ -164,7 +168,9 @@ class BasicBlock(nnx.Module):
     ura = not train
     y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
     y = self.bn2(self.conv2(y), use_running_average=ura)
-    shortcut = x if self.proj is None else self.proj_bn(self.proj(x), use_running_average=ura)
+    shortcut = x
+    if self.proj is not None and self.proj_bn is not None:  # both set, or neither
+      shortcut = self.proj_bn(self.proj(x), use_running_average=ura)
     return jax.nn.relu(y + shortcut)
 
 
@@ -211,13 +217,13 @@ def default_model(input_shape: tuple, is_image: bool) -> str:
 
 
 def make_model(
-    name: str,
-    input_shape: tuple,
-    num_classes: int,
-    *,
-    width: int = 32,
-    batch_norm: bool = False,
-    seed: int = 0,
+  name: str,
+  input_shape: tuple,
+  num_classes: int,
+  *,
+  width: int = 32,
+  batch_norm: bool = False,
+  seed: int = 0,
 ) -> nnx.Module:
   """Builds a model by name for inputs of ``input_shape`` (one example).
 

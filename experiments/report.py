@@ -16,7 +16,7 @@ import json
 import os
 import platform
 import sys
-from typing import Optional
+from typing import Any
 
 import numpy as np
 
@@ -27,8 +27,8 @@ ACCURACY_PNG = "accuracy.png"
 def table(study: dict) -> str:
   """A markdown table of final test accuracy (%) per method, mean +- std over seeds."""
   lines = [
-      "| method | test accuracy (%) | seeds | per seed (%) | train time / run (s) |",
-      "|---|---|---|---|---|",
+    "| method | test accuracy (%) | seeds | per seed (%) | train time / run (s) |",
+    "|---|---|---|---|---|",
   ]
   for name, entry in study["methods"].items():
     s = entry["summary"]
@@ -51,7 +51,7 @@ def paired_differences(study: dict) -> str:
   """
   names = list(study["methods"])
   per_seed = {
-      n: dict(zip(study["methods"][n]["seeds"], study["methods"][n]["final_test_accuracy"])) for n in names
+    n: dict(zip(study["methods"][n]["seeds"], study["methods"][n]["final_test_accuracy"], strict=True)) for n in names
   }
   lines = []
   for j, name in enumerate(names):
@@ -62,8 +62,8 @@ def paired_differences(study: dict) -> str:
       diffs = np.asarray([100 * (per_seed[name][s] - per_seed[ref_name][s]) for s in common])
       std = diffs.std(ddof=1) if diffs.size > 1 else 0.0
       lines.append(
-          f"{name} - {ref_name}: {diffs.mean():+.2f} ± {std:.2f} pp (paired over {diffs.size} seeds; "
-          f"ahead on {int((diffs > 0).sum())}, behind on {int((diffs < 0).sum())})"
+        f"{name} - {ref_name}: {diffs.mean():+.2f} ± {std:.2f} pp (paired over {diffs.size} seeds; "
+        f"ahead on {int((diffs > 0).sum())}, behind on {int((diffs < 0).sum())})"
       )
   return "\n".join(lines)
 
@@ -79,9 +79,9 @@ def alpha_summary(study: dict, last: int = 10) -> str:
     alpha_end = np.concatenate([h["alpha"][-last:] for h in hists])
     theta_end = np.degrees(np.concatenate([h["theta"][-last:] for h in hists]))
     lines.append(
-        f"{name}: alpha mean {alpha_all.mean():.2f} over training (range "
-        f"{alpha_all.min():.1f}-{alpha_all.max():.1f}), {alpha_end.mean():.2f} over the last "
-        f"{last} epochs; theta {theta_end.mean():.1f} deg over the last {last} epochs"
+      f"{name}: alpha mean {alpha_all.mean():.2f} over training (range "
+      f"{alpha_all.min():.1f}-{alpha_all.max():.1f}), {alpha_end.mean():.2f} over the last "
+      f"{last} epochs; theta {theta_end.mean():.1f} deg over the last {last} epochs"
     )
   return "\n".join(lines)
 
@@ -90,39 +90,39 @@ def _machine() -> dict:
   import jax
 
   return {
-      "platform": platform.platform(),
-      "python": platform.python_version(),
-      "cpu_count": os.cpu_count(),
-      "jax_backend": jax.default_backend(),
-      "devices": [str(d) for d in jax.devices()],
-      "jax": jax.__version__,
+    "platform": platform.platform(),
+    "python": platform.python_version(),
+    "cpu_count": os.cpu_count(),
+    "jax_backend": jax.default_backend(),
+    "devices": [str(d) for d in jax.devices()],
+    "jax": jax.__version__,
   }
 
 
-def write_json(study: dict, path: str, *, command: Optional[list] = None) -> dict:
+def write_json(study: dict, path: str, *, command: list | None = None) -> dict:
   """Writes the study (plus date, machine and command) to ``path`` as JSON.
 
   Returns:
     The written document.
   """
   doc = {
-      "study": "classification: SGD vs sharpness-aware methods",
-      "date": datetime.datetime.now().isoformat(timespec="seconds"),
-      "command": command if command is not None else sys.argv,
-      "machine": _machine(),
-      "wall_time_s": study["wall_time_s"],
-      "completed": study["completed"],
-      "table": table(study),
-      "paired_differences": paired_differences(study),
-      "alpha_summary": alpha_summary(study),
-      "methods": study["methods"],
+    "study": "classification: SGD vs sharpness-aware methods",
+    "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    "command": command if command is not None else sys.argv,
+    "machine": _machine(),
+    "wall_time_s": study["wall_time_s"],
+    "completed": study["completed"],
+    "table": table(study),
+    "paired_differences": paired_differences(study),
+    "alpha_summary": alpha_summary(study),
+    "methods": study["methods"],
   }
   with open(path, "w") as f:
     json.dump(_rounded(doc), f, indent=1)
   return doc
 
 
-def _rounded(obj, digits: int = 6):
+def _rounded(obj: Any, digits: int = 6) -> Any:
   """Floats rounded to ``digits`` significant digits (keeps the JSON small)."""
   if isinstance(obj, float):
     return float(f"{obj:.{digits}g}")
@@ -150,7 +150,7 @@ def plot_accuracy(study: dict, path: str) -> None:
   for name, entry in study["methods"].items():
     hs = entry["histories"]
     x, m, s = _mean_std([h["test_accuracy"] for h in hs])
-    line, = ax_acc.plot(x, 100 * m, label=f"{name} ({100 * entry['summary']['mean']:.1f}%)", lw=1.4)
+    (line,) = ax_acc.plot(x, 100 * m, label=f"{name} ({100 * entry['summary']['mean']:.1f}%)", lw=1.4)
     ax_acc.fill_between(x, 100 * (m - s), 100 * (m + s), color=line.get_color(), alpha=0.2, lw=0)
     x, m, s = _mean_std([h["train_loss"] for h in hs])
     ax_loss.plot(x, m, color=line.get_color(), lw=1.4, label=name)
@@ -181,17 +181,17 @@ def plot_alpha_theta(name: str, entry: dict, path: str) -> None:
 
   fig, (ax_a, ax_t) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=90)
   many = len(entry["histories"]) > 4
-  for seed, h in zip(entry["seeds"], entry["histories"]):
+  for seed, h in zip(entry["seeds"], entry["histories"], strict=True):
     epochs = np.asarray(h["epoch"])
     theta = np.degrees(h["theta"])
     if many:
       ax_a.step(epochs, h["alpha"], where="post", lw=0.6, color="0.6", alpha=0.6)
       ax_t.plot(epochs, theta, lw=0.6, color="0.6", alpha=0.6)
       continue
-    line, = ax_a.step(epochs, h["alpha"], where="post", lw=1.2, label=f"seed {seed}")
+    (line,) = ax_a.step(epochs, h["alpha"], where="post", lw=1.2, label=f"seed {seed}")
     ax_t.plot(epochs, theta, color=line.get_color(), lw=1.2, label=f"seed {seed}")
     ax_t.fill_between(
-        epochs, np.degrees(h["theta_min"]), np.degrees(h["theta_max"]), color=line.get_color(), alpha=0.12, lw=0
+      epochs, np.degrees(h["theta_min"]), np.degrees(h["theta_max"]), color=line.get_color(), alpha=0.12, lw=0
     )
   if many:
     n = len(entry["histories"])
@@ -210,7 +210,7 @@ def plot_alpha_theta(name: str, entry: dict, path: str) -> None:
   plt.close(fig)
 
 
-def write_report(study: dict, output_dir: str, *, command: Optional[list] = None) -> dict:
+def write_report(study: dict, output_dir: str, *, command: list | None = None) -> dict:
   """Writes ``results.json`` and the PNGs into ``output_dir``.
 
   Returns:
@@ -228,9 +228,9 @@ def write_report(study: dict, output_dir: str, *, command: Optional[list] = None
       plot_alpha_theta(name, entry, path)
       pngs.append(path)
   return {
-      "json": json_path,
-      "pngs": pngs,
-      "table": doc["table"],
-      "paired_differences": doc["paired_differences"],
-      "alpha_summary": doc["alpha_summary"],
+    "json": json_path,
+    "pngs": pngs,
+    "table": doc["table"],
+    "paired_differences": doc["paired_differences"],
+    "alpha_summary": doc["alpha_summary"],
   }

@@ -8,7 +8,8 @@ report (table, JSON, plots) is written by ``experiments.report``.
 from __future__ import annotations
 
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,14 +27,14 @@ def summarize(values: Sequence[float]) -> dict:
 
 
 def run_study(
-    base: TrainConfig,
-    method_names: Sequence[str],
-    seeds: Sequence[int],
-    *,
-    workdir: Optional[str],
-    resume: bool = True,
-    progress: bool = True,
-    download: bool = False,
+  base: TrainConfig,
+  method_names: Sequence[str],
+  seeds: Sequence[int],
+  *,
+  workdir: str | None,
+  resume: bool = True,
+  progress: bool = True,
+  download: bool = False,
 ) -> dict:
   """Trains every method with every seed and gathers the results.
 
@@ -68,10 +69,10 @@ def run_study(
   data = data_lib.load_dataset(base.dataset, base.data_dir, download=download)
   results, completed = {}, True
   for name in method_names:
-    entry = {"seeds": [], "final_test_accuracy": [], "train_time_s": [], "histories": []}
+    entry: dict[str, Any] = {"seeds": [], "final_test_accuracy": [], "train_time_s": [], "histories": []}
     for seed in seeds:
       result = trainer.train_and_evaluate(
-          base.replace(method=name, seed=seed), workdir, data=data, progress=progress, resume=resume
+        base.replace(method=name, seed=seed), workdir, data=data, progress=progress, resume=resume
       )
       completed &= result.completed
       entry.setdefault("config", result.config.to_dict())

@@ -26,28 +26,27 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 
-from experiments import configs
-from experiments import report
+from experiments import configs, report
 from experiments import study as study_lib
 
 DEFAULT_METHODS = "sgd,sam,xsam"
 
 
-def _optional_int(text: str) -> Optional[int]:
+def _optional_int(text: str) -> int | None:
   return None if text.lower() == "none" else int(text)
 
 
-def _probe_batch_size(text: str):
+def _probe_batch_size(text: str) -> int | str | None:
   if text.lower() == "auto":
     return "auto"
   return _optional_int(text)
 
 
-def _alphas(text: str) -> Optional[tuple]:
+def _alphas(text: str) -> tuple | None:
   if text.lower() in ("none", "default", ""):
     return None
   try:
@@ -56,7 +55,7 @@ def _alphas(text: str) -> Optional[tuple]:
     raise argparse.ArgumentTypeError(f"expected comma-separated floats, got {text!r}") from e
 
 
-def _refinement(text: str) -> Optional[str]:
+def _refinement(text: str) -> str | None:
   return None if text.lower() == "none" else text
 
 
@@ -64,37 +63,50 @@ def build_parser() -> argparse.ArgumentParser:
   """The command line; defaults of training fields come from ``configs``."""
   d = configs.default_config()
   p = argparse.ArgumentParser(
-      prog="python -m experiments.train",
-      description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    prog="python -m experiments.train",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   g = p.add_argument_group("study")
   g.add_argument("--method", help="train a single method (sgd, sam, xsam, or any xsam_jax transformation)")
   g.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated methods to compare")
   g.add_argument("--seeds", type=int, default=3, help="number of seeds per method")
   g.add_argument("--seed0", type=int, default=0, help="first seed")
-  g.add_argument("--quick", action="store_true", help="tiny subset, 1 epoch, 1 seed (smoke test); flags given explicitly override it")
+  g.add_argument(
+    "--quick", action="store_true", help="tiny subset, 1 epoch, 1 seed (smoke test); flags given explicitly override it"
+  )
   g.add_argument("--workdir", default=None, help="checkpoint folder [runs/train, or runs/quick with --quick]")
   g.add_argument("--output-dir", default=None, help="results folder [results/train, or runs/quick with --quick]")
   g.add_argument("--fresh", action="store_true", help="ignore and overwrite existing checkpoints")
   g.add_argument("--no-checkpoints", action="store_true", help="do not write checkpoints")
   g.add_argument("--no-progress", action="store_true", help="hide progress bars")
-  g.add_argument("--devices", type=int, default=d.devices,
-                 help="data parallel over the first N of jax.devices(): batch sharded, params replicated "
-                 "(N must divide --batch-size; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+  g.add_argument(
+    "--devices",
+    type=int,
+    default=d.devices,
+    help="data parallel over the first N of jax.devices(): batch sharded, params replicated "
+    "(N must divide --batch-size; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)",
+  )
 
   g = p.add_argument_group("data and model")
   g.add_argument("--dataset", default=d.dataset, help="mnist1d, digits, or a tensorflow-datasets name (cifar10, ...)")
   g.add_argument("--data-dir", default=d.data_dir, help="MNIST-1D cache / tensorflow-datasets data_dir")
-  g.add_argument("--download", action="store_true",
-                 help="let tensorflow-datasets download and prepare the data set (needs TensorFlow)")
+  g.add_argument(
+    "--download",
+    action="store_true",
+    help="let tensorflow-datasets download and prepare the data set (needs TensorFlow)",
+  )
   g.add_argument("--model", default=d.model, help="mlp, cnn1d, cnn2d, resnet18 [by data set]")
   g.add_argument("--width", type=int, default=d.width, help="base width of the small models")
   g.add_argument("--batch-norm", action="store_true", help="BatchNorm in the MLP / 1-D CNN")
   g.add_argument("--train-subset", type=int, default=d.train_subset, help="use the first N training examples")
   g.add_argument("--test-subset", type=int, default=d.test_subset, help="use the first N test examples")
-  g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d.augment,
-                 help="random crop + flip [on for tensorflow-datasets images]")
+  g.add_argument(
+    "--augment",
+    action=argparse.BooleanOptionalAction,
+    default=d.augment,
+    help="random crop + flip [on for tensorflow-datasets images]",
+  )
 
   g = p.add_argument_group("optimization")
   g.add_argument("--epochs", type=int, default=d.epochs)
@@ -105,36 +117,67 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--rho", type=float, default=d.rho, help="ascent radius")
   g.add_argument("--rho-max", type=float, default=d.rho_max, help="XSAM probe radius [2 * rho]")
   g.add_argument("--num-steps", type=int, default=d.num_steps, help="ascent steps K")
-  g.add_argument("--alpha-update-period", type=_optional_int, default=d.alpha_update_period,
-                 help="XSAM probe period in steps [one epoch]")
-  g.add_argument("--probe-batch-size", type=_probe_batch_size, default=d.probe_batch_size,
-                 help="XSAM probes at a time: an int, none (one vmap) or auto")
-  g.add_argument("--alphas", type=_alphas, default=d.alphas,
-                 help="XSAM's alpha grid, comma-separated [none: 0.0, 0.1, ..., 2.0]")
-  g.add_argument("--alpha-refinement", type=_refinement, default=d.alpha_refinement,
-                 choices=[None, "parabola"], help="XSAM's sub-grid alpha refinement: none or parabola")
+  g.add_argument(
+    "--alpha-update-period",
+    type=_optional_int,
+    default=d.alpha_update_period,
+    help="XSAM probe period in steps [one epoch]",
+  )
+  g.add_argument(
+    "--probe-batch-size",
+    type=_probe_batch_size,
+    default=d.probe_batch_size,
+    help="XSAM probes at a time: an int, none (one vmap) or auto",
+  )
+  g.add_argument(
+    "--alphas", type=_alphas, default=d.alphas, help="XSAM's alpha grid, comma-separated [none: 0.0, 0.1, ..., 2.0]"
+  )
+  g.add_argument(
+    "--alpha-refinement",
+    type=_refinement,
+    default=d.alpha_refinement,
+    choices=[None, "parabola"],
+    help="XSAM's sub-grid alpha refinement: none or parabola",
+  )
   g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="epochs between checkpoints")
-  g.add_argument("--stop-after-epochs", type=int, default=None,
-                 help="stop after this many epochs (simulated preemption; re-run to resume)")
+  g.add_argument(
+    "--stop-after-epochs",
+    type=int,
+    default=None,
+    help="stop after this many epochs (simulated preemption; re-run to resume)",
+  )
   return p
 
 
 # TrainConfig field -> argparse dest of its flag (all other flags are not fields).
 CONFIG_FLAGS = {
-    "dataset": "dataset", "data_dir": "data_dir", "model": "model", "width": "width",
-    "batch_norm": "batch_norm", "train_subset": "train_subset", "test_subset": "test_subset",
-    "augment": "augment", "epochs": "epochs", "batch_size": "batch_size", "learning_rate": "lr",
-    "momentum": "momentum", "weight_decay": "weight_decay", "rho": "rho", "rho_max": "rho_max",
-    "num_steps": "num_steps", "alpha_update_period": "alpha_update_period",
-    "probe_batch_size": "probe_batch_size", "checkpoint_every": "checkpoint_every",
-    "stop_after_epochs": "stop_after_epochs", "devices": "devices",
-    "alphas": "alphas", "alpha_refinement": "alpha_refinement",
+  "dataset": "dataset",
+  "data_dir": "data_dir",
+  "model": "model",
+  "width": "width",
+  "batch_norm": "batch_norm",
+  "train_subset": "train_subset",
+  "test_subset": "test_subset",
+  "augment": "augment",
+  "epochs": "epochs",
+  "batch_size": "batch_size",
+  "learning_rate": "lr",
+  "momentum": "momentum",
+  "weight_decay": "weight_decay",
+  "rho": "rho",
+  "rho_max": "rho_max",
+  "num_steps": "num_steps",
+  "alpha_update_period": "alpha_update_period",
+  "probe_batch_size": "probe_batch_size",
+  "checkpoint_every": "checkpoint_every",
+  "stop_after_epochs": "stop_after_epochs",
+  "devices": "devices",
+  "alphas": "alphas",
+  "alpha_refinement": "alpha_refinement",
 }
 
 
-def parse_args(
-    argv: Optional[Sequence[str]] = None, parser: Optional[argparse.ArgumentParser] = None
-) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
   """Parses the command line.
 
   Args:
@@ -167,7 +210,7 @@ def config_from_args(args: argparse.Namespace) -> configs.TrainConfig:
   if not args.quick:
     return configs.TrainConfig(**values)
   quick = configs.quick_config()
-  explicit = getattr(args, "explicit", frozenset())
+  explicit: frozenset[str] = getattr(args, "explicit", frozenset())
   fields = {k: (v if CONFIG_FLAGS[k] in explicit else getattr(quick, k)) for k, v in values.items()}
   return configs.TrainConfig(**fields)
 
@@ -183,19 +226,22 @@ def check_devices(parser: argparse.ArgumentParser, config: configs.TrainConfig) 
   available = len(jax.devices())
   if not 1 <= config.devices <= available:
     parser.error(
-        f"argument --devices: must be between 1 and {available} (the number of jax.devices() on the "
-        f"{jax.default_backend()} backend), got {config.devices}"
-        + ("; on a CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N before starting"
-           if config.devices > available and jax.default_backend() == "cpu" else "")
+      f"argument --devices: must be between 1 and {available} (the number of jax.devices() on the "
+      f"{jax.default_backend()} backend), got {config.devices}"
+      + (
+        "; on a CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N before starting"
+        if config.devices > available and jax.default_backend() == "cpu"
+        else ""
+      )
     )
   if config.batch_size % config.devices:
     parser.error(
-        f"argument --batch-size: {config.batch_size} is not divisible by --devices {config.devices}; "
-        f"use a multiple of {config.devices} (each device gets batch_size / devices examples)"
+      f"argument --batch-size: {config.batch_size} is not divisible by --devices {config.devices}; "
+      f"use a multiple of {config.devices} (each device gets batch_size / devices examples)"
     )
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   """Runs the study described by the command line; returns the exit status."""
   parser = build_parser()
   args = parse_args(argv, parser)
@@ -209,11 +255,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"data parallel over {base.devices} of {len(jax.devices())} {jax.default_backend()} devices")
   start = time.perf_counter()
   result = study_lib.run_study(
-      base, names, seeds,
-      workdir=None if args.no_checkpoints else workdir,
-      resume=not args.fresh,
-      progress=not args.no_progress,
-      download=args.download,
+    base,
+    names,
+    seeds,
+    workdir=None if args.no_checkpoints else workdir,
+    resume=not args.fresh,
+    progress=not args.no_progress,
+    download=args.download,
   )
   result["wall_time_s"] = time.perf_counter() - start
   command = ["python", "-m", "experiments.train", *(sys.argv[1:] if argv is None else argv)]

@@ -27,7 +27,7 @@ import functools
 import os
 import shutil
 import time
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +40,7 @@ from tqdm.auto import tqdm
 
 from experiments import checkpoint as ckpt_lib
 from experiments import data as data_lib
-from experiments import methods
-from experiments import models
+from experiments import methods, models
 from experiments.configs import TrainConfig
 
 DIAGNOSTICS = ("alpha", "theta", "grad_norm")
@@ -79,17 +78,17 @@ def check_devices(devices: int, batch_size: int) -> None:
   available = len(jax.devices())
   if isinstance(devices, bool) or not isinstance(devices, (int, np.integer)) or not 1 <= devices <= available:
     raise ValueError(
-        f"devices must be an integer between 1 and {available} (the number of jax.devices() on "
-        f"this {jax.default_backend()} backend), got {devices!r}"
+      f"devices must be an integer between 1 and {available} (the number of jax.devices() on "
+      f"this {jax.default_backend()} backend), got {devices!r}"
     )
   if batch_size % devices:
     raise ValueError(
-        f"batch_size {batch_size} is not divisible by devices={devices}: every device gets "
-        f"batch_size / devices examples; use a multiple of {devices}"
+      f"batch_size {batch_size} is not divisible by devices={devices}: every device gets "
+      f"batch_size / devices examples; use a multiple of {devices}"
     )
 
 
-def data_parallel(config: TrainConfig) -> Optional[DataParallel]:
+def data_parallel(config: TrainConfig) -> DataParallel | None:
   """The shardings of ``config``'s run, or None on a single device.
 
   Args:
@@ -104,7 +103,7 @@ def data_parallel(config: TrainConfig) -> Optional[DataParallel]:
   check_devices(config.devices, config.batch_size)
   if config.devices == 1:
     return None
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:config.devices]), (DATA_AXIS,))
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[: config.devices]), (DATA_AXIS,))
   return DataParallel(state=NamedSharding(mesh, P()), batch=NamedSharding(mesh, P(DATA_AXIS)))
 
 
@@ -135,11 +134,11 @@ def resolve(config: TrainConfig, data: data_lib.Dataset) -> TrainConfig:
   if augment is None:
     augment = data.is_image and data.name != "digits"
   return config.replace(
-      model=model,
-      rho_max=2 * config.rho if config.rho_max is None else config.rho_max,
-      alpha_update_period=config.alpha_update_period or steps_per_epoch,
-      probe_batch_size=probe,
-      augment=augment,
+    model=model,
+    rho_max=2 * config.rho if config.rho_max is None else config.rho_max,
+    alpha_update_period=config.alpha_update_period or steps_per_epoch,
+    probe_batch_size=probe,
+    augment=augment,
   )
 
 
@@ -158,7 +157,9 @@ def _diagnostics(optimizer: nnx.Optimizer) -> dict:
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def train_step(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, y: jax.Array):
+def train_step(
+  graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, y: jax.Array
+) -> tuple[nnx.State, dict[str, jax.Array]]:
   """One optimizer step on the batch ``(x, y)``.
 
   Args:
@@ -172,8 +173,8 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, y: jax.Ar
     ``grad_norm``).
   """
   model, optimizer = nnx.merge(graphdef, state)
-  model_def, _, rest = nnx.split(model, nnx.Param, ...)
-  rest = nnx.as_pure(rest)
+  model_def, _, *others = nnx.split(model, nnx.Param, ...)
+  rest = nnx.as_pure(others[0])
 
   def loss_fn(params):
     # Extra passes (ascent, probes): batch statistics; the throwaway model's
@@ -192,7 +193,9 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, y: jax.Ar
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def eval_step(graphdef: nnx.GraphDef, state: nnx.State, x, y, mask):
+def eval_step(
+  graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, y: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Summed loss and number correct over the real (``mask == 1``) examples."""
   model, _ = nnx.merge(graphdef, state)
   logits = model(x, train=False)
@@ -202,7 +205,12 @@ def eval_step(graphdef: nnx.GraphDef, state: nnx.State, x, y, mask):
 
 
 def evaluate(
-    graphdef, state, data: data_lib.Dataset, batch_size: int, *, sharding: Optional[NamedSharding] = None
+  graphdef: nnx.GraphDef,
+  state: nnx.State,
+  data: data_lib.Dataset,
+  batch_size: int,
+  *,
+  sharding: NamedSharding | None = None,
 ) -> dict:
   """Test loss and accuracy of the model in ``state`` over the whole test set.
 
@@ -223,17 +231,16 @@ def evaluate(
     n_dev = sharding.num_devices
     batch_size = -(-batch_size // n_dev) * n_dev
   loss_sum, correct = 0.0, 0.0
-  for x, y, mask in data_lib.eval_batches(data, batch_size):
-    if sharding is not None:
-      x, y, mask = jax.device_put((x, y, mask), sharding)
-    l, c = eval_step(graphdef, state, x, y, mask)
-    loss_sum += float(l)
-    correct += float(c)
+  for batch in data_lib.eval_batches(data, batch_size):
+    x, y, mask = batch if sharding is None else jax.device_put(batch, sharding)
+    batch_loss, batch_correct = eval_step(graphdef, state, x, y, mask)
+    loss_sum += float(batch_loss)
+    correct += float(batch_correct)
   n = len(data.y_test)
   return {"test_loss": loss_sum / n, "test_accuracy": correct / n}
 
 
-def init_run(config: TrainConfig, data: data_lib.Dataset):
+def init_run(config: TrainConfig, data: data_lib.Dataset) -> tuple[TrainConfig, nnx.GraphDef, nnx.State]:
   """Resolves ``config`` and builds the initial model and optimizer.
 
   Args:
@@ -251,10 +258,15 @@ def init_run(config: TrainConfig, data: data_lib.Dataset):
   """
   parallel = data_parallel(config)
   config = resolve(config, data)
+  assert config.model is not None  # set by resolve()
   total_steps = (len(data.y_train) // config.batch_size) * config.epochs
   model = models.make_model(
-      config.model, data.input_shape, data.num_classes,
-      width=config.width, batch_norm=config.batch_norm, seed=config.seed,
+    config.model,
+    data.input_shape,
+    data.num_classes,
+    width=config.width,
+    batch_norm=config.batch_norm,
+    seed=config.seed,
   )
   optimizer = nnx.Optimizer(model, methods.make_optimizer(config, total_steps), wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
@@ -316,12 +328,12 @@ def _log_epoch(history: dict, epoch: int, step_metrics: list, test: dict, lr: fl
 
 
 def train_and_evaluate(
-    config: TrainConfig,
-    workdir: Optional[str],
-    *,
-    data: Optional[data_lib.Dataset] = None,
-    progress: bool = True,
-    resume: bool = True,
+  config: TrainConfig,
+  workdir: str | None,
+  *,
+  data: data_lib.Dataset | None = None,
+  progress: bool = True,
+  resume: bool = True,
 ) -> TrainResult:
   """Trains one run (one method, one seed), evaluating after every epoch.
 
@@ -348,6 +360,7 @@ def train_and_evaluate(
     data = data_lib.load_dataset(config.dataset, config.data_dir)
   data = data.subset(config.train_subset, config.test_subset)
   config, graphdef, state = init_run(config, data)
+  assert config.augment is not None  # set by resolve()
   steps_per_epoch = len(data.y_train) // config.batch_size
   total_steps = steps_per_epoch * config.epochs
   schedule = optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1))
@@ -364,15 +377,20 @@ def train_and_evaluate(
       step, history, elapsed = int(meta["step"]), meta["history"], float(meta["elapsed_s"])
 
   bar = tqdm(
-      total=total_steps, initial=step, disable=not progress, unit="step", mininterval=0.5,
-      desc=f"{config.method} K={config.num_steps} seed={config.seed}", dynamic_ncols=True,
+    total=total_steps,
+    initial=step,
+    disable=not progress,
+    unit="step",
+    mininterval=0.5,
+    desc=f"{config.method} K={config.num_steps} seed={config.seed}",
+    dynamic_ncols=True,
   )
   completed = step >= total_steps
   start_epoch = step // steps_per_epoch
   for epoch in range(start_epoch, config.epochs):
     t0 = time.perf_counter()
     batches = data_lib.EpochBatches(
-        data, seed=config.seed, epoch=epoch, batch_size=config.batch_size, augment=config.augment
+      data, seed=config.seed, epoch=epoch, batch_size=config.batch_size, augment=config.augment
     )
     step_metrics = []
     for i in range(step - epoch * steps_per_epoch, steps_per_epoch):
@@ -383,9 +401,11 @@ def train_and_evaluate(
       step_metrics.append(metrics)
       step += 1
       bar.update(1)
-    test = evaluate(graphdef, state, data, config.eval_batch_size, sharding=None if parallel is None else parallel.batch)
+    test = evaluate(
+      graphdef, state, data, config.eval_batch_size, sharding=None if parallel is None else parallel.batch
+    )
     elapsed += time.perf_counter() - t0
-    _log_epoch(history, epoch, step_metrics, test, float(schedule(step - 1)), elapsed)
+    _log_epoch(history, epoch, step_metrics, test, float(cast(jax.Array, schedule(step - 1))), elapsed)
     bar.set_postfix(test_acc=f"{test['test_accuracy']:.3f}", refresh=False)
     done = epoch + 1 == config.epochs
     stop = config.stop_after_epochs is not None and epoch + 1 >= config.stop_after_epochs and not done

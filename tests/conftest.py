@@ -6,8 +6,8 @@ import os
 # XLA_FLAGS=--xla_force_host_platform_device_count=8.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

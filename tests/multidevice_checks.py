@@ -37,13 +37,11 @@ import traceback
 # of N processes with 8 // N devices each (the multi-process checks).
 CLUSTER = None
 if "--process-id" in sys.argv:
-  _args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+  _args = dict(zip(sys.argv[1::2], sys.argv[2::2], strict=True))
   CLUSTER = {k: int(_args["--" + k.replace("_", "-")]) for k in ("process_id", "num_processes", "port")}
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // CLUSTER['num_processes']}"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  ).strip()
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 if CLUSTER is not None:
@@ -54,12 +52,14 @@ if CLUSTER is not None:
   num_processes, process_id = CLUSTER["num_processes"], CLUSTER["process_id"]
   # [snippet: multi-host]
   jax.distributed.initialize(  # on every process, before any other JAX call
-      coordinator_address=coordinator_address,  # "host:port" of process 0
-      num_processes=num_processes,
-      process_id=process_id,
+    coordinator_address=coordinator_address,  # "host:port" of process 0
+    num_processes=num_processes,
+    process_id=process_id,
   )  # on TPU, Slurm or Open MPI: jax.distributed.initialize() finds these itself
   # [end snippet]
 
+# The README shows the setup snippet verbatim, with `PartitionSpec as P` combined: keep its imports as written.
+# isort: off
 # [snippet: setup]
 import jax
 import jax.numpy as jnp
@@ -76,7 +76,10 @@ def batch_loss(params, x, y):
   """Mean squared error of a small MLP over the examples it is given."""
   h = jnp.tanh(x @ params["w1"] + params["b1"])
   return 0.5 * jnp.mean(jnp.sum((h @ params["w2"] + params["b2"] - y) ** 2, axis=-1))
+
+
 # [end snippet]
+# isort: on
 
 
 # [snippet: global]
@@ -101,6 +104,8 @@ def train_global(tx, params, batches):
     x, y = jax.device_put((x, y), NamedSharding(mesh, P("batch")))
     params, opt_state, loss = step(params, opt_state, x, y)
   return params, opt_state
+
+
 # [end snippet]
 
 
@@ -119,9 +124,9 @@ def make_replica_step(tx):
 
 
 def train_shard_map(tx, params, batches):
-  step = jax.jit(jax.shard_map(
-      make_replica_step(tx), mesh=mesh,
-      in_specs=(P(), P(), P("batch"), P("batch")), out_specs=P()))
+  step = jax.jit(
+    jax.shard_map(make_replica_step(tx), mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")), out_specs=P())
+  )
   params, opt_state = jax.device_put((params, tx.init(params)), NamedSharding(mesh, P()))
   for x, y in batches:
     x, y = jax.device_put((x, y), NamedSharding(mesh, P("batch")))
@@ -139,6 +144,8 @@ def train_pmap(tx, params, batches):
     x, y = x.reshape(n, -1, x.shape[-1]), y.reshape(n, -1, y.shape[-1])
     params, opt_state, loss = step(params, opt_state, x, y)
   return params, opt_state
+
+
 # [end snippet]
 
 
@@ -155,9 +162,9 @@ def make_m_sharpness_step(tx):
     updates, opt_state = tx.update(grads, opt_state, params, loss_fn=loss_fn)
     return optax.apply_updates(params, updates), opt_state, jax.lax.pmean(loss, "batch")
 
-  return jax.jit(jax.shard_map(
-      replica_step, mesh=mesh,
-      in_specs=(P(), P(), P("batch"), P("batch")), out_specs=P()))
+  return jax.jit(jax.shard_map(replica_step, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")), out_specs=P()))
+
+
 # [end snippet]
 
 
@@ -168,6 +175,8 @@ def global_batch(*process_rows):
   (use it instead of jax.device_put of a whole batch)."""
   sharding = NamedSharding(mesh, P("batch"))
   return tuple(jax.make_array_from_process_local_data(sharding, rows) for rows in process_rows)
+
+
 # [end snippet]
 
 
@@ -179,16 +188,16 @@ GLOBAL_BATCH = 64
 RTOL, ATOL = 2e-5, 2e-6
 
 OPTIMIZERS = {
-    "sam-k1": lambda **kw: xsam_jax.sam(0.1, **kw),
-    "sam-k3": lambda **kw: xsam_jax.sam(0.1, num_steps=3, **kw),
-    "xsam-k1": lambda **kw: xsam_jax.xsam(0.1, 0.2, alpha_update_period=2, **kw),
-    "xsam-k3": lambda **kw: xsam_jax.xsam(0.1, 0.2, num_steps=3, alpha_update_period=1, **kw),
+  "sam-k1": lambda **kw: xsam_jax.sam(0.1, **kw),
+  "sam-k3": lambda **kw: xsam_jax.sam(0.1, num_steps=3, **kw),
+  "xsam-k1": lambda **kw: xsam_jax.xsam(0.1, 0.2, alpha_update_period=2, **kw),
+  "xsam-k3": lambda **kw: xsam_jax.xsam(0.1, 0.2, num_steps=3, alpha_update_period=1, **kw),
 }
 
 
 # Checked in fewer modes (not part of the per-optimizer loops).
 EXTRA_OPTIMIZERS = {
-    "xsam-asam-k1": lambda **kw: xsam_jax.xsam(0.3, 0.6, alpha_update_period=1, adaptive=True, **kw),
+  "xsam-asam-k1": lambda **kw: xsam_jax.xsam(0.3, 0.6, alpha_update_period=1, adaptive=True, **kw),
 }
 
 
@@ -202,12 +211,10 @@ def problem(seed=0, din=3, dh=8, dout=2):
   host (numpy) arrays, as a data loader would give them."""
   rng = np.random.default_rng(seed)
   shapes = {"w1": (din, dh), "b1": (dh,), "w2": (dh, dout), "b2": (dout,)}
-  params = {k: (rng.normal(size=s) * (0.8 if k[0] == "w" else 0.1)).astype(np.float32)
-            for k, s in shapes.items()}
+  params = {k: (rng.normal(size=s) * (0.8 if k[0] == "w" else 0.1)).astype(np.float32) for k, s in shapes.items()}
   batches = [
-      (rng.normal(size=(GLOBAL_BATCH, din)).astype(np.float32),
-       rng.normal(size=(GLOBAL_BATCH, dout)).astype(np.float32))
-      for _ in range(N_STEPS)
+    (rng.normal(size=(GLOBAL_BATCH, din)).astype(np.float32), rng.normal(size=(GLOBAL_BATCH, dout)).astype(np.float32))
+    for _ in range(N_STEPS)
   ]
   return params, batches
 
@@ -235,7 +242,7 @@ def replicas_of(tree, stacked=False):
     shards = sorted(leaf.addressable_shards, key=lambda s: s.device.id)
     assert all(s.data.shape == leaf.shape for s in shards), "not replicated"
     per_leaf.append([np.asarray(s.data) for s in shards])
-  return [jax.tree.unflatten(treedef, list(row)) for row in zip(*per_leaf)]
+  return [jax.tree.unflatten(treedef, list(row)) for row in zip(*per_leaf, strict=True)]
 
 
 def assert_replicas_identical(tree, stacked=False):
@@ -308,8 +315,10 @@ def evidence_shard_map_grad_of_replicated_params_is_summed():
     def f(p, xb, yb):
       q = jax.lax.pcast(p, "batch", to="varying") if cast else p
       return jax.lax.pmean(jax.grad(batch_loss)(q, xb, yb), "batch")
-    return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(), P("batch"), P("batch")),
-                                 out_specs=P(), check_vma=check_vma))(params, x, y)
+
+    return jax.jit(
+      jax.shard_map(f, mesh=mesh, in_specs=(P(), P("batch"), P("batch")), out_specs=P(), check_vma=check_vma)
+    )(params, x, y)
 
   summed = grads(True, False)
   assert_close(summed, jax.tree.map(lambda g: n * g, g_global), rtol=1e-5)
@@ -325,6 +334,7 @@ def global_jit_named_sharding(name):
     params, batches = problem()
     p, s = train_global(make_tx(name), params, batches)
     check_matches_reference(name, p, s)
+
   return run
 
 
@@ -349,6 +359,7 @@ def axis_name_shard_map(name):
     params, batches = problem()
     p, s = train_shard_map(make_tx(name, axis_name="batch"), params, batches)
     check_matches_reference(name, p, s)
+
   return run
 
 
@@ -358,6 +369,7 @@ def axis_name_pmap(name):
     params, batches = problem()
     p, s = train_pmap(make_tx(name, axis_name="batch"), params, batches)
     check_matches_reference(name, p, s, stacked=True)
+
   return run
 
 
@@ -366,17 +378,20 @@ def _shard_map_variant(name, *, cast_params, average_loss, check_vma=True):
   tx = make_tx(name, axis_name="batch")
 
   def replica_step(params, opt_state, x, y):
-    if average_loss:
-      loss_fn = lambda p: jax.lax.pmean(batch_loss(p, x, y), "batch")
-    else:
-      loss_fn = lambda p: batch_loss(p, x, y)
+    def loss_fn(p):
+      loss = batch_loss(p, x, y)
+      return jax.lax.pmean(loss, "batch") if average_loss else loss
+
     at = jax.lax.pcast(params, "batch", to="varying") if cast_params else params
     grads = jax.grad(loss_fn)(at)
     updates, opt_state = tx.update(grads, opt_state, params, loss_fn=loss_fn)
     return optax.apply_updates(params, updates), opt_state
 
-  step = jax.jit(jax.shard_map(replica_step, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")),
-                               out_specs=P(), check_vma=check_vma))
+  step = jax.jit(
+    jax.shard_map(
+      replica_step, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")), out_specs=P(), check_vma=check_vma
+    )
+  )
   params, batches = problem()
   params, opt_state = jax.device_put((params, tx.init(params)), NamedSharding(mesh, P()))
   for x, y in batches:
@@ -444,10 +459,11 @@ def m_sharpness_pmap(name):
   def run():
     p, s = _m_sharpness_pmap(name)
     p_ref, _ = reference(name)
-    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p_ref)))
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p_ref), strict=True))
     assert diff > 1e-4, f"m-sharpness should differ from the global run (max diff {diff:.2e})"
     if hasattr(sa_state(s), "alpha"):
       assert np.float32(sa_state(s).alpha) in np.float32(xsam_jax.DEFAULT_ALPHAS)
+
   return run
 
 
@@ -463,6 +479,7 @@ def m_sharpness_shard_map(name):
     assert_close(s, s_pmap, atol=2e-5)
     if hasattr(sa_state(s), "alpha"):
       np.testing.assert_array_equal(sa_state(s).alpha, sa_state(s_pmap).alpha)
+
   return run
 
 
@@ -476,8 +493,9 @@ def m_sharpness_one_sam_step_by_hand():
   tx = xsam_jax.sam(rho, axis_name="batch", m_sharpness=True)
   step = make_m_sharpness_step(tx)
   state = jax.device_put(tx.init(params), NamedSharding(mesh, P()))
-  new_params, _, _ = step(jax.device_put(params, NamedSharding(mesh, P())), state,
-                          *jax.device_put((x, y), NamedSharding(mesh, P("batch"))))
+  new_params, _, _ = step(
+    jax.device_put(params, NamedSharding(mesh, P())), state, *jax.device_put((x, y), NamedSharding(mesh, P("batch")))
+  )
   # make_m_sharpness_step applies the transformation's output directly, so
   # new_params = params + output, i.e. output = new_params - params.
   output = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new_params, params)
@@ -485,10 +503,10 @@ def m_sharpness_one_sam_step_by_hand():
   @jax.jit
   def shard_sam_gradient(xs, ys):
     g = jax.grad(batch_loss)(params, xs, ys)
-    norm = jnp.sqrt(sum(jnp.sum(v ** 2) for v in jax.tree.leaves(g)))
+    norm = jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree.leaves(g)))
     return jax.grad(batch_loss)(jax.tree.map(lambda w, v: w + rho * v / (norm + 1e-12), params, g), xs, ys)
 
-  per_shard = [shard_sam_gradient(xs, ys) for xs, ys in zip(np.split(x, n), np.split(y, n))]
+  per_shard = [shard_sam_gradient(xs, ys) for xs, ys in zip(np.split(x, n), np.split(y, n), strict=True)]
   expected = jax.tree.map(lambda *v: sum(v) / n, *per_shard)
   assert_close(output, expected, rtol=1e-4, atol=1e-6)
 
@@ -498,12 +516,15 @@ def m_sharpness_rejects_summed_gradient():
   """Under shard_map, the gradient w.r.t. replicated params is summed over
   replicas: m-sharpness cannot use it and says how to get the replica's own."""
   tx = make_tx("xsam-k1", axis_name="batch", m_sharpness=True)
-  step = jax.jit(jax.shard_map(make_replica_step(tx), mesh=mesh,
-                               in_specs=(P(), P(), P("batch"), P("batch")), out_specs=P()))
+  step = jax.jit(
+    jax.shard_map(make_replica_step(tx), mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")), out_specs=P())
+  )
   params, batches = problem()
   try:
-    step(*jax.device_put((params, tx.init(params)), NamedSharding(mesh, P())),
-         *jax.device_put(batches[0], NamedSharding(mesh, P("batch"))))
+    step(
+      *jax.device_put((params, tx.init(params)), NamedSharding(mesh, P())),
+      *jax.device_put(batches[0], NamedSharding(mesh, P("batch"))),
+    )
   except ValueError as e:
     assert "pcast" in str(e), e
   else:
@@ -512,8 +533,7 @@ def m_sharpness_rejects_summed_gradient():
 
 @check
 def m_sharpness_needs_axis_name():
-  for make in (lambda: xsam_jax.sam(0.1, m_sharpness=True),
-               lambda: xsam_jax.xsam(0.1, 0.2, m_sharpness=True)):
+  for make in (lambda: xsam_jax.sam(0.1, m_sharpness=True), lambda: xsam_jax.xsam(0.1, 0.2, m_sharpness=True)):
     try:
       make()
     except ValueError as e:
@@ -545,8 +565,9 @@ def multiprocess_shard_map_process_rows():
   """Each process feeds only its own rows (global_batch)."""
   name = "xsam-k3"
   tx = make_tx(name, axis_name="batch")
-  step = jax.jit(jax.shard_map(make_replica_step(tx), mesh=mesh,
-                               in_specs=(P(), P(), P("batch"), P("batch")), out_specs=P()))
+  step = jax.jit(
+    jax.shard_map(make_replica_step(tx), mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")), out_specs=P())
+  )
   params, batches = problem()
   params, opt_state = jax.device_put((params, tx.init(params)), NamedSharding(mesh, P()))
   rows = lambda a: np.split(a, jax.process_count())[jax.process_index()]

@@ -76,7 +76,7 @@ def parabola_alpha(alphas, losses):
   alphas, losses = np.asarray(alphas, np.float64), np.asarray(losses, np.float64)
   i = int(np.argmax(losses))
   if 0 < i < len(alphas) - 1:
-    a, b, _ = np.polyfit(alphas[i - 1:i + 2], losses[i - 1:i + 2], 2)
+    a, b, _ = np.polyfit(alphas[i - 1 : i + 2], losses[i - 1 : i + 2], 2)
     if a < 0:
       return float(np.clip(-b / (2 * a), alphas[i - 1], alphas[i + 1]))
   return float(alphas[i])
@@ -101,8 +101,23 @@ def sam_output(grad, w, rho, k_steps):
   return gs[-1]
 
 
-def train(problem, w, steps, *, method, rho, k_steps, lr, momentum, wd, rho_max=None,
-          alphas=None, alpha_init=1.0, period=None, refine=None):
+def train(
+  problem,
+  w,
+  steps,
+  *,
+  method,
+  rho,
+  k_steps,
+  lr,
+  momentum,
+  wd,
+  rho_max=None,
+  alphas=None,
+  alpha_init=1.0,
+  period=None,
+  refine=None,
+):
   """Runs ``chain(method, add_decayed_weights(wd), sgd(lr, momentum))``.
 
   Returns the final flat params and the list of alphas used per step.

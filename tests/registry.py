@@ -15,25 +15,27 @@ from xsam_jax._src.vasso import vasso
 _WEIGHTS_ONLY = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # ASAM adapts weights only
 
 CASES = {
-    "sam": lambda: xsam_jax.sam(0.1),
-    "sam_k3": lambda: xsam_jax.sam(0.1, num_steps=3),
-    "xsam": lambda: xsam_jax.xsam(0.1, 0.2, alpha_update_period=2),
-    "xsam_k3_chunked": lambda: xsam_jax.xsam(0.1, 0.2, num_steps=3, alpha_update_period=1, probe_batch_size=4),
-    "xsam_fixed_alpha": lambda: xsam_jax.xsam(0.1, 0.2, alpha_update_period=None, alpha_init=0.5),
-    "xsam_asam": lambda: xsam_jax.xsam(0.2, 0.4, alpha_update_period=2, adaptive=True),
-    "msam_plus_k2": lambda: msam(0.1, num_steps=2, plus=True),
-    "lsam_plus_asam_k2": lambda: lsam(0.2, num_steps=2, plus=True, adaptive=True, adaptive_mask=_WEIGHTS_ONLY),
-    "vasso": lambda: vasso(0.1, theta=0.4),
-    "eigen_sam": lambda: eigen_sam(0.1, alpha=0.5, eig_update_period=2, power_iterations=3),
+  "sam": lambda: xsam_jax.sam(0.1),
+  "sam_k3": lambda: xsam_jax.sam(0.1, num_steps=3),
+  "xsam": lambda: xsam_jax.xsam(0.1, 0.2, alpha_update_period=2),
+  "xsam_k3_chunked": lambda: xsam_jax.xsam(0.1, 0.2, num_steps=3, alpha_update_period=1, probe_batch_size=4),
+  "xsam_fixed_alpha": lambda: xsam_jax.xsam(0.1, 0.2, alpha_update_period=None, alpha_init=0.5),
+  "xsam_asam": lambda: xsam_jax.xsam(0.2, 0.4, alpha_update_period=2, adaptive=True),
+  "msam_plus_k2": lambda: msam(0.1, num_steps=2, plus=True),
+  "lsam_plus_asam_k2": lambda: lsam(0.2, num_steps=2, plus=True, adaptive=True, adaptive_mask=_WEIGHTS_ONLY),
+  "vasso": lambda: vasso(0.1, theta=0.4),
+  "eigen_sam": lambda: eigen_sam(0.1, alpha=0.5, eig_update_period=2, power_iterations=3),
 }
 
 INJECT = {
-    "sam": (xsam_jax.sam, dict(rho=0.1, num_steps=2), ("num_steps",)),
-    "xsam": (xsam_jax.xsam, dict(rho=0.1, rho_max=0.2, alpha_update_period=2), ("num_steps",)),
-    "xsam_asam": (xsam_jax.xsam, dict(eta=0.05, rho=0.2, rho_max=0.4, alpha_update_period=2, adaptive=True),
-                  ("num_steps", "adaptive")),
-    "msam": (msam, dict(rho=0.1, num_steps=2), ("num_steps", "plus")),
-    "vasso": (vasso, dict(rho=0.1, theta=0.4), ()),
-    "eigen_sam": (eigen_sam, dict(alpha=0.5, rho=0.1, eig_update_period=2),
-                  ("power_iterations", "num_steps", "seed")),
+  "sam": (xsam_jax.sam, dict(rho=0.1, num_steps=2), ("num_steps",)),
+  "xsam": (xsam_jax.xsam, dict(rho=0.1, rho_max=0.2, alpha_update_period=2), ("num_steps",)),
+  "xsam_asam": (
+    xsam_jax.xsam,
+    dict(eta=0.05, rho=0.2, rho_max=0.4, alpha_update_period=2, adaptive=True),
+    ("num_steps", "adaptive"),
+  ),
+  "msam": (msam, dict(rho=0.1, num_steps=2), ("num_steps", "plus")),
+  "vasso": (vasso, dict(rho=0.1, theta=0.4), ()),
+  "eigen_sam": (eigen_sam, dict(alpha=0.5, rho=0.1, eig_update_period=2), ("power_iterations", "num_steps", "seed")),
 }

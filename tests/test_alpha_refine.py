@@ -12,9 +12,10 @@ from experiments import alpha_refine
 def test_alpha_errors_on_quadratic_probe_rounds():
   grid = np.asarray(xsam_jax.DEFAULT_ALPHAS)
   vertices = [0.63, 1.27, 0.0, 2.0]  # two interior maxima, two at the ends of the grid
-  rounds = [-(grid - v) ** 2 for v in vertices]
+  rounds = [-((grid - v) ** 2) for v in vertices]
   err = alpha_refine.alpha_errors(rounds)
-  assert err["rounds"] == 4 and err["at_grid_end"] == pytest.approx(0.5)
+  assert err["rounds"] == 4
+  assert err["at_grid_end"] == pytest.approx(0.5)
   # Refining the 21-point grid moves its choice (0.6, 1.3) to the true vertices.
   assert err["grid21+parabola"]["max_abs"] == pytest.approx(0.03, abs=1e-5)
   assert err["grid21+parabola"]["mean_abs"] == pytest.approx((0.03 + 0.03) / 4, abs=1e-5)
@@ -27,12 +28,16 @@ def test_alpha_errors_on_quadratic_probe_rounds():
 
 def test_tables_are_well_formed():
   report = {
-      "alpha_error": alpha_refine.alpha_errors([-(np.asarray(xsam_jax.DEFAULT_ALPHAS) - 1.04) ** 2]),
-      "trained": {
-          name: {"summary": {"mean": 0.5, "std": 0.01}, "final_test_accuracy": [0.5], "final_train_loss": [0.1],
-                 "mean_alpha": 1.0}
-          for name in alpha_refine.TRAINED
-      },
+    "alpha_error": alpha_refine.alpha_errors([-((np.asarray(xsam_jax.DEFAULT_ALPHAS) - 1.04) ** 2)]),
+    "trained": {
+      name: {
+        "summary": {"mean": 0.5, "std": 0.01},
+        "final_test_accuracy": [0.5],
+        "final_train_loss": [0.1],
+        "mean_alpha": 1.0,
+      }
+      for name in alpha_refine.TRAINED
+    },
   }
   text = alpha_refine.format_tables(report)
   assert all(f"| {name} |" in text for name in alpha_refine.TRAINED)
@@ -43,4 +48,5 @@ def test_tables_are_well_formed():
 def test_quick_end_to_end(tmp_path):
   assert alpha_refine.main(["--quick", "--no-progress", "--output-dir", str(tmp_path)]) == 0
   doc = json.loads((tmp_path / "alpha_refine.json").read_text())
-  assert set(doc["trained"]) == set(alpha_refine.TRAINED) and doc["alpha_error"]["rounds"] == 2
+  assert set(doc["trained"]) == set(alpha_refine.TRAINED)
+  assert doc["alpha_error"]["rounds"] == 2

@@ -24,13 +24,13 @@ def _loss_on(x, t):
 
 
 @pytest.mark.parametrize(
-    "make",
-    [
-        lambda ax: xsam_jax.sam(0.3, num_steps=3, axis_name=ax),
-        lambda ax: xsam_jax.xsam(0.3, 0.6, alpha_update_period=2, axis_name=ax),
-        lambda ax: xsam_jax.xsam(0.3, 0.6, num_steps=3, alpha_update_period=1, probe_batch_size=5, axis_name=ax),
-    ],
-    ids=["sam-k3", "xsam-k1", "xsam-k3-chunked"],
+  "make",
+  [
+    lambda ax: xsam_jax.sam(0.3, num_steps=3, axis_name=ax),
+    lambda ax: xsam_jax.xsam(0.3, 0.6, alpha_update_period=2, axis_name=ax),
+    lambda ax: xsam_jax.xsam(0.3, 0.6, num_steps=3, alpha_update_period=1, probe_batch_size=5, axis_name=ax),
+  ],
+  ids=["sam-k3", "xsam-k1", "xsam-k3-chunked"],
 )
 def test_replicas_agree_with_global_batch(make):
   problem, p0 = problems.mlp_data(seed=10, n=16)
@@ -41,9 +41,9 @@ def test_replicas_agree_with_global_batch(make):
   tx_global = base(make(None))
   tx_rep = base(make("batch"))
   s_g = tx_global.init(params)
-  s_r = jax.tree.map(lambda a: jnp.broadcast_to(a, (N_REPLICAS,) + a.shape), tx_rep.init(params))
+  s_r = jax.tree.map(lambda a: jnp.broadcast_to(a, (N_REPLICAS, *a.shape)), tx_rep.init(params))
   p_g = params
-  p_r = jax.tree.map(lambda a: jnp.broadcast_to(a, (N_REPLICAS,) + a.shape), params)
+  p_r = jax.tree.map(lambda a: jnp.broadcast_to(a, (N_REPLICAS, *a.shape)), params)
   xs, ts = x.reshape(N_REPLICAS, -1, x.shape[1]), t.reshape(N_REPLICAS, -1, t.shape[1])
 
   def replica_step(p, s, xb, tb):
@@ -63,7 +63,7 @@ def test_replicas_agree_with_global_batch(make):
   for _ in range(4):
     p_g, s_g = step_g(p_g, s_g)
     p_r, s_r = step_r(p_r, s_r, xs, ts)
-  for leaf_r, leaf_g in zip(jax.tree.leaves(p_r), jax.tree.leaves(p_g)):
+  for leaf_r, leaf_g in zip(jax.tree.leaves(p_r), jax.tree.leaves(p_g), strict=True):
     for i in range(N_REPLICAS):
       np.testing.assert_allclose(leaf_r[i], leaf_g, rtol=2e-5, atol=2e-6)
   if hasattr(s_g[0], "alpha"):

@@ -93,7 +93,8 @@ def test_state_structure_and_dtypes_are_stable(name):
   chex.assert_trees_all_equal_structs(state, new_state)
   chex.assert_trees_all_equal_shapes_and_dtypes(state, new_state)
   chex.assert_trees_all_equal(maybe_update(False, state), state)
-  assert new_state.count.dtype == jnp.int32 and int(new_state.count) == 1
+  assert new_state.count.dtype == jnp.int32
+  assert int(new_state.count) == 1
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
@@ -102,7 +103,9 @@ def test_params_dtype_is_kept(name, dtype):
   with jax.enable_x64(dtype == "float64"):
     params, loss_fn = problems.mlp_problem(seed=15, dtype=jnp.dtype(dtype))
     new_params, _, u = _run(name, params, loss_fn, steps=2)
-    for leaf_u, leaf_p, leaf_p0 in zip(jax.tree.leaves(u), jax.tree.leaves(new_params), jax.tree.leaves(params)):
+    for leaf_u, leaf_p, leaf_p0 in zip(
+      jax.tree.leaves(u), jax.tree.leaves(new_params), jax.tree.leaves(params), strict=True
+    ):
       assert leaf_u.dtype == jnp.dtype(dtype)
       assert leaf_p.dtype == leaf_p0.dtype
     assert _finite(u)
@@ -124,7 +127,8 @@ def test_zero_gradient_gives_finite_zero_output(name):
   tx = CASES[name]()
   state = tx.init(params)
   u, state = jax.jit(lambda s: tx.update(jax.grad(loss_fn)(params), s, params, loss_fn=loss_fn))(state)
-  assert _finite(u) and _finite(state)
+  assert _finite(u)
+  assert _finite(state)
   chex.assert_trees_all_close(u, jax.tree.map(jnp.zeros_like, params))
 
 
@@ -137,7 +141,8 @@ def test_parallel_and_antiparallel_directions_are_finite(name, sign):
   params, loss_fn = _quadratic(sign)
   params = jax.tree.map(lambda x: 0.05 * x, params)
   _, state, u = _run(name, params, loss_fn, steps=2)
-  assert _finite(u) and _finite(state)
+  assert _finite(u)
+  assert _finite(state)
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e30])
@@ -158,11 +163,12 @@ def test_extreme_gradient_scales(name, scale):
   scaled_loss = lambda p: scale * loss_fn(p)
   g_s = jax.grad(scaled_loss)(params)
   u_s, s_s = jax.jit(lambda s: tx.update(g_s, s, params, loss_fn=scaled_loss))(tx.init(params))
-  assert _finite(u_s) and _finite(s_s)
+  assert _finite(u_s)
+  assert _finite(s_s)
   norm = lambda t: float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(t))))
   if scale > 1:
     top = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(u1))
-    for a, b in zip(jax.tree.leaves(u_s), jax.tree.leaves(u1)):
+    for a, b in zip(jax.tree.leaves(u_s), jax.tree.leaves(u1), strict=True):
       np.testing.assert_allclose(np.asarray(a, np.float64) / scale, b, rtol=1e-3, atol=1e-4 * top)
   else:
     assert norm(u_s) / scale <= 5.0 * norm(g)
@@ -178,7 +184,8 @@ def test_nested_and_empty_pytrees(name):
 
   _, state, u = _run(name, params, loss_fn, steps=2)
   assert jax.tree.structure(u) == jax.tree.structure(params)
-  assert _finite(u) and _finite(state)
+  assert _finite(u)
+  assert _finite(state)
 
   empty = {}
   _, _, u_empty = _run(name, empty, lambda p: jnp.float32(1.0), steps=2)

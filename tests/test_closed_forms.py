@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,10 +19,11 @@ def _one_update(tx, params, loss_fn):
 def test_fixed_alpha_one_is_sam():
   params, loss_fn = problems.mlp_problem(seed=4)
   for k in (1, 3):
-    out_x, _ = _one_update(xsam_jax.xsam(0.3, 0.6, num_steps=k, alpha_update_period=None, alpha_init=1.0),
-                           params, loss_fn)
+    out_x, _ = _one_update(
+      xsam_jax.xsam(0.3, 0.6, num_steps=k, alpha_update_period=None, alpha_init=1.0), params, loss_fn
+    )
     out_s, _ = _one_update(xsam_jax.sam(0.3, num_steps=k), params, loss_fn)
-    for a, b in zip(jax.tree.leaves(out_x), jax.tree.leaves(out_s)):
+    for a, b in zip(jax.tree.leaves(out_x), jax.tree.leaves(out_s), strict=True):
       np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
 
 
@@ -36,7 +36,7 @@ def test_k1_alpha0_is_g0_direction_with_g1_scale():
   w1 = jax.tree.map(lambda w, g: w + rho * g / n0, params, g0)
   g1 = jax.grad(loss_fn)(w1)
   n1 = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g1)))
-  for o, g in zip(jax.tree.leaves(out), jax.tree.leaves(g0)):
+  for o, g in zip(jax.tree.leaves(out), jax.tree.leaves(g0), strict=True):
     np.testing.assert_allclose(o, g * (n1 / n0), rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(state.grad_norm, n1, rtol=1e-6)
 
@@ -48,7 +48,7 @@ def test_sam_k1_is_gradient_at_normalized_ascent_point():
   g0 = jax.grad(loss_fn)(params)
   n0 = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g0)))
   expected = jax.grad(loss_fn)(jax.tree.map(lambda w, g: w + rho * g / n0, params, g0))
-  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(expected)):
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(expected), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 

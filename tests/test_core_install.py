@@ -24,8 +24,17 @@ import xsam_jax
 
 ROOT = Path(__file__).resolve().parents[1]
 
-OPTIONAL = ("flax", "tensorflow", "tensorflow_datasets", "orbax", "matplotlib", "tqdm", "sklearn",
-            "mnist1d", "experiments")
+OPTIONAL = (
+  "flax",
+  "tensorflow",
+  "tensorflow_datasets",
+  "orbax",
+  "matplotlib",
+  "tqdm",
+  "sklearn",
+  "mnist1d",
+  "experiments",
+)
 
 # One SAM and one XSAM step (with a probe) on a tiny least-squares problem;
 # fails if any optional top-level package got imported.
@@ -72,7 +81,8 @@ def test_version_is_the_installed_distributions_version():
   assert importlib.metadata.version("xsam_jax") == xsam_jax.__version__
   tomllib = pytest.importorskip("tomllib")  # Python 3.11+
   project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-  assert "version" not in project and "version" in project["dynamic"]  # one place: xsam_jax/_version.py
+  assert "version" not in project
+  assert "version" in project["dynamic"]
 
 
 def test_py_typed_marker_is_in_the_package():
@@ -80,8 +90,15 @@ def test_py_typed_marker_is_in_the_package():
 
 
 def test_core_imports_no_optional_dependency():
-  result = subprocess.run([sys.executable, "-c", BLOCKER + STEP], cwd=ROOT, env=_env(), check=False,
-                          capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-c", BLOCKER + STEP],
+    cwd=ROOT,
+    env=_env(),
+    check=False,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stdout + result.stderr
   assert "xsam_jax " + xsam_jax.__version__ in result.stdout
 
@@ -89,9 +106,11 @@ def test_core_imports_no_optional_dependency():
 def test_blocker_blocks():
   """The blocker of the test above really hides an optional package."""
   code = BLOCKER + "import experiments.train\n"
-  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), check=False,
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode != 0 and "blocked by the test" in result.stderr
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, env=_env(), check=False, capture_output=True, text=True, timeout=300
+  )
+  assert result.returncode != 0
+  assert "blocked by the test" in result.stderr
 
 
 def _copy_sources(dest: Path) -> Path:
@@ -117,8 +136,9 @@ def test_fresh_venv_core_install(tmp_path):
   pip = [python, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q"]
 
   def run(cmd, **kw):
-    result = subprocess.run(cmd, cwd=tmp_path, env=_env(), check=False, capture_output=True, text=True,
-                            timeout=900, **kw)
+    result = subprocess.run(
+      cmd, cwd=tmp_path, env=_env(), check=False, capture_output=True, text=True, timeout=900, **kw
+    )
     assert result.returncode == 0, " ".join(map(str, cmd)) + "\n" + result.stdout + result.stderr
     return result
 
@@ -132,9 +152,11 @@ def test_fresh_venv_core_install(tmp_path):
   run([*pip, "install", str(wheel)])  # the core dependencies, from pip's configured index
   result = run([python, "-c", STEP])
   assert f"xsam_jax {xsam_jax.__version__} from {tmp_path / 'venv'}" in result.stdout
-  check = ("import importlib.metadata as m, importlib.util as u, xsam_jax; "
-           "assert m.version('xsam_jax') == xsam_jax.__version__; "
-           f"missing = [n for n in {OPTIONAL[:-1]!r} if u.find_spec(n) is not None]; "
-           "assert not missing, missing")
+  check = (
+    "import importlib.metadata as m, importlib.util as u, xsam_jax; "
+    "assert m.version('xsam_jax') == xsam_jax.__version__; "
+    f"missing = [n for n in {OPTIONAL[:-1]!r} if u.find_spec(n) is not None]; "
+    "assert not missing, missing"
+  )
   run([python, "-c", check])
   print(f"fresh venv install + step: {time.perf_counter() - start:.1f} s")

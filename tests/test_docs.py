@@ -31,8 +31,19 @@ def conf():
 
 def _sphinx_build(srcdir, outdir, *extra):
   """Runs ``sphinx-build -q -b html *extra`` in a fresh process; returns the CompletedProcess."""
-  cmd = [sys.executable, "-m", "sphinx", "-q", "-b", "html", *extra,
-         "-d", str(Path(outdir) / ".doctrees"), str(srcdir), str(outdir)]
+  cmd = [
+    sys.executable,
+    "-m",
+    "sphinx",
+    "-q",
+    "-b",
+    "html",
+    *extra,
+    "-d",
+    str(Path(outdir) / ".doctrees"),
+    str(srcdir),
+    str(outdir),
+  ]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run(cmd, cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=600)
 
@@ -41,9 +52,20 @@ def test_docs_build_without_warnings_and_document_every_public_symbol(tmp_path, 
   out = tmp_path / "html"
   result = _sphinx_build(DOCS, out, "-W")  # as `python3 tasks.py docs` builds
   assert result.returncode == 0, result.stdout + result.stderr
-  for page in ("index", "getting-started", "methods", "flax", "scaling-out", "sharpness",
-               "performance", "api/index", "api/optimizers", "api/building-blocks",
-               "api/sharpness", "api/testfns"):
+  for page in (
+    "index",
+    "getting-started",
+    "methods",
+    "flax",
+    "scaling-out",
+    "sharpness",
+    "performance",
+    "api/index",
+    "api/optimizers",
+    "api/building-blocks",
+    "api/sharpness",
+    "api/testfns",
+  ):
     assert (out / f"{page}.html").is_file(), page
   html = "".join(p.read_text() for p in (out / "api").glob("*.html"))
   for module, names in conf.public_symbols().items():
@@ -65,7 +87,8 @@ def test_missing_symbol_fails_the_build(tmp_path):
   message = result.stdout + result.stderr
   assert result.returncode == 1, message
   assert "has no entry for these public symbols" in message
-  assert "xsam_jax.xsam," in message and "xsam_jax.sharpness.hessian_eigenvalues" in message
+  assert "xsam_jax.xsam," in message
+  assert "xsam_jax.sharpness.hessian_eigenvalues" in message
   assert "xsam_jax.sam," not in message
 
 
@@ -99,4 +122,5 @@ def test_completeness_check_names_an_undocumented_symbol(conf):
 
 def test_conf_examples(conf):
   result = doctest.testmod(conf)
-  assert result.attempted > 0 and result.failed == 0
+  assert result.attempted > 0
+  assert result.failed == 0

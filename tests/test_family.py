@@ -25,7 +25,7 @@ def _one_update(tx, params, loss_fn, state=None):
 
 
 def _assert_trees_close(a, b, rtol=2e-5, atol=1e-6):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
@@ -57,15 +57,15 @@ def test_k1_lsam_plus_is_xsam_alpha0():
 
 
 @pytest.mark.parametrize(
-    "make",
-    [
-        lambda rho: msam(rho, num_steps=2, plus=True),
-        lambda rho: lsam(rho, num_steps=3),
-        lambda rho: vasso(rho, theta=0.4),
-        lambda rho: xsam_jax.sam(rho, num_steps=2, adaptive=True, adaptive_mask=WEIGHTS_ONLY),
-        lambda rho: xsam_jax.xsam(rho, 2 * rho, num_steps=2, alpha_update_period=1, adaptive=True),
-    ],
-    ids=["msam+", "lsam", "vasso", "asam", "xsam-asam"],
+  "make",
+  [
+    lambda rho: msam(rho, num_steps=2, plus=True),
+    lambda rho: lsam(rho, num_steps=3),
+    lambda rho: vasso(rho, theta=0.4),
+    lambda rho: xsam_jax.sam(rho, num_steps=2, adaptive=True, adaptive_mask=WEIGHTS_ONLY),
+    lambda rho: xsam_jax.xsam(rho, 2 * rho, num_steps=2, alpha_update_period=1, adaptive=True),
+  ],
+  ids=["msam+", "lsam", "vasso", "asam", "xsam-asam"],
 )
 def test_rho_to_zero_gives_the_plain_gradient(make):
   # The output moves O(rho) away from g_0; and rho not much below 1e-7:
@@ -83,7 +83,8 @@ def test_zero_combined_direction_gives_a_finite_zero_output():
   loss_fn = lambda p: -0.5 * jnp.sum(p["w"] ** 2)
   out, state = _one_update(msam(1.0, num_steps=1, plus=True), params, loss_fn)
   np.testing.assert_array_equal(np.asarray(out["w"]), 0.0)
-  assert np.isfinite(float(state.grad_norm)) and float(state.grad_norm) > 0
+  assert np.isfinite(float(state.grad_norm))
+  assert float(state.grad_norm) > 0
 
 
 # --- ASAM inside XSAM --------------------------------------------------------
@@ -105,8 +106,9 @@ def test_xsam_asam_alpha1_is_asam_and_alpha0_is_the_g0_direction():
   params, loss_fn = problems.mlp_problem(seed=35)
   kw = dict(alpha_update_period=None, adaptive=True, eta=0.02, adaptive_mask=WEIGHTS_ONLY)
   out_1, _ = _one_update(xsam_jax.xsam(0.5, 1.0, num_steps=2, alpha_init=1.0, **kw), params, loss_fn)
-  asam_out, _ = _one_update(xsam_jax.sam(0.5, num_steps=2, adaptive=True, eta=0.02, adaptive_mask=WEIGHTS_ONLY),
-                            params, loss_fn)
+  asam_out, _ = _one_update(
+    xsam_jax.sam(0.5, num_steps=2, adaptive=True, eta=0.02, adaptive_mask=WEIGHTS_ONLY), params, loss_fn
+  )
   _assert_trees_close(out_1, asam_out)
   out_0, _ = _one_update(xsam_jax.xsam(0.5, 1.0, alpha_init=0.0, **kw), params, loss_fn)
   np.testing.assert_allclose(_cosine(out_0, jax.grad(loss_fn)(params)), 1.0, atol=1e-6)
@@ -121,6 +123,26 @@ def test_xsam_asam_probe_at_alpha0_is_the_ascent_point():
   trace = xsam_jax.ascent(loss_fn, params, jax.grad(loss_fn)(params), rho=rho, num_steps=1, adaptive=True)
   expected = loss_fn(jax.tree.map(jnp.add, params, trace.displacement))
   np.testing.assert_allclose(state.probe_losses[0], expected, rtol=1e-5)
+
+
+def test_adaptive_xsam_plane_is_the_plane_in_rescaled_coordinates():
+  """adaptive_xsam_plane against its formulas (T = |w| + eta, v = T x / |T x|),
+  and its output side against xsam(adaptive=True) at a fixed alpha."""
+  params, loss_fn = problems.mlp_problem(seed=38)
+  trace = xsam_jax.ascent(loss_fn, params, jax.grad(loss_fn)(params), rho=0.5, num_steps=2, adaptive=True, eta=0.02)
+  (p0, p1), (o0, o1), theta, tg_norm = xsam_jax.adaptive_xsam_plane(trace)
+  t = _flat(trace.scale)
+  tc, tg = t * _flat(trace.gradient_displacement), t * _flat(trace.grads[-1])
+  v0, v1 = tc / np.linalg.norm(tc), tg / np.linalg.norm(tg)
+  for got, want in ((p0, t * v0), (p1, t * v1), (o0, v0 / t), (o1, v1 / t)):
+    np.testing.assert_allclose(_flat(got), want, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(float(theta), np.arccos(np.clip(v0 @ v1, -1.0, 1.0)), atol=1e-5)  # float32 arccos
+  np.testing.assert_allclose(float(tg_norm), np.linalg.norm(tg), rtol=1e-6)
+  alpha = 0.7
+  tx = xsam_jax.xsam(0.5, 1.0, num_steps=2, alpha_init=alpha, alpha_update_period=None, adaptive=True, eta=0.02)
+  out, _ = _one_update(tx, params, loss_fn)
+  a, b = xsam_jax.slerp_coefficients(jnp.float32(alpha), theta)
+  np.testing.assert_allclose(_flat(out), float(tg_norm) * (float(a) * _flat(o0) + float(b) * _flat(o1)), rtol=1e-5)
 
 
 def test_adaptive_mask_callable_equals_pytree():
@@ -163,7 +185,7 @@ def test_vasso_ema_follows_the_recursion():
   theta, tx = 0.3, vasso(0.2, theta=0.3)
   state, ema = tx.init(params), None
   for step in range(3):
-    p = jax.tree.map(lambda x: x * (1.0 + 0.1 * step), params)  # the gradient changes between calls
+    p = jax.tree.map(lambda x, step=step: x * (1.0 + 0.1 * step), params)  # the gradient changes between calls
     g = jax.grad(loss_fn)(p)
     _, state = tx.update(g, state, p, loss_fn=loss_fn)
     ema = g if ema is None else jax.tree.map(lambda e, x: (1 - theta) * e + theta * x, ema, g)
@@ -214,7 +236,7 @@ def test_eigen_sam_refreshes_only_on_schedule():
   params, loss_fn, _, _ = _known_quadratic()
   tx = eigen_sam(0.05, eig_update_period=3, power_iterations=4)
   state, refreshed = tx.init(params), []
-  for count in range(7):
+  for _ in range(7):
     counting = _CountingLoss(loss_fn)
     _, new_state = tx.update(jax.grad(loss_fn)(params), state, params, loss_fn=counting)
     jax.effects_barrier()
@@ -254,13 +276,13 @@ def test_eigen_sam_correction_lowers_the_component_along_v():
 
 
 @pytest.mark.parametrize(
-    "make",
-    [
-        lambda ax: vasso(0.3, theta=0.5, axis_name=ax),
-        lambda ax: eigen_sam(0.3, alpha=0.5, eig_update_period=2, power_iterations=3, axis_name=ax),
-        lambda ax: lsam(0.3, num_steps=2, plus=True, adaptive=True, axis_name=ax),
-    ],
-    ids=["vasso", "eigen_sam", "lsam+asam"],
+  "make",
+  [
+    lambda ax: vasso(0.3, theta=0.5, axis_name=ax),
+    lambda ax: eigen_sam(0.3, alpha=0.5, eig_update_period=2, power_iterations=3, axis_name=ax),
+    lambda ax: lsam(0.3, num_steps=2, plus=True, adaptive=True, axis_name=ax),
+  ],
+  ids=["vasso", "eigen_sam", "lsam+asam"],
 )
 def test_replicas_agree_with_global_batch(make):
   """Replicas (a vmap axis) on shards of the batch = one device on the whole batch."""
@@ -269,7 +291,7 @@ def test_replicas_agree_with_global_batch(make):
   n = 4
   with_sgd = lambda tx: optax.chain(tx, optax.sgd(0.05, momentum=0.9))
   tx_g, tx_r = with_sgd(make(None)), with_sgd(make("batch"))
-  replicate = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), tree)
+  replicate = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), tree)
 
   def step_of(tx):
     def step(p, s, xb, tb):
@@ -293,21 +315,21 @@ def test_replicas_agree_with_global_batch(make):
 
 
 @pytest.mark.parametrize(
-    "make,match",
-    [
-        (lambda: msam(0.1, num_steps=0), r"`num_steps` must be an int >= 1"),
-        (lambda: lsam(-0.1, num_steps=2), r"`rho` must be a finite real number > 0"),
-        (lambda: msam(0.1, num_steps=2, eta=-1.0), r"`eta` must be a finite real number >= 0"),
-        (lambda: xsam_jax.xsam(0.1, 0.2, adaptive=True, eta=-0.1), r"`eta`"),
-        (lambda: vasso(0.1, theta=0.0), r"`theta` must be a finite real number > 0"),
-        (lambda: vasso(0.1, theta=1.5), r"`theta` must be a finite real number in \(0, 1\]"),
-        (lambda: vasso(0.1, theta=float("nan")), r"`theta`"),
-        (lambda: eigen_sam(0.1, alpha=float("inf")), r"`alpha` must be a finite real number"),
-        (lambda: eigen_sam(0.1, eig_update_period=0), r"`eig_update_period`"),
-        (lambda: eigen_sam(0.1, eig_update_period=None), r"`eig_update_period` must be an int >= 1"),
-        (lambda: eigen_sam(0.1, power_iterations=0), r"`power_iterations` must be an int >= 1"),
-        (lambda: eigen_sam(0.1, seed=-1), r"`seed` must be an int >= 0"),
-    ],
+  ("make", "match"),
+  [
+    (lambda: msam(0.1, num_steps=0), r"`num_steps` must be an int >= 1"),
+    (lambda: lsam(-0.1, num_steps=2), r"`rho` must be a finite real number > 0"),
+    (lambda: msam(0.1, num_steps=2, eta=-1.0), r"`eta` must be a finite real number >= 0"),
+    (lambda: xsam_jax.xsam(0.1, 0.2, adaptive=True, eta=-0.1), r"`eta`"),
+    (lambda: vasso(0.1, theta=0.0), r"`theta` must be a finite real number > 0"),
+    (lambda: vasso(0.1, theta=1.5), r"`theta` must be a finite real number in \(0, 1\]"),
+    (lambda: vasso(0.1, theta=float("nan")), r"`theta`"),
+    (lambda: eigen_sam(0.1, alpha=float("inf")), r"`alpha` must be a finite real number"),
+    (lambda: eigen_sam(0.1, eig_update_period=0), r"`eig_update_period`"),
+    (lambda: eigen_sam(0.1, eig_update_period=None), r"`eig_update_period` must be an int >= 1"),
+    (lambda: eigen_sam(0.1, power_iterations=0), r"`power_iterations` must be an int >= 1"),
+    (lambda: eigen_sam(0.1, seed=-1), r"`seed` must be an int >= 0"),
+  ],
 )
 def test_bad_hyperparameters_are_rejected(make, match):
   with pytest.raises(ValueError, match=match):

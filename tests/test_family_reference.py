@@ -41,8 +41,9 @@ def _ref_train(problem, p0, output_fn, steps=STEPS):
 def test_multistep_matches_reference(kind, plus):
   problem, p0 = problems.mlp_data(seed=21)
   k = 3
-  w_ref, _ = _ref_train(problem, p0, lambda w, c, s: (
-      reference.multistep_output(problem.grad, w, RHO, k, kind=kind, plus=plus), s))
+  w_ref, _ = _ref_train(
+    problem, p0, lambda w, c, s: (reference.multistep_output(problem.grad, w, RHO, k, kind=kind, plus=plus), s)
+  )
   factory = msam if kind == "msam" else lsam
   w, _, _ = _jax_train(factory(RHO, num_steps=k, plus=plus), problem, p0)
   np.testing.assert_allclose(w, w_ref, rtol=0, atol=1e-10)
@@ -60,20 +61,27 @@ def test_asam_ascent_step_is_rho_t2_g_over_tg():
     with jax.enable_x64(True):
       params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), p0)
       loss_fn = problems.mlp_loss_fn(problem, jnp.float64)
-      trace = xsam_jax.ascent(loss_fn, params, jax.grad(loss_fn)(params), rho=rho, num_steps=1,
-                              adaptive=True, eta=eta, adaptive_mask=mask)
+      trace = xsam_jax.ascent(
+        loss_fn, params, jax.grad(loss_fn)(params), rho=rho, num_steps=1, adaptive=True, eta=eta, adaptive_mask=mask
+      )
       d = reference.MLP.flatten(jax.tree.map(np.asarray, trace.displacement))
     np.testing.assert_allclose(d, expected, rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("k,masked", [(1, False), (3, False), (2, True)], ids=["k1", "k3", "k2-weights-only"])
+@pytest.mark.parametrize(("k", "masked"), [(1, False), (3, False), (2, True)], ids=["k1", "k3", "k2-weights-only"])
 def test_asam_matches_reference(k, masked):
   problem, p0 = problems.mlp_data(seed=23)
   eta = 0.02
   mask = WEIGHTS_ONLY if masked else None
   flat_mask = _flat_mask(problem, mask) if masked else None
-  w_ref, _ = _ref_train(problem, p0, lambda w, c, s: (
-      reference.ascent(problem.grad, w, problem.grad(w), RHO, k, t=reference.asam_t(w, eta, flat_mask))[0][-1], s))
+  w_ref, _ = _ref_train(
+    problem,
+    p0,
+    lambda w, c, s: (
+      reference.ascent(problem.grad, w, problem.grad(w), RHO, k, t=reference.asam_t(w, eta, flat_mask))[0][-1],
+      s,
+    ),
+  )
   w, _, _ = _jax_train(xsam_jax.sam(RHO, num_steps=k, adaptive=True, eta=eta, adaptive_mask=mask), problem, p0)
   np.testing.assert_allclose(w, w_ref, rtol=0, atol=1e-10)
 
@@ -81,16 +89,22 @@ def test_asam_matches_reference(k, masked):
 def test_adaptive_lsam_plus_matches_reference():
   problem, p0 = problems.mlp_data(seed=24)
   eta, k = 0.03, 2
-  w_ref, _ = _ref_train(problem, p0, lambda w, c, s: (
-      reference.multistep_output(problem.grad, w, RHO, k, kind="lsam", plus=True, t=reference.asam_t(w, eta)), s))
+  w_ref, _ = _ref_train(
+    problem,
+    p0,
+    lambda w, c, s: (
+      reference.multistep_output(problem.grad, w, RHO, k, kind="lsam", plus=True, t=reference.asam_t(w, eta)),
+      s,
+    ),
+  )
   w, _, _ = _jax_train(lsam(RHO, num_steps=k, plus=True, adaptive=True, eta=eta), problem, p0)
   np.testing.assert_allclose(w, w_ref, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize(
-    "k,period,alpha_init,masked",
-    [(1, 2, 1.0, False), (2, None, 0.6, False), (1, 1, 1.0, True)],
-    ids=["k1-probe-every-2", "k2-fixed0.6", "k1-probe-weights-only"],
+  ("k", "period", "alpha_init", "masked"),
+  [(1, 2, 1.0, False), (2, None, 0.6, False), (1, 1, 1.0, True)],
+  ids=["k1-probe-every-2", "k2-fixed0.6", "k1-probe-weights-only"],
 )
 def test_xsam_asam_matches_reference(k, period, alpha_init, masked):
   problem, p0 = problems.mlp_data(seed=25)
@@ -102,14 +116,23 @@ def test_xsam_asam_matches_reference(k, period, alpha_init, masked):
   def output_fn(w, count, alpha):
     probe = period is not None and count % period == 0
     out, alpha = reference.adaptive_xsam_output(
-        problem.loss, problem.grad, w, rho, k, rho_max, alphas, alpha, probe, reference.asam_t(w, eta, flat_mask))
+      problem.loss, problem.grad, w, rho, k, rho_max, alphas, alpha, probe, reference.asam_t(w, eta, flat_mask)
+    )
     used.append(alpha)
     return out, alpha
 
   used = []
   w_ref, _ = reference.run(reference.MLP.flatten(p0), STEPS, output_fn, state=float(np.float32(alpha_init)), **BASE)
-  tx0 = xsam_jax.xsam(rho, rho_max, num_steps=k, alpha_init=alpha_init, alpha_update_period=period,
-                      adaptive=True, eta=eta, adaptive_mask=mask)
+  tx0 = xsam_jax.xsam(
+    rho,
+    rho_max,
+    num_steps=k,
+    alpha_init=alpha_init,
+    alpha_update_period=period,
+    adaptive=True,
+    eta=eta,
+    adaptive_mask=mask,
+  )
   w, _, alphas_jax = _jax_train(tx0, problem, p0)
   assert alphas_jax == used
   np.testing.assert_allclose(w, w_ref, rtol=0, atol=1e-10)

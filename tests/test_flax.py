@@ -19,7 +19,6 @@ def _data(seed=0, n=32, d=6, classes=3):
 
 
 class NNXMLP(nnx.Module):
-
   def __init__(self, rngs):
     self.l1 = nnx.Linear(6, 16, rngs=rngs)
     self.l2 = nnx.Linear(16, 3, rngs=rngs)
@@ -29,9 +28,9 @@ class NNXMLP(nnx.Module):
 
 
 @pytest.mark.parametrize(
-    "make",
-    [lambda: xsam_jax.sam(0.05), lambda: xsam_jax.xsam(0.05, 0.1, alpha_update_period=2)],
-    ids=["sam", "xsam"],
+  "make",
+  [lambda: xsam_jax.sam(0.05), lambda: xsam_jax.xsam(0.05, 0.1, alpha_update_period=2)],
+  ids=["sam", "xsam"],
 )
 def test_nnx_optimizer_step_matches_functional_optax(make):
   x, y = _data()
@@ -67,14 +66,13 @@ def test_nnx_optimizer_step_matches_functional_optax(make):
   for _ in range(5):
     params, state = step(params, state)
   got = nnx.as_pure(nnx.state(model, nnx.Param))
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   if hasattr(state[0], "alpha"):
     assert float(optimizer.opt_state[0].alpha[...]) == float(state[0].alpha)
 
 
 class LinenBN(nn.Module):
-
   @nn.compact
   def __call__(self, x, train: bool):
     x = nn.Dense(16)(x)
@@ -83,9 +81,9 @@ class LinenBN(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "make",
-    [lambda: xsam_jax.sam(0.05, num_steps=2), lambda: xsam_jax.xsam(0.05, 0.1, alpha_update_period=1)],
-    ids=["sam-k2", "xsam"],
+  "make",
+  [lambda: xsam_jax.sam(0.05, num_steps=2), lambda: xsam_jax.xsam(0.05, 0.1, alpha_update_period=1)],
+  ids=["sam-k2", "xsam"],
 )
 def test_linen_batchnorm_running_stats_come_from_the_clean_pass_only(make):
   x, y = _data(seed=1)
@@ -102,8 +100,7 @@ def test_linen_batchnorm_running_stats_come_from_the_clean_pass_only(make):
   @jax.jit
   def train_step(params, batch_stats, opt_state):
     def clean_loss(p):
-      logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
-                                    mutable=["batch_stats"])
+      logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
       return ce(logits), updates["batch_stats"]
 
     def loss_fn(p):  # ascent and probes: batch statistics, new running stats discarded
@@ -119,15 +116,18 @@ def test_linen_batchnorm_running_stats_come_from_the_clean_pass_only(make):
   assert extra_calls, "the optimizer must have evaluated loss_fn"
   # Expected running stats: one clean training-mode pass at the old params.
   _, expected = model.apply(variables, x, train=True, mutable=["batch_stats"])
-  for a, b in zip(jax.tree.leaves(stats1), jax.tree.leaves(expected["batch_stats"])):
+  for a, b in zip(jax.tree.leaves(stats1), jax.tree.leaves(expected["batch_stats"]), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   # They differ from what any single extra (perturbed) pass would have produced.
-  g = jax.grad(lambda p: ce(model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
-                                        mutable=["batch_stats"])[0]))(params)
+  g = jax.grad(
+    lambda p: ce(model.apply({"params": p, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])[0])
+  )(params)
   n = jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree.leaves(g)))
   perturbed = jax.tree.map(lambda w, gi: w + 0.05 * gi / n, params, g)
   _, wrong = model.apply({"params": perturbed, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
-  assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(stats1), jax.tree.leaves(wrong["batch_stats"])))
+  assert not all(
+    np.allclose(a, b) for a, b in zip(jax.tree.leaves(stats1), jax.tree.leaves(wrong["batch_stats"]), strict=True)
+  )
   # Training continues to work with the evaluated stats.
   for _ in range(3):
     p1, stats1, opt_state, loss = train_step(p1, stats1, opt_state)

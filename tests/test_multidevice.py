@@ -31,7 +31,7 @@ SNIPPET = re.compile(r"# \[snippet: ([\w-]+)\]\n(.*?)# \[end snippet\]\n", re.S)
 def _env(devices):
   env = dict(os.environ)
   flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+  env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
   return env
@@ -39,10 +39,11 @@ def _env(devices):
 
 def test_eight_device_checks():
   proc = subprocess.run(
-      [sys.executable, str(CHECKS)], cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=900
+    [sys.executable, str(CHECKS)], cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=900, check=False
   )
   out = proc.stdout + proc.stderr
-  assert proc.returncode == 0 and "ALL CHECKS PASSED" in proc.stdout, out[-20000:]
+  assert proc.returncode == 0, out[-20000:]
+  assert "ALL CHECKS PASSED" in proc.stdout, out[-20000:]
 
 
 def test_two_process_cluster():
@@ -52,23 +53,26 @@ def test_two_process_cluster():
     sock.bind(("localhost", 0))
     port = sock.getsockname()[1]
   procs = [
-      subprocess.Popen(
-          [sys.executable, str(CHECKS), "--process-id", str(i), "--num-processes", "2", "--port", str(port)],
-          cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      )
-      for i in range(2)
+    subprocess.Popen(
+      [sys.executable, str(CHECKS), "--process-id", str(i), "--num-processes", "2", "--port", str(port)],
+      cwd=ROOT,
+      env=_env(4),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
   ]
-  outs = []
   try:
-    for proc in procs:
-      outs.append(proc.communicate(timeout=600)[0])
+    outs = [proc.communicate(timeout=600)[0] for proc in procs]
   finally:
     for proc in procs:
       if proc.poll() is None:
         proc.kill()
         proc.wait()
-  for proc, out in zip(procs, outs):
-    assert proc.returncode == 0 and "ALL CHECKS PASSED" in out, out[-20000:]
+  for proc, out in zip(procs, outs, strict=True):
+    assert proc.returncode == 0, out[-20000:]
+    assert "ALL CHECKS PASSED" in out, out[-20000:]
 
 
 def test_readme_scaling_out_shows_the_checked_snippets():
@@ -80,7 +84,9 @@ def test_readme_scaling_out_shows_the_checked_snippets():
   snippets = SNIPPET.findall(CHECKS.read_text())
   assert len(snippets) >= 6
   for name, code in snippets:
-    assert textwrap.dedent(code).strip() in readme, f"README 'Scaling out' does not show snippet {name!r} as in {CHECKS.name}"
+    assert textwrap.dedent(code).strip() in readme, (
+      f"README 'Scaling out' does not show snippet {name!r} as in {CHECKS.name}"
+    )
 
 
 def test_m_sharpness_needs_axis_name():
@@ -93,9 +99,9 @@ def test_m_sharpness_needs_axis_name():
 def _data(n_replicas=4, per_replica=4, seed=3):
   rng = np.random.default_rng(seed)
   params = {
-      "w1": jnp.asarray(rng.normal(size=(3, 6)) * 0.8, jnp.float32),
-      "b1": jnp.asarray(rng.normal(size=(6,)) * 0.1, jnp.float32),
-      "w2": jnp.asarray(rng.normal(size=(6, 2)) * 0.8, jnp.float32),
+    "w1": jnp.asarray(rng.normal(size=(3, 6)) * 0.8, jnp.float32),
+    "b1": jnp.asarray(rng.normal(size=(6,)) * 0.1, jnp.float32),
+    "w2": jnp.asarray(rng.normal(size=(6, 2)) * 0.8, jnp.float32),
   }
   x = jnp.asarray(rng.normal(size=(n_replicas, per_replica, 3)), jnp.float32)
   y = jnp.asarray(rng.normal(size=(n_replicas, per_replica, 2)), jnp.float32)
@@ -138,13 +144,13 @@ def test_m_sharpness_sam_step_is_mean_of_per_shard_sam():
   assert float(jnp.max(jnp.abs(out["w1"][0] - sam_global["w1"]))) > 1e-4
 
 
-@pytest.mark.parametrize("num_steps,period", [(1, 2), (3, 1)])
+@pytest.mark.parametrize(("num_steps", "period"), [(1, 2), (3, 1)])
 def test_m_sharpness_xsam_replicas_agree_under_vmap(num_steps, period):
   params, x, y = _data()
   n = x.shape[0]
   tx = optax.chain(
-      xsam_jax.xsam(0.2, 0.4, num_steps=num_steps, alpha_update_period=period, axis_name="r", m_sharpness=True),
-      optax.sgd(0.05, momentum=0.9),
+    xsam_jax.xsam(0.2, 0.4, num_steps=num_steps, alpha_update_period=period, axis_name="r", m_sharpness=True),
+    optax.sgd(0.05, momentum=0.9),
   )
   stack = lambda t: jax.tree.map(lambda a: jnp.stack([a] * n), t)
   p, s = stack(params), stack(tx.init(params))

@@ -4,7 +4,6 @@ the schedule follows the contract; ties and non-finite losses are handled."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -29,7 +28,7 @@ def test_batched_probes_equal_python_loop(batch_size):
   expected = []
   for alpha in xsam_jax.DEFAULT_ALPHAS:
     a, b = xsam_jax.slerp_coefficients(jnp.float32(alpha), theta)
-    expected.append(loss_fn(jax.tree.map(lambda w, x, y: w + 0.6 * (a * x + b * y), params, v0, v1)))
+    expected.append(loss_fn(jax.tree.map(lambda w, x, y, a=a, b=b: w + 0.6 * (a * x + b * y), params, v0, v1)))
   np.testing.assert_allclose(got, np.asarray(expected), rtol=1e-5)
 
 
@@ -39,12 +38,12 @@ def test_xsam_outputs_do_not_depend_on_probe_batch_size():
   for bs in ("auto", None, 1, 4):
     tx = xsam_jax.xsam(0.3, 0.6, alpha_update_period=1, probe_batch_size=bs)
     s = tx.init(params)
-    u, s = jax.jit(lambda p, s: tx.update(jax.grad(loss_fn)(p), s, p, loss_fn=loss_fn))(params, s)
+    u, s = jax.jit(lambda p, s, tx=tx: tx.update(jax.grad(loss_fn)(p), s, p, loss_fn=loss_fn))(params, s)
     outs.append((u, s))
   for u, s in outs[1:]:
     assert float(s.alpha) == float(outs[0][1].alpha)
     np.testing.assert_allclose(s.probe_losses, outs[0][1].probe_losses, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(outs[0][0])):
+    for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(outs[0][0]), strict=True):
       np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
@@ -94,9 +93,11 @@ def test_ties_pick_the_first_and_nonfinite_never_wins():
   from xsam_jax._src.xsam import select_alpha
 
   a, m = select_alpha(jnp.asarray([1.0, 3.0, 3.0, 2.0]), alphas, jnp.float32(9.0))
-  assert float(a) == 0.5 and float(m) == 3.0
+  assert float(a) == 0.5
+  assert float(m) == 3.0
   a, m = select_alpha(jnp.asarray([1.0, jnp.nan, jnp.inf, 2.0]), alphas, jnp.float32(9.0))
-  assert float(a) == 1.5 and float(m) == 2.0
+  assert float(a) == 1.5
+  assert float(m) == 2.0
   a, _ = select_alpha(jnp.asarray([jnp.nan, jnp.inf, -jnp.inf, jnp.nan]), alphas, jnp.float32(9.0))
   assert float(a) == 9.0
 
@@ -122,17 +123,19 @@ def test_auto_probe_strategy_is_sequential_on_cpu():
 
   assert jax.default_backend() == "cpu"
   assert resolve_probe_batch_size("auto") == 1
-  assert resolve_probe_batch_size(None) is None and resolve_probe_batch_size(3) == 3
+  assert resolve_probe_batch_size(None) is None
+  assert resolve_probe_batch_size(3) == 3
 
 
 # --- sub-grid refinement (alpha_refinement="parabola") ----------------------
 
+
 @settings(max_examples=60, deadline=None)
 @given(
-    vertex=st.floats(0.0, 2.0),
-    curvature=st.floats(0.05, 50.0),
-    offset=st.floats(-10.0, 10.0),
-    stride=st.sampled_from([1, 2, 4, 5]),
+  vertex=st.floats(0.0, 2.0),
+  curvature=st.floats(0.05, 50.0),
+  offset=st.floats(-10.0, 10.0),
+  stride=st.sampled_from([1, 2, 4, 5]),
 )
 def test_parabola_refinement_recovers_the_vertex_of_a_concave_quadratic(vertex, curvature, offset, stride):
   grid = np.asarray(xsam_jax.DEFAULT_ALPHAS[::stride], np.float64)
@@ -170,6 +173,6 @@ def test_refined_alpha_is_the_vertex_of_the_stored_probe_losses():
   i = int(np.argmax(losses))
   expected = grid[i]
   if 0 < i < len(grid) - 1:
-    a, b, _ = np.polyfit(grid[i - 1:i + 2], losses[i - 1:i + 2], 2)
+    a, b, _ = np.polyfit(grid[i - 1 : i + 2], losses[i - 1 : i + 2], 2)
     expected = float(np.clip(-b / (2 * a), grid[i - 1], grid[i + 1])) if a < 0 else grid[i]
   np.testing.assert_allclose(float(s.alpha), expected, atol=1e-4)

@@ -34,21 +34,27 @@ def _run_jax(tx0, params, loss_fn, steps):
 
 @pytest.mark.parametrize("k_steps", [1, 3])
 @pytest.mark.parametrize(
-    "period,alpha_init",
-    [(None, 0.7), (None, 1.6), (1, 1.0), (3, 1.0)],
-    ids=["fixed0.7", "fixed1.6", "probe-every-step", "probe-every-3"],
+  ("period", "alpha_init"),
+  [(None, 0.7), (None, 1.6), (1, 1.0), (3, 1.0)],
+  ids=["fixed0.7", "fixed1.6", "probe-every-step", "probe-every-3"],
 )
 def test_xsam_matches_float64_reference(k_steps, period, alpha_init):
   problem, p0 = problems.mlp_data(seed=1)
   w_ref, alphas_ref = reference.train(
-      problem, reference.MLP.flatten(p0), STEPS, method="xsam", k_steps=k_steps,
-      rho_max=2 * HP["rho"], alphas=np.asarray(ALPHAS), alpha_init=alpha_init, period=period, **HP,
+    problem,
+    reference.MLP.flatten(p0),
+    STEPS,
+    method="xsam",
+    k_steps=k_steps,
+    rho_max=2 * HP["rho"],
+    alphas=np.asarray(ALPHAS),
+    alpha_init=alpha_init,
+    period=period,
+    **HP,
   )
   with jax.enable_x64(True):
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), p0)
-    tx0 = xsam_jax.xsam(
-        HP["rho"], 2 * HP["rho"], num_steps=k_steps, alpha_init=alpha_init, alpha_update_period=period
-    )
+    tx0 = xsam_jax.xsam(HP["rho"], 2 * HP["rho"], num_steps=k_steps, alpha_init=alpha_init, alpha_update_period=period)
     out, state, alphas = _run_jax(tx0, params, problems.mlp_loss_fn(problem, jnp.float64), STEPS)
     w = reference.MLP.flatten(jax.tree.map(np.asarray, out))
   assert alphas == alphas_ref
@@ -64,13 +70,22 @@ def test_xsam_parabola_refinement_matches_float64_reference(k_steps):
   problem, p0 = problems.mlp_data(seed=1)
   coarse = (0.0, 0.5, 1.0, 1.5, 2.0)
   w_ref, alphas_ref = reference.train(
-      problem, reference.MLP.flatten(p0), STEPS, method="xsam", k_steps=k_steps,
-      rho_max=2 * HP["rho"], alphas=np.asarray(coarse), period=2, refine="parabola", **HP,
+    problem,
+    reference.MLP.flatten(p0),
+    STEPS,
+    method="xsam",
+    k_steps=k_steps,
+    rho_max=2 * HP["rho"],
+    alphas=np.asarray(coarse),
+    period=2,
+    refine="parabola",
+    **HP,
   )
   with jax.enable_x64(True):
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), p0)
-    tx0 = xsam_jax.xsam(HP["rho"], 2 * HP["rho"], num_steps=k_steps, alphas=coarse, alpha_update_period=2,
-                        alpha_refinement="parabola")
+    tx0 = xsam_jax.xsam(
+      HP["rho"], 2 * HP["rho"], num_steps=k_steps, alphas=coarse, alpha_update_period=2, alpha_refinement="parabola"
+    )
     out, _, alphas = _run_jax(tx0, params, problems.mlp_loss_fn(problem, jnp.float64), STEPS)
     w = reference.MLP.flatten(jax.tree.map(np.asarray, out))
   # Refined alphas are off the grid (the test exercises the refinement) and
@@ -86,8 +101,9 @@ def test_sam_matches_float64_reference(k_steps):
   w_ref, _ = reference.train(problem, reference.MLP.flatten(p0), STEPS, method="sam", k_steps=k_steps, **HP)
   with jax.enable_x64(True):
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), p0)
-    out, _, _ = _run_jax(xsam_jax.sam(HP["rho"], num_steps=k_steps), params,
-                         problems.mlp_loss_fn(problem, jnp.float64), STEPS)
+    out, _, _ = _run_jax(
+      xsam_jax.sam(HP["rho"], num_steps=k_steps), params, problems.mlp_loss_fn(problem, jnp.float64), STEPS
+    )
     w = reference.MLP.flatten(jax.tree.map(np.asarray, out))
   np.testing.assert_allclose(w, w_ref, rtol=0, atol=1e-10)
 

@@ -31,15 +31,18 @@ def _quadratic(eigs, seed=0):
   return loss_fn, params, hess
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_mlp(dtype, seed=0, n=24, din=3, dh=8, dout=2):
   """(loss_fn, params); cached so that jit caches keyed on ``loss_fn`` are shared by tests."""
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=(n, din)), dtype)
   labels = jnp.asarray(rng.integers(0, dout, size=n))
   params = {
-      "dense1": {"kernel": jnp.asarray(rng.normal(size=(din, dh)), dtype), "bias": jnp.asarray(0.1 * rng.normal(size=dh), dtype)},
-      "dense2": {"kernel": jnp.asarray(rng.normal(size=(dh, dout)), dtype), "bias": jnp.zeros(dout, dtype)},
+    "dense1": {
+      "kernel": jnp.asarray(rng.normal(size=(din, dh)), dtype),
+      "bias": jnp.asarray(0.1 * rng.normal(size=dh), dtype),
+    },
+    "dense2": {"kernel": jnp.asarray(rng.normal(size=(dh, dout)), dtype), "bias": jnp.zeros(dout, dtype)},
   }
 
   def loss_fn(p):
@@ -55,7 +58,7 @@ def _dense_hessian(loss_fn, params):
   return np.asarray(jax.jit(jax.hessian(lambda f: loss_fn(unravel(f))))(flat), np.float64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_mlp_dense_hessian():
   """The float64 dense Hessian of the tiny MLP (computed once)."""
   with jax.enable_x64(True):
@@ -76,13 +79,13 @@ def test_hvp_matches_dense_hessian():
 
 
 @pytest.mark.parametrize(
-    "eigs",
-    [
-        np.linspace(0.1, 10.0, 40),  # positive definite
-        np.concatenate([np.linspace(-50.0, -1.0, 30), [0.5, 2.0, 3.0, 7.0]]),  # indefinite, |min| >> max
-        np.linspace(-9.0, -1.0, 34),  # negative definite: the top-k are negative
-    ],
-    ids=["psd", "indefinite", "negative"],
+  "eigs",
+  [
+    np.linspace(0.1, 10.0, 40),  # positive definite
+    np.concatenate([np.linspace(-50.0, -1.0, 30), [0.5, 2.0, 3.0, 7.0]]),  # indefinite, |min| >> max
+    np.linspace(-9.0, -1.0, 34),  # negative definite: the top-k are negative
+  ],
+  ids=["psd", "indefinite", "negative"],
 )
 def test_top_eigenvalues_of_quadratics(eigs):
   with jax.enable_x64(True):
@@ -94,7 +97,7 @@ def test_top_eigenvalues_of_quadratics(eigs):
     np.testing.assert_allclose(out.eigenvalues, expected, rtol=1e-6, atol=1e-8)
     assert int(out.num_iterations) < 300, "the shift must let LOBPCG stop early"
     # Eigenvectors come back as pytrees with a leading axis k, unit, and H v = lambda v.
-    assert out.eigenvectors["a"].shape == (k,) + params["a"].shape
+    assert out.eigenvectors["a"].shape == (k, *params["a"].shape)
     vecs = np.stack([ravel_pytree(jax.tree.map(lambda x, i=i: x[i], out.eigenvectors))[0] for i in range(k)], 1)
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=0), 1.0, rtol=1e-10)
     np.testing.assert_allclose(hess @ vecs, vecs * expected[None, :], atol=1e-3 * np.abs(eigs).max())
@@ -102,7 +105,7 @@ def test_top_eigenvalues_of_quadratics(eigs):
 
 def test_dense_fallback_for_small_problems():
   eigs = np.array([3.0, -5.0, 2.0, 1.0, 0.5, 0.0, -1.0, 0.2])
-  loss_fn = lambda p: 0.5 * jnp.sum(jnp.asarray(eigs, p.dtype) * p**2)  # noqa: E731
+  loss_fn = lambda p: 0.5 * jnp.sum(jnp.asarray(eigs, p.dtype) * p**2)
   out = sharpness.hessian_eigenpairs(loss_fn, jnp.ones(8), k=3)  # 5 * 3 >= 8: dense path
   np.testing.assert_allclose(out.eigenvalues, [3.0, 2.0, 1.0], rtol=1e-6)
   assert int(out.num_iterations) == 0
@@ -110,7 +113,7 @@ def test_dense_fallback_for_small_problems():
 
 
 def test_zero_hessian_gives_zeros_without_nan():
-  loss_fn = lambda p: jnp.sum(jnp.arange(30.0) * p)  # noqa: E731  (linear: H = 0)
+  loss_fn = lambda p: jnp.sum(jnp.arange(30.0) * p)
   lam = sharpness.hessian_eigenvalues(loss_fn, jnp.ones(30), k=2, max_iters=20)
   np.testing.assert_allclose(lam, 0.0, atol=1e-6)
 
@@ -150,10 +153,12 @@ def test_eigen_arguments_validated():
 def _conv_params():
   rng = np.random.default_rng(0)
   return {
-      "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32), "bias": jnp.ones(4)},
-      "dense": {"kernel": jnp.asarray(rng.normal(size=(5, 3)) * np.array([1.0, 0.0, 3.0]), jnp.float32),
-                "bias": jnp.ones(3)},
-      "norm": {"scale": jnp.full(5, 2.0)},
+    "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32), "bias": jnp.ones(4)},
+    "dense": {
+      "kernel": jnp.asarray(rng.normal(size=(5, 3)) * np.array([1.0, 0.0, 3.0]), jnp.float32),
+      "bias": jnp.ones(3),
+    },
+    "norm": {"scale": jnp.full(5, 2.0)},
   }
 
 
@@ -176,7 +181,9 @@ def test_other_normalizations():
   d = sharpness.random_direction(key, params, vector_leaves="normalize")
   np.testing.assert_allclose(jnp.linalg.norm(d["norm"]["scale"]), jnp.linalg.norm(params["norm"]["scale"]), rtol=1e-5)
   layer = sharpness.random_direction(key, params, normalization="layer")
-  np.testing.assert_allclose(jnp.linalg.norm(layer["conv"]["kernel"]), jnp.linalg.norm(params["conv"]["kernel"]), rtol=1e-5)
+  np.testing.assert_allclose(
+    jnp.linalg.norm(layer["conv"]["kernel"]), jnp.linalg.norm(params["conv"]["kernel"]), rtol=1e-5
+  )
   unit = sharpness.random_direction(key, params, normalization="unit", vector_leaves="normalize")
   np.testing.assert_allclose(xsam_jax._src.tree_math.tree_norm(unit), 1.0, rtol=1e-5)
   elem = sharpness.normalize_direction(jax.tree.map(jnp.ones_like, params), params, normalization="element")
@@ -232,11 +239,11 @@ def test_average_sharpness_matches_closed_form_expectation(normalization):
   hess = a @ a.T / n + np.eye(n)
   w = rng.normal(size=n)
   centre = rng.normal(size=n)
-  loss_fn = lambda v: 0.5 * (v - centre) @ jnp.asarray(hess, v.dtype) @ (v - centre)  # noqa: E731
+  loss_fn = lambda v: 0.5 * (v - centre) @ jnp.asarray(hess, v.dtype) @ (v - centre)
   params = jnp.asarray(w, jnp.float32)[None, :]  # a (1, n) kernel: "unit"/"element" treat it as a whole
-  flat_loss = lambda p: loss_fn(p[0])  # noqa: E731
+  flat_loss = lambda p: loss_fn(p[0])
   losses = sharpness.perturbed_losses(
-      flat_loss, params, jax.random.key(0), rho=rho, num_directions=num, normalization=normalization
+    flat_loss, params, jax.random.key(0), rho=rho, num_directions=num, normalization=normalization
   )
   sample = np.asarray(losses, np.float64) - float(flat_loss(params))
   if normalization == "unit":
@@ -255,12 +262,12 @@ def test_loss_surface_closed_form_quadratic():
   a = rng.normal(size=(4, 4))
   amat = a @ a.T
   b = rng.normal(size=4)
-  loss_fn = lambda p: 0.5 * p["v"] @ jnp.asarray(amat, jnp.float32) @ p["v"] + jnp.asarray(b, jnp.float32) @ p["v"]  # noqa: E731
+  loss_fn = lambda p: 0.5 * p["v"] @ jnp.asarray(amat, jnp.float32) @ p["v"] + jnp.asarray(b, jnp.float32) @ p["v"]
   w = rng.normal(size=4)
   d1, d2 = rng.normal(size=4), rng.normal(size=4)
   xs, ys = np.linspace(-1, 1, 5), np.linspace(-2, 2, 3)
   surf = sharpness.loss_surface(
-      loss_fn, {"v": jnp.asarray(w, jnp.float32)}, {"v": jnp.asarray(d1)}, {"v": jnp.asarray(d2)}, xs=xs, ys=ys
+    loss_fn, {"v": jnp.asarray(w, jnp.float32)}, {"v": jnp.asarray(d1)}, {"v": jnp.asarray(d2)}, xs=xs, ys=ys
   )
   assert surf.losses.shape == (3, 5)
   for i, y in enumerate(ys):
@@ -268,8 +275,13 @@ def test_loss_surface_closed_form_quadratic():
       v = w + x * d1 + y * d2
       np.testing.assert_allclose(surf.losses[i, j], 0.5 * v @ amat @ v + b @ v, rtol=1e-4, atol=1e-4)
   chunked = sharpness.loss_surface(
-      loss_fn, {"v": jnp.asarray(w, jnp.float32)}, {"v": jnp.asarray(d1)}, {"v": jnp.asarray(d2)},
-      xs=xs, ys=ys, batch_size=4,
+    loss_fn,
+    {"v": jnp.asarray(w, jnp.float32)},
+    {"v": jnp.asarray(d1)},
+    {"v": jnp.asarray(d2)},
+    xs=xs,
+    ys=ys,
+    batch_size=4,
   )
   np.testing.assert_allclose(chunked.losses, surf.losses, rtol=1e-6)
 
@@ -297,7 +309,7 @@ def test_xsam_directions_agree_with_the_optimizer():
   np.testing.assert_allclose(tree_math.tree_norm(plane.e2), 1.0, rtol=1e-6)
   x, y = plane.xsam_xy
   expected = tree_math.tree_lincomb(state.grad_norm * x, plane.e1, state.grad_norm * y, plane.e2)
-  for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(expected)):
+  for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(expected), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(plane.sgd_xy, [1.0, 0.0], atol=1e-5)  # K = 1: v0 is the g_0 direction
   np.testing.assert_allclose(plane.sam_xy, [np.cos(plane.theta), np.sin(plane.theta)], atol=1e-6)
@@ -305,7 +317,7 @@ def test_xsam_directions_agree_with_the_optimizer():
 
 
 def test_xsam_directions_given_alpha():
-  loss_fn = lambda p: jnp.sum(jnp.array([1.0, 30.0, 5.0]) * p**2)  # noqa: E731
+  loss_fn = lambda p: jnp.sum(jnp.array([1.0, 30.0, 5.0]) * p**2)
   plane = sharpness.xsam_directions(loss_fn, jnp.array([1.0, 0.1, 0.2]), rho=0.3, rho_max=0.6, alpha=0.5)
   assert float(plane.theta) > 0.1
   np.testing.assert_allclose(plane.alpha, 0.5)
@@ -315,7 +327,7 @@ def test_xsam_directions_given_alpha():
 
 
 def test_xsam_directions_degenerate_plane():
-  loss_fn = lambda p: jnp.sum(p**2)  # noqa: E731  g_K parallel to g_0: a degenerate plane
+  loss_fn = lambda p: jnp.sum(p**2)
   plane = sharpness.xsam_directions(loss_fn, jnp.array([1.0, 2.0, 3.0]), rho=0.1, rho_max=0.2)
   for leaf in (plane.e1, plane.e2, plane.xsam_xy, plane.sam_xy):
     assert np.all(np.isfinite(leaf))
@@ -343,8 +355,8 @@ def test_plot_xsam_plane(tmp_path):
 
 def test_import_pulls_no_plotting_or_flax():
   code = (
-      "import sys, xsam_jax, xsam_jax.sharpness; "
-      "bad = [m for m in ('matplotlib', 'flax', 'tensorflow') if m in sys.modules]; "
-      "assert not bad, bad"
+    "import sys, xsam_jax, xsam_jax.sharpness; "
+    "bad = [m for m in ('matplotlib', 'flax', 'tensorflow') if m in sys.modules]; "
+    "assert not bad, bad"
   )
   subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
-from experiments import sharpness as study  # noqa: E402
+from experiments import sharpness as study
 
 
 def test_quick_mode_outputs(tmp_path):
@@ -29,7 +29,8 @@ def test_quick_mode_outputs(tmp_path):
   for claim in saved["claim_sgd_gt_sam_gt_xsam"].values():
     assert sorted(claim["order_of_means"]) == sorted(study.METHODS)
   md = (tmp_path / "sharpness.md").read_text()
-  assert "| method |" in md and all(f"| {m} |" in md for m in study.METHODS)
+  assert "| method |" in md
+  assert all(f"| {m} |" in md for m in study.METHODS)
   for name in ("plane_xsam.png", "plane_random.png"):
     png = tmp_path / name
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -17,9 +17,9 @@ GRAD = jax.jit(jax.grad(testfns.fisher_sam_toy))
 HESSIAN = jax.jit(jax.hessian(testfns.fisher_sam_toy))
 
 POINTS = {
-    "flat": testfns.FLAT_MINIMUM,
-    "sharp": testfns.SHARP_MINIMUM,
-    "saddle": testfns.SADDLE_POINT,
+  "flat": testfns.FLAT_MINIMUM,
+  "sharp": testfns.SHARP_MINIMUM,
+  "saddle": testfns.SADDLE_POINT,
 }
 
 
@@ -31,8 +31,7 @@ def f_ref(x):
   """The published formula, verbatim, in float64 (valid for s > 0)."""
   mu, s = np.float64(x[0]), np.float64(x[1])
   return -np.log(
-      0.7 * np.exp(-_kl_ref(mu, s, 20.0, 30.0) / 1.8**2)
-      + 0.3 * np.exp(-_kl_ref(mu, s, -20.0, 10.0) / 1.2**2)
+    0.7 * np.exp(-_kl_ref(mu, s, 20.0, 30.0) / 1.8**2) + 0.3 * np.exp(-_kl_ref(mu, s, -20.0, 10.0) / 1.2**2)
   )
 
 
@@ -47,8 +46,10 @@ def fd_hessian(x, h=1e-3):
   for i, ei in enumerate(np.eye(2)):
     for j, ej in enumerate(np.eye(2)):
       hess[i, j] = (
-          f_ref(x + h * ei + h * ej) - f_ref(x + h * ei - h * ej)
-          - f_ref(x - h * ei + h * ej) + f_ref(x - h * ei - h * ej)
+        f_ref(x + h * ei + h * ej)
+        - f_ref(x + h * ei - h * ej)
+        - f_ref(x - h * ei + h * ej)
+        + f_ref(x - h * ei - h * ej)
       ) / (4 * h * h)
   return hess
 
@@ -113,16 +114,17 @@ def test_the_sharp_minimum_is_sharper_and_lower():
   assert sharp.value < flat.value
   assert sharp.hessian_eigenvalues[1] > 7 * flat.hessian_eigenvalues[1]
   assert sum(sharp.hessian_eigenvalues) > 7 * sum(flat.hessian_eigenvalues)
-  assert flat.location[0] == pytest.approx(20, abs=0.5) and flat.location[1] == pytest.approx(30, abs=0.5)
-  assert sharp.location[0] == pytest.approx(-17, abs=0.5) and sharp.location[1] == pytest.approx(13, abs=0.5)
+  assert flat.location[0] == pytest.approx(20, abs=0.5)
+  assert flat.location[1] == pytest.approx(30, abs=0.5)
+  assert sharp.location[0] == pytest.approx(-17, abs=0.5)
+  assert sharp.location[1] == pytest.approx(13, abs=0.5)
 
 
 def test_minima_with_scipy():
   optimize = pytest.importorskip("scipy.optimize")
   found = []
   for x0 in ((30.0, 40.0), (10.0, 20.0), (-30.0, 5.0), (-10.0, 15.0), (-40.0, 40.0)):
-    res = optimize.minimize(f_ref, x0, method="Nelder-Mead",
-                            options={"xatol": 1e-9, "fatol": 1e-15, "maxiter": 5000})
+    res = optimize.minimize(f_ref, x0, method="Nelder-Mead", options={"xatol": 1e-9, "fatol": 1e-15, "maxiter": 5000})
     found.append(res.x)
   found = np.asarray(found)
   for x in found:
@@ -138,8 +140,9 @@ def test_no_other_local_minimum_on_a_grid():
     mu, s = np.meshgrid(np.linspace(-80, 80, 321), np.linspace(0.25, 100, 400))
     f = np.asarray(FN(jnp.asarray(np.stack([mu, s], -1))))
   inner = f[1:-1, 1:-1]
-  neighbours = np.stack([f[:-2, 1:-1], f[2:, 1:-1], f[1:-1, :-2], f[1:-1, 2:],
-                         f[:-2, :-2], f[2:, 2:], f[:-2, 2:], f[2:, :-2]])
+  neighbours = np.stack(
+    [f[:-2, 1:-1], f[2:, 1:-1], f[1:-1, :-2], f[1:-1, 2:], f[:-2, :-2], f[2:, 2:], f[:-2, 2:], f[2:, :-2]]
+  )
   rows, cols = np.nonzero(inner < neighbours.min(axis=0))
   locs = np.stack([mu[1:-1, 1:-1][rows, cols], s[1:-1, 1:-1][rows, cols]], -1)
   assert len(locs) == 2
@@ -197,9 +200,9 @@ def test_shapes_dtypes_and_errors():
 
 
 def test_jit_and_optax_step():
-  import optax  # noqa: PLC0415
+  import optax
 
-  import xsam_jax  # noqa: PLC0415
+  import xsam_jax
 
   fn = testfns.fisher_sam_toy
   x = jnp.array([-10.0, 20.0])

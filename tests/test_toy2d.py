@@ -17,8 +17,7 @@ import pytest
 from experiments import toy2d
 from xsam_jax import testfns
 
-PNGS = ("toy2d_trajectories.png", "toy2d_fractions.png", "toy2d_outcomes.png",
-        "toy2d_directions.png")
+PNGS = ("toy2d_trajectories.png", "toy2d_fractions.png", "toy2d_outcomes.png", "toy2d_directions.png")
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +47,16 @@ def test_quick_writes_well_formed_json(quick_run):
     assert all(0.0 <= v <= 1.0 for v in fr.values())
     assert sum(fr.values()) == pytest.approx(1.0, abs=1e-3)
     assert r["neither"] == pytest.approx(fr["neither_flat_basin"] + fr["neither_sharp_basin"], abs=1e-3)
-    for key in ("escape_from_sharp", "stay_in_flat", "neither", "sharp_starts_ending_in_flat_basin",
-                "frac_ascent_may_cross_s_floor", "frac_iterate_below_s_floor",
-                "frac_end_spread_over_1", "frac_final_iterate_outcome_differs"):
+    for key in (
+      "escape_from_sharp",
+      "stay_in_flat",
+      "neither",
+      "sharp_starts_ending_in_flat_basin",
+      "frac_ascent_may_cross_s_floor",
+      "frac_iterate_below_s_floor",
+      "frac_end_spread_over_1",
+      "frac_final_iterate_outcome_differs",
+    ):
       assert 0.0 <= r[key] <= 1.0
     assert r["sharp_starts_ending_in_flat_basin"] >= r["escape_from_sharp"]
     assert np.isfinite(r["median_end_loss"])
@@ -77,7 +83,8 @@ def test_quick_writes_well_formed_json(quick_run):
   with open(out / "toy2d_timing.json") as fh:
     assert json.load(fh)["wall_time_s"] > 0
   tables = (out / "toy2d_tables.md").read_text()
-  assert tables.count("| setting |") == 3 and "XSAM K=1" in tables
+  assert tables.count("| setting |") == 3
+  assert "XSAM K=1" in tables
 
 
 @pytest.mark.parametrize("name", PNGS)
@@ -88,24 +95,38 @@ def test_quick_writes_small_pngs(quick_run, name):
   assert 5_000 < size < 200_000
   with open(path, "rb") as fh:
     assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
-  import matplotlib.image  # noqa: PLC0415
+  import matplotlib.image
 
   img = matplotlib.image.imread(str(path))
-  assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+  assert img.ndim == 3
+  assert img.shape[0] > 100
+  assert img.shape[1] > 100
 
 
 def test_settle_and_outcome_labels():
-  pts = jnp.asarray([testfns.FLAT_MINIMUM.location, testfns.SHARP_MINIMUM.location,
-                     (30.0, 45.0), (-30.0, 15.0), (9.24, 27.01), (-13.3, 14.2),
-                     (21.0, 31.0), (-17.5, 14.0), (np.nan, 3.0)], jnp.float32)
+  pts = jnp.asarray(
+    [
+      testfns.FLAT_MINIMUM.location,
+      testfns.SHARP_MINIMUM.location,
+      (30.0, 45.0),
+      (-30.0, 15.0),
+      (9.24, 27.01),
+      (-13.3, 14.2),
+      (21.0, 31.0),
+      (-17.5, 14.0),
+      (np.nan, 3.0),
+    ],
+    jnp.float32,
+  )
   basins = np.asarray(jax.jit(jax.vmap(toy2d.settle))(pts))
   np.testing.assert_array_equal(basins, [0, 1, 0, 1, 0, 1, 0, 1, 2])
   outcomes = np.asarray(jax.jit(jax.vmap(toy2d.outcome))(pts))
   np.testing.assert_array_equal(outcomes, [0, 1, 2, 3, 2, 3, 0, 1, 4])
-  assert toy2d.OUTCOMES[2] == "neither_flat_basin" and toy2d.OUTCOMES[3] == "neither_sharp_basin"
+  assert toy2d.OUTCOMES[2] == "neither_flat_basin"
+  assert toy2d.OUTCOMES[3] == "neither_sharp_basin"
 
 
-@pytest.mark.parametrize("method,k", [("sgd", 1), ("sam", 2), ("xsam", 2)])
+@pytest.mark.parametrize(("method", "k"), [("sgd", 1), ("sam", 2), ("xsam", 2)])
 def test_batched_scan_matches_a_plain_loop(method, k):
   """The vmap-over-settings x vmap-over-starts x scan runner = a loop of steps."""
   x0s = jnp.asarray([[-30.0, 35.0], [-5.0, 14.0], [25.0, 40.0]], jnp.float32)
@@ -133,7 +154,7 @@ def test_batched_scan_matches_a_plain_loop(method, k):
     x, state = step(x, state)
     window.append(np.asarray(x))
   np.testing.assert_allclose(np.asarray(x_final[i, j]), np.asarray(x), rtol=1e-5, atol=1e-4)
-  last = np.asarray(window[-max(1, steps // 10):])  # the end-state window
+  last = np.asarray(window[-max(1, steps // 10) :])  # the end-state window
   np.testing.assert_allclose(np.asarray(out["x_end"][i, j]), last.mean(axis=0), rtol=1e-5, atol=1e-4)
   spread = np.sqrt(np.mean(np.sum((last - last.mean(axis=0)) ** 2, axis=-1)))
   np.testing.assert_allclose(float(out["spread"][i, j]), spread, rtol=1e-3, atol=1e-4)

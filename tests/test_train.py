@@ -11,12 +11,8 @@ import pytest
 from flax import nnx
 
 import xsam_jax
-from experiments import configs
+from experiments import configs, methods, models, train, trainer
 from experiments import data as data_lib
-from experiments import methods
-from experiments import models
-from experiments import train
-from experiments import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA_DIR = str(REPO / "data_cache")
@@ -29,9 +25,7 @@ def mnist1d():
 
 
 def _tiny(**changes):
-  base = configs.quick_config().replace(
-      data_dir=DATA_DIR, width=4, batch_size=32, train_subset=256, test_subset=128
-  )
+  base = configs.quick_config().replace(data_dir=DATA_DIR, width=4, batch_size=32, train_subset=256, test_subset=128)
   return base.replace(**changes)
 
 
@@ -46,14 +40,17 @@ def test_quick_end_to_end_writes_json_and_pngs(tmp_path):
   assert train.main(argv) == 0
   doc = json.loads((out / "results.json").read_text())
   assert set(doc["methods"]) == {"sgd", "sam", "xsam"}
-  assert doc["completed"] is True and doc["wall_time_s"] > 0
+  assert doc["completed"] is True
+  assert doc["wall_time_s"] > 0
   for name, entry in doc["methods"].items():
     assert entry["seeds"] == [0]
     assert entry["config"]["method"] == name
     acc = entry["final_test_accuracy"][0]
-    assert 0.0 <= acc <= 1.0 and entry["summary"]["mean"] == pytest.approx(acc)
+    assert 0.0 <= acc <= 1.0
+    assert entry["summary"]["mean"] == pytest.approx(acc)
     hist = entry["histories"][0]
-    assert hist["epoch"] == [1] and np.isfinite(hist["train_loss"][0])
+    assert hist["epoch"] == [1]
+    assert np.isfinite(hist["train_loss"][0])
   xsam_hist = doc["methods"]["xsam"]["histories"][0]
   assert xsam_hist["alpha"][0] in [pytest.approx(a) for a in xsam_jax.DEFAULT_ALPHAS]
   assert 0.0 <= xsam_hist["theta"][0] <= np.pi
@@ -62,10 +59,12 @@ def test_quick_end_to_end_writes_json_and_pngs(tmp_path):
   assert len(losses) == len(xsam_jax.DEFAULT_ALPHAS)
   assert xsam_hist["alpha"][0] == pytest.approx(xsam_jax.DEFAULT_ALPHAS[int(np.argmax(losses))])
   assert "| xsam |" in doc["table"]
-  assert "xsam - sam" in doc["paired_differences"] and "alpha" in doc["alpha_summary"]
+  assert "xsam - sam" in doc["paired_differences"]
+  assert "alpha" in doc["alpha_summary"]
   for png in ("accuracy.png", "xsam_alpha_theta.png"):
     blob = (out / png).read_bytes()
-    assert blob.startswith(PNG_MAGIC) and 1_000 < len(blob) < 200_000
+    assert blob.startswith(PNG_MAGIC)
+    assert 1_000 < len(blob) < 200_000
 
 
 def test_resume_equals_uninterrupted(tmp_path, mnist1d):
@@ -73,14 +72,16 @@ def test_resume_equals_uninterrupted(tmp_path, mnist1d):
   config = _tiny(**SHARED)
   straight = trainer.train_and_evaluate(config, str(tmp_path / "a"), data=mnist1d, progress=False)
   first = trainer.train_and_evaluate(
-      config.replace(stop_after_epochs=1), str(tmp_path / "b"), data=mnist1d, progress=False
+    config.replace(stop_after_epochs=1), str(tmp_path / "b"), data=mnist1d, progress=False
   )
-  assert not first.completed and first.step == 8
+  assert not first.completed
+  assert first.step == 8
   resumed = trainer.train_and_evaluate(config, str(tmp_path / "b"), data=mnist1d, progress=False)
-  assert resumed.completed and resumed.step == straight.step == 16
+  assert resumed.completed
+  assert resumed.step == straight.step == 16
   leaves_a, leaves_b = jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)
   assert len(leaves_a) == len(leaves_b) > 0
-  for a, b in zip(leaves_a, leaves_b):
+  for a, b in zip(leaves_a, leaves_b, strict=True):
     assert a.dtype == b.dtype
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   for key, values in straight.history.items():
@@ -92,7 +93,8 @@ def test_resume_equals_uninterrupted(tmp_path, mnist1d):
   assert resumed.history["alpha_min"][1] != resumed.history["alpha_max"][1]
   # a finished run reloads from its final checkpoint without training
   again = trainer.train_and_evaluate(config, str(tmp_path / "b"), data=mnist1d, progress=False)
-  assert again.step == 16 and again.history == resumed.history
+  assert again.step == 16
+  assert again.history == resumed.history
 
 
 def test_batchnorm_stats_only_from_clean_pass(mnist1d):
@@ -118,10 +120,11 @@ def test_batchnorm_stats_only_from_clean_pass(mnist1d):
   new_model, new_opt = nnx.merge(graphdef, new_state)
   # the first call probes: the probe passes did run
   assert float(nnx.as_pure(new_opt.opt_state)[0].probe_losses.sum()) > 0
-  assert "alpha" in metrics and "theta" in metrics
+  assert "alpha" in metrics
+  assert "theta" in metrics
   leaves = [jax.tree.leaves(t) for t in (batch_stats(new_model), ref_stats, init_stats, leak_stats)]
   assert len(leaves[0]) == 6  # mean and var of three BatchNorm layers
-  for got, ref, init, leak in zip(*leaves):
+  for got, ref, init, leak in zip(*leaves, strict=True):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
     assert not np.allclose(got, init)  # the clean pass did update them
     assert not np.allclose(ref, leak, rtol=1e-5, atol=1e-6)  # the check can tell a leak
@@ -140,9 +143,9 @@ def test_train_step_compiled_once_for_all_steps_and_seeds(mnist1d):
 
 def test_training_learns_on_digits():
   result = trainer.train_and_evaluate(
-      configs.TrainConfig(dataset="digits", model="mlp", method="sgd", epochs=3, width=8, batch_size=32),
-      None,
-      progress=False,
+    configs.TrainConfig(dataset="digits", model="mlp", method="sgd", epochs=3, width=8, batch_size=32),
+    None,
+    progress=False,
   )
   assert result.history["test_accuracy"][-1] > 0.8
 
@@ -156,8 +159,10 @@ def test_tfds_mock_cifar10_trains(tmp_path):
     pytest.skip(f"tensorflow-datasets cannot mock cifar10 without TensorFlow here: {e}")
   config = configs.TrainConfig(dataset="cifar10", method="sgd", width=4, epochs=1, batch_size=8)
   result = trainer.train_and_evaluate(config, None, data=data, progress=False)
-  assert result.config.augment is True and result.config.model == "cnn2d"
-  assert result.step == 4 and np.isfinite(result.history["train_loss"][0])
+  assert result.config.augment is True
+  assert result.config.model == "cnn2d"
+  assert result.step == 4
+  assert np.isfinite(result.history["train_loss"][0])
 
 
 def test_resnet18_shapes_abstractly():
@@ -166,7 +171,7 @@ def test_resnet18_shapes_abstractly():
   assert 11_000_000 < n_params < 11_400_000
   graphdef, state = nnx.split(model)
   out = jax.eval_shape(
-      lambda s, x: nnx.merge(graphdef, s)(x, train=True), state, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    lambda s, x: nnx.merge(graphdef, s)(x, train=True), state, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
   )
   assert out.shape == (2, 100)
 
@@ -183,7 +188,8 @@ def test_flags_given_explicitly_win_over_quick():
   assert train.config_from_args(quick) == q
   assert train.seeds_from_args(quick) == [5]
   full = train.parse_args(["--width", "16"])
-  assert train.config_from_args(full) == d.replace(width=16) and train.seeds_from_args(full) == [0, 1, 2]
+  assert train.config_from_args(full) == d.replace(width=16)
+  assert train.seeds_from_args(full) == [0, 1, 2]
 
 
 def test_single_device_fingerprints_unchanged_by_devices_option():
@@ -198,9 +204,11 @@ def test_single_device_fingerprints_unchanged_by_devices_option():
 def test_alpha_grid_and_refinement_flags_reach_xsam():
   args = train.parse_args(["--alphas", "0,0.5,1,1.5,2", "--alpha-refinement", "parabola"])
   config = train.config_from_args(args)
-  assert config.alphas == (0.0, 0.5, 1.0, 1.5, 2.0) and config.alpha_refinement == "parabola"
+  assert config.alphas == (0.0, 0.5, 1.0, 1.5, 2.0)
+  assert config.alpha_refinement == "parabola"
   state = methods.method_transform(config.replace(method="xsam", rho_max=0.2, alpha_update_period=1)).init(
-      {"w": jnp.ones(3)})
+    {"w": jnp.ones(3)}
+  )
   assert state.probe_losses.shape == (5,)
   with pytest.raises(SystemExit):
     train.parse_args(["--alpha-refinement", "cubic"])
@@ -210,13 +218,15 @@ def test_method_table_and_chain():
   assert set(methods.METHODS) >= {"sgd", "sam", "xsam"}
   config = trainer.resolve(_tiny(method="xsam"), data_lib.load_digits())
   assert config.rho_max == pytest.approx(2 * config.rho)
-  assert config.alpha_update_period == 1437 // 32 and config.probe_batch_size == 1
+  assert config.alpha_update_period == 1437 // 32
+  assert config.probe_batch_size == 1
   tx = methods.make_optimizer(config, 10)
   assert tx is methods.make_optimizer(config.replace(seed=3), 10)  # shared across seeds
   state = tx.init({"w": jnp.ones(3)})
   assert isinstance(state[0], xsam_jax.XSAMState)
   assert methods.method_transform(config.replace(method="sgd")) is None
-  assert methods.is_known("sam") and not methods.is_known("no_such_method")
+  assert methods.is_known("sam")
+  assert not methods.is_known("no_such_method")
   with pytest.raises(ValueError, match="unknown method"):
     methods.method_transform(config.replace(method="no_such_method"))
   # sgd: the same chain without a method transformation

@@ -17,8 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import train
-from experiments import trainer
+from experiments import train, trainer
 from tests.test_multidevice import _env as multidevice_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -49,8 +48,19 @@ DRIVER = textwrap.dedent("""
 
 def _argv(devices, out, *extra):
   return [
-      "--quick", "--devices", str(devices), "--methods", ",".join(METHODS), "--epochs", "2",
-      "--no-progress", "--data-dir", DATA_DIR, "--output-dir", str(out), *extra,
+    "--quick",
+    "--devices",
+    str(devices),
+    "--methods",
+    ",".join(METHODS),
+    "--epochs",
+    "2",
+    "--no-progress",
+    "--data-dir",
+    DATA_DIR,
+    "--output-dir",
+    str(out),
+    *extra,
   ]
 
 
@@ -65,31 +75,43 @@ def _results(folder):
 def test_eight_devices_match_one_device(tmp_path):
   work = tmp_path / "work8"
   runs = {
-      "bad_batch": _argv(8, tmp_path / "bad", "--batch-size", "36", "--no-checkpoints"),
-      "one": _argv(1, tmp_path / "one", "--no-checkpoints"),
-      "eight_stopped": _argv(8, tmp_path / "eight_stopped", "--workdir", str(work), "--stop-after-epochs", "1"),
-      "eight": _argv(8, tmp_path / "eight", "--workdir", str(work)),  # resumes epoch 2
+    "bad_batch": _argv(8, tmp_path / "bad", "--batch-size", "36", "--no-checkpoints"),
+    "one": _argv(1, tmp_path / "one", "--no-checkpoints"),
+    "eight_stopped": _argv(8, tmp_path / "eight_stopped", "--workdir", str(work), "--stop-after-epochs", "1"),
+    "eight": _argv(8, tmp_path / "eight", "--workdir", str(work)),  # resumes epoch 2
   }
   proc = subprocess.run(
-      [sys.executable, "-c", DRIVER, json.dumps(runs)],
-      check=False, cwd=ROOT, env=multidevice_env(8), capture_output=True, text=True, timeout=600,
+    [sys.executable, "-c", DRIVER, json.dumps(runs)],
+    check=False,
+    cwd=ROOT,
+    env=multidevice_env(8),
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("REPORT ")]
-  assert proc.returncode == 0 and lines, (proc.stdout + proc.stderr)[-20000:]
-  report = json.loads(lines[-1][len("REPORT "):])
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-20000:]
+  assert lines, (proc.stdout + proc.stderr)[-20000:]
+  report = json.loads(lines[-1][len("REPORT ") :])
 
   code, message = report["bad_batch"]
-  assert code == 2 and "--batch-size" in message and "36" in message and "divisible" in message
+  assert code == 2
+  assert "--batch-size" in message
+  assert "36" in message
+  assert "divisible" in message
   assert report["one"][0] == report["eight_stopped"][0] == report["eight"][0] == 0
   # One compilation per method and device count; the resumed runs, restored
   # onto the replicated sharding, reuse the step compiled before the stop.
   assert report["eight"][1] == report["eight_stopped"][1] == report["one"][1] + len(METHODS)
 
   one, stopped, eight = (_results(tmp_path / n) for n in ("one", "eight_stopped", "eight"))
-  assert one["completed"] and eight["completed"] and not stopped["completed"]
+  assert one["completed"]
+  assert eight["completed"]
+  assert not stopped["completed"]
   for name in METHODS:
     a, b = one["methods"][name], eight["methods"][name]
-    assert a["config"]["devices"] == 1 and b["config"]["devices"] == 8
+    assert a["config"]["devices"] == 1
+    assert b["config"]["devices"] == 8
     ha, hb = a["histories"][0], b["histories"][0]
     assert ha["epoch"] == hb["epoch"] == [1, 2]
     assert stopped["methods"][name]["histories"][0]["epoch"] == [1]
@@ -104,14 +126,17 @@ def test_eight_devices_match_one_device(tmp_path):
     assert xb[key] == xa[key], key  # probed twice (steps 0 and 16): the same alphas
 
 
-@pytest.mark.parametrize("argv,flag", [
+@pytest.mark.parametrize(
+  ("argv", "flag"),
+  [
     (["--devices", "0"], "--devices"),
     (["--devices", "99"], "--devices"),
     (["--devices", "-2", "--quick"], "--devices"),
-])
+  ],
+)
 def test_devices_out_of_range_is_a_usage_error(argv, flag, capsys):
   with pytest.raises(SystemExit) as info:
-    train.main(argv + ["--no-progress", "--no-checkpoints"])
+    train.main([*argv, "--no-progress", "--no-checkpoints"])
   assert info.value.code == 2
   err = capsys.readouterr().err
   assert f"argument {flag}: must be between 1 and 1" in err

@@ -1,6 +1,5 @@
 """Bad input gets a clear ValueError naming the argument and its range."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -10,18 +9,18 @@ import xsam_jax
 
 
 @pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (dict(rho=0.0), r"`rho` must be a finite real number > 0"),
-        (dict(rho=-1.0), r"`rho` must be a finite real number > 0"),
-        (dict(rho=float("nan")), r"`rho`"),
-        (dict(rho=float("inf")), r"`rho`"),
-        (dict(rho="0.1"), r"`rho`"),
-        (dict(rho=0.1, num_steps=0), r"`num_steps` must be an int >= 1"),
-        (dict(rho=0.1, num_steps=1.5), r"`num_steps` must be a Python int >= 1"),
-        (dict(rho=0.1, num_steps=True), r"`num_steps`"),
-        (dict(rho=0.1, eta=-0.1), r"`eta` must be a finite real number >= 0"),
-    ],
+  ("kwargs", "match"),
+  [
+    (dict(rho=0.0), r"`rho` must be a finite real number > 0"),
+    (dict(rho=-1.0), r"`rho` must be a finite real number > 0"),
+    (dict(rho=float("nan")), r"`rho`"),
+    (dict(rho=float("inf")), r"`rho`"),
+    (dict(rho="0.1"), r"`rho`"),
+    (dict(rho=0.1, num_steps=0), r"`num_steps` must be an int >= 1"),
+    (dict(rho=0.1, num_steps=1.5), r"`num_steps` must be a Python int >= 1"),
+    (dict(rho=0.1, num_steps=True), r"`num_steps`"),
+    (dict(rho=0.1, eta=-0.1), r"`eta` must be a finite real number >= 0"),
+  ],
 )
 def test_sam_rejects(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -29,23 +28,25 @@ def test_sam_rejects(kwargs, match):
 
 
 @pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        (dict(rho=0.1, rho_max=0.0), r"`rho_max` must be a finite real number > 0"),
-        (dict(rho=-0.1, rho_max=0.2), r"`rho`"),
-        (dict(rho=0.1, rho_max=0.2, num_steps=0), r"`num_steps`"),
-        (dict(rho=0.1, rho_max=0.2, alphas=()), r"`alphas` must be a non-empty 1-D sequence"),
-        (dict(rho=0.1, rho_max=0.2, alphas=[0.0, float("nan")]), r"`alphas`"),
-        (dict(rho=0.1, rho_max=0.2, alphas=[[0.0, 1.0]]), r"`alphas`"),
-        (dict(rho=0.1, rho_max=0.2, alpha_init=float("inf")), r"`alpha_init` must be a finite real"),
-        (dict(rho=0.1, rho_max=0.2, alpha_update_period=0), r"`alpha_update_period` must be None or an int >= 1"),
-        (dict(rho=0.1, rho_max=0.2, alpha_update_period=2.5), r"`alpha_update_period`"),
-        (dict(rho=0.1, rho_max=0.2, probe_batch_size=0), r"`probe_batch_size`"),
-        (dict(rho=0.1, rho_max=0.2, probe_batch_size="fast"), r'`probe_batch_size` must be "auto", None or an int'),
-        (dict(rho=0.1, rho_max=0.2, alpha_refinement="cubic"), r"`alpha_refinement` must be one of"),
-        (dict(rho=0.1, rho_max=0.2, alphas=[0.0, 2.0, 1.0], alpha_refinement="parabola"),
-         r"`alphas` must be strictly increasing"),
-    ],
+  ("kwargs", "match"),
+  [
+    (dict(rho=0.1, rho_max=0.0), r"`rho_max` must be a finite real number > 0"),
+    (dict(rho=-0.1, rho_max=0.2), r"`rho`"),
+    (dict(rho=0.1, rho_max=0.2, num_steps=0), r"`num_steps`"),
+    (dict(rho=0.1, rho_max=0.2, alphas=()), r"`alphas` must be a non-empty 1-D sequence"),
+    (dict(rho=0.1, rho_max=0.2, alphas=[0.0, float("nan")]), r"`alphas`"),
+    (dict(rho=0.1, rho_max=0.2, alphas=[[0.0, 1.0]]), r"`alphas`"),
+    (dict(rho=0.1, rho_max=0.2, alpha_init=float("inf")), r"`alpha_init` must be a finite real"),
+    (dict(rho=0.1, rho_max=0.2, alpha_update_period=0), r"`alpha_update_period` must be None or an int >= 1"),
+    (dict(rho=0.1, rho_max=0.2, alpha_update_period=2.5), r"`alpha_update_period`"),
+    (dict(rho=0.1, rho_max=0.2, probe_batch_size=0), r"`probe_batch_size`"),
+    (dict(rho=0.1, rho_max=0.2, probe_batch_size="fast"), r'`probe_batch_size` must be "auto", None or an int'),
+    (dict(rho=0.1, rho_max=0.2, alpha_refinement="cubic"), r"`alpha_refinement` must be one of"),
+    (
+      dict(rho=0.1, rho_max=0.2, alphas=[0.0, 2.0, 1.0], alpha_refinement="parabola"),
+      r"`alphas` must be strictly increasing",
+    ),
+  ],
 )
 def test_xsam_rejects(kwargs, match):
   with pytest.raises(ValueError, match=match):

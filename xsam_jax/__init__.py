@@ -1,5 +1,7 @@
 """xsam_jax: sharpness-aware optimizers (SAM, XSAM, ...) as optax transformations."""
 
+from xsam_jax import sharpness as sharpness
+from xsam_jax import testfns as testfns
 from xsam_jax._src.ascent import AscentTrace as AscentTrace
 from xsam_jax._src.ascent import ascent as ascent
 from xsam_jax._src.base import sharpness_aware_transform as sharpness_aware_transform
@@ -11,44 +13,42 @@ from xsam_jax._src.multistep import MultiStepSAMState as MultiStepSAMState
 from xsam_jax._src.multistep import lsam as lsam
 from xsam_jax._src.multistep import msam as msam
 from xsam_jax._src.multistep import rescaled_combination as rescaled_combination
-from xsam_jax._src.vasso import VaSSOState as VaSSOState
-from xsam_jax._src.vasso import vasso as vasso
-from xsam_jax._src.xsam import adaptive_xsam_plane as adaptive_xsam_plane
 from xsam_jax._src.sam import SAMState as SAMState
 from xsam_jax._src.sam import sam as sam
+from xsam_jax._src.vasso import VaSSOState as VaSSOState
+from xsam_jax._src.vasso import vasso as vasso
 from xsam_jax._src.xsam import DEFAULT_ALPHAS as DEFAULT_ALPHAS
 from xsam_jax._src.xsam import XSAMState as XSAMState
+from xsam_jax._src.xsam import adaptive_xsam_plane as adaptive_xsam_plane
 from xsam_jax._src.xsam import probe_losses as probe_losses
 from xsam_jax._src.xsam import slerp_coefficients as slerp_coefficients
 from xsam_jax._src.xsam import xsam as xsam
 from xsam_jax._src.xsam import xsam_plane as xsam_plane
-from xsam_jax import sharpness as sharpness
-from xsam_jax import testfns as testfns
 from xsam_jax._version import __version__ as __version__
 
 __all__ = (
-    "AscentTrace",
-    "DEFAULT_ALPHAS",
-    "EigenSAMState",
-    "MultiStepSAMState",
-    "SAMState",
-    "VaSSOState",
-    "XSAMState",
-    "adaptive_xsam_plane",
-    "ascent",
-    "eigen_sam",
-    "initial_eigvec",
-    "lsam",
-    "msam",
-    "power_iteration",
-    "probe_losses",
-    "rescaled_combination",
-    "sam",
-    "sharpness",
-    "sharpness_aware_transform",
-    "slerp_coefficients",
-    "testfns",
-    "vasso",
-    "xsam",
-    "xsam_plane",
+  "DEFAULT_ALPHAS",
+  "AscentTrace",
+  "EigenSAMState",
+  "MultiStepSAMState",
+  "SAMState",
+  "VaSSOState",
+  "XSAMState",
+  "adaptive_xsam_plane",
+  "ascent",
+  "eigen_sam",
+  "initial_eigvec",
+  "lsam",
+  "msam",
+  "power_iteration",
+  "probe_losses",
+  "rescaled_combination",
+  "sam",
+  "sharpness",
+  "sharpness_aware_transform",
+  "slerp_coefficients",
+  "testfns",
+  "vasso",
+  "xsam",
+  "xsam_plane",
 )

@@ -9,11 +9,11 @@ from xsam_jax._src.testfns import fisher_sam_toy as fisher_sam_toy
 from xsam_jax._src.testfns import gaussian_kl as gaussian_kl
 
 __all__ = (
-    "DEFAULT_S_FLOOR",
-    "FLAT_MINIMUM",
-    "SADDLE_POINT",
-    "SHARP_MINIMUM",
-    "CriticalPoint",
-    "fisher_sam_toy",
-    "gaussian_kl",
+  "DEFAULT_S_FLOOR",
+  "FLAT_MINIMUM",
+  "SADDLE_POINT",
+  "SHARP_MINIMUM",
+  "CriticalPoint",
+  "fisher_sam_toy",
+  "gaussian_kl",
 )

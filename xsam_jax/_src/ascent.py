@@ -17,13 +17,15 @@ later steps always follow the gradients ``g_k``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from xsam_jax._src import collectives
 from xsam_jax._src import tree_math as tm
+from xsam_jax._src.types import AxisName, LossFn, PyTree, Scalar
 
 
 class AscentTrace(NamedTuple):
@@ -50,28 +52,28 @@ class AscentTrace(NamedTuple):
     displacement_norm: ``|d_1|`` when ``displacement_scale`` is set, else None.
   """
 
-  grads: tuple
-  displacement: Any
-  first_direction: Any = None
-  scale: Any = None
-  gradient_displacement: Any = None
-  displacement_scale: Any = None
-  displacement_norm: Any = None
+  grads: tuple[PyTree, ...]
+  displacement: PyTree
+  first_direction: PyTree = None
+  scale: PyTree | None = None
+  gradient_displacement: PyTree = None
+  displacement_scale: jax.Array | None = None
+  displacement_norm: jax.Array | None = None
 
 
 def ascent(
-    loss_fn: Callable[[Any], jax.Array],
-    params: Any,
-    g0: Any,
-    *,
-    rho,
-    num_steps: int,
-    axis_name: Optional[str] = None,
-    adaptive: bool = False,
-    eta=0.01,
-    adaptive_mask: Any = None,
-    first_direction: Optional[Callable[[Any], Any]] = None,
-    m_sharpness: bool = False,
+  loss_fn: LossFn,
+  params: PyTree,
+  g0: PyTree,
+  *,
+  rho: Scalar,
+  num_steps: int,
+  axis_name: AxisName | None = None,
+  adaptive: bool = False,
+  eta: Scalar = 0.01,
+  adaptive_mask: PyTree | Callable[[PyTree], PyTree] = None,
+  first_direction: Callable[[PyTree], PyTree] | None = None,
+  m_sharpness: bool = False,
 ) -> AscentTrace:
   """Runs the K-step normalized ascent from ``params``.
 
@@ -110,11 +112,9 @@ def ascent(
     if mask is None:
       mask = jax.tree.map(lambda _: True, params)
     scale_t = jax.tree.map(
-        lambda w, m: jnp.abs(w.astype(tm.wide_dtype(w.dtype))) + eta
-        if m
-        else jnp.ones(w.shape, tm.wide_dtype(w.dtype)),
-        params,
-        mask,
+      lambda w, m: jnp.abs(w.astype(tm.wide_dtype(w.dtype))) + eta if m else jnp.ones(w.shape, tm.wide_dtype(w.dtype)),
+      params,
+      mask,
     )
   step = rho / num_steps
   first = g0 if first_direction is None else first_direction(g0)
@@ -124,7 +124,8 @@ def ascent(
   c = zeros() if adaptive else None
   grads = [g0]
   g = first
-  d_scale = d_norm = None
+  d_scale: jax.Array | None = None
+  d_norm: jax.Array | None = None
   for _ in range(num_steps):
     if adaptive:
       tg = jax.tree.map(lambda t, x: t * x.astype(t.dtype), scale_t, g)
@@ -134,17 +135,17 @@ def ascent(
     else:
       direction, g_norm = tm.tree_normalize(g)
       if num_steps == 1:
-        d_scale = step / (g_norm + tm.EPS)
+        d_scale = jnp.divide(step, g_norm + tm.EPS)
         d_norm = d_scale * g_norm
     d = add_step(d, direction)
     g = sync(grad_fn(tm.tree_add_to_params(params, d)))
     grads.append(g)
   return AscentTrace(
-      grads=tuple(grads),
-      displacement=d,
-      first_direction=first,
-      scale=scale_t if adaptive else None,
-      gradient_displacement=c if adaptive else d,
-      displacement_scale=d_scale,
-      displacement_norm=d_norm,
+    grads=tuple(grads),
+    displacement=d,
+    first_direction=first,
+    scale=scale_t if adaptive else None,
+    gradient_displacement=c if adaptive else d,
+    displacement_scale=d_scale,
+    displacement_norm=d_norm,
   )

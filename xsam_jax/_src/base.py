@@ -8,33 +8,34 @@ the dtype bookkeeping once for all of them.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import optax
 
 from xsam_jax._src import ascent as ascent_lib
-from xsam_jax._src import collectives
+from xsam_jax._src import collectives, validation
 from xsam_jax._src import tree_math as tm
-from xsam_jax._src import validation
+from xsam_jax._src.types import AxisName, LossFn, PyTree, Scalar
 
-Rule = Callable[..., tuple]
+Rule = Callable[[ascent_lib.AscentTrace, Any, PyTree, LossFn], tuple[PyTree, Any]]
 """``rule(trace, state, params, loss_fn) -> (output_tree, new_state)``."""
 
 
 def sharpness_aware_transform(
-    method: str,
-    *,
-    rho,
-    num_steps: int,
-    init_fn: Callable[[Any], NamedTuple],
-    rule: Rule,
-    axis_name: Optional[str] = None,
-    adaptive: bool = False,
-    eta=0.01,
-    adaptive_mask: Any = None,
-    first_direction: Optional[Callable[[Any, NamedTuple], Any]] = None,
-    m_sharpness: bool = False,
+  method: str,
+  *,
+  rho: Scalar,
+  num_steps: int,
+  init_fn: optax.TransformInitFn,
+  rule: Rule,
+  axis_name: AxisName | None = None,
+  adaptive: bool = False,
+  eta: Scalar = 0.01,
+  adaptive_mask: PyTree | Callable[[PyTree], PyTree] = None,
+  first_direction: Callable[[PyTree, Any], PyTree] | None = None,
+  m_sharpness: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a ``GradientTransformationExtraArgs`` from a direction rule.
 
@@ -68,25 +69,33 @@ def sharpness_aware_transform(
   """
   if m_sharpness and axis_name is None:
     raise ValueError(
-        f"{method}: `m_sharpness=True` needs `axis_name` (the data-parallel axis "
-        "whose replicas each perturb on their own shard)."
+      f"{method}: `m_sharpness=True` needs `axis_name` (the data-parallel axis "
+      "whose replicas each perturb on their own shard)."
     )
 
-  def update_fn(updates, state, params=None, *, loss_fn=None, **extra_args):
+  def update_fn(
+    updates: optax.Updates,
+    state: Any,
+    params: optax.Params | None = None,
+    *,
+    loss_fn: LossFn | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, Any]:
     del extra_args
     validation.check_call(method, params, loss_fn)
+    assert loss_fn is not None  # for the type checker: check_call raised otherwise
     trace = ascent_lib.ascent(
-        loss_fn,
-        params,
-        updates,
-        rho=rho,
-        num_steps=num_steps,
-        axis_name=axis_name,
-        adaptive=adaptive,
-        eta=eta,
-        adaptive_mask=adaptive_mask,
-        first_direction=None if first_direction is None else (lambda g0: first_direction(g0, state)),
-        m_sharpness=m_sharpness,
+      loss_fn,
+      params,
+      updates,
+      rho=rho,
+      num_steps=num_steps,
+      axis_name=axis_name,
+      adaptive=adaptive,
+      eta=eta,
+      adaptive_mask=adaptive_mask,
+      first_direction=None if first_direction is None else (lambda g0: first_direction(g0, state)),
+      m_sharpness=m_sharpness,
     )
     output, new_state = rule(trace, state, params, loss_fn)
     if m_sharpness:

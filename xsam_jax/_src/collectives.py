@@ -32,20 +32,23 @@ and turns any of these forms into the global mean gradient, so the same
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from xsam_jax._src.types import AxisName, LossFn, PyTree
 
-def axis_tuple(axis_name) -> tuple:
+
+def axis_tuple(axis_name: AxisName) -> tuple[Any, ...]:
   """``axis_name`` (a name or a tuple of names) as a tuple of names."""
   if isinstance(axis_name, (tuple, list)):
     return tuple(axis_name)
   return (axis_name,)
 
 
-def varying_axes(x) -> frozenset:
+def varying_axes(x: Any) -> frozenset[Any]:
   """The manual mesh axes over which ``x`` may vary (empty outside ``shard_map``
   with ``check_vma=True``)."""
   aval = jax.typeof(x)
@@ -55,7 +58,7 @@ def varying_axes(x) -> frozenset:
   return frozenset(getattr(aval, "vma", frozenset()))
 
 
-def tracked_axes(axes) -> frozenset:
+def tracked_axes(axes: Iterable[Any]) -> frozenset[Any]:
   """The axes of ``axes`` whose varying/invariant types JAX tracks here.
 
   True exactly inside ``jax.shard_map`` with ``check_vma=True``: there the
@@ -65,17 +68,17 @@ def tracked_axes(axes) -> frozenset:
   return frozenset(a for a in axes if a in varying_axes(jax.lax.axis_index(a)))
 
 
-def _axis_size(axes) -> int:
+def _axis_size(axes: Iterable[Any]) -> int:
   return math.prod(int(jax.lax.axis_size(a)) for a in axes)
 
 
 def gradient_sync(
-    axis_name,
-    loss_fn: Callable[[Any], jax.Array],
-    params: Any,
-    *,
-    per_replica: bool = False,
-) -> Callable[[Any], Any]:
+  axis_name: AxisName | None,
+  loss_fn: LossFn,
+  params: PyTree,
+  *,
+  per_replica: bool = False,
+) -> Callable[[PyTree], PyTree]:
   """Returns ``sync(g)``, mapping ``jax.grad(loss_fn)`` output to what the ascent uses.
 
   Args:
@@ -102,31 +105,31 @@ def gradient_sync(
     return lambda g: g
   axes = axis_tuple(axis_name)
   tracked = tracked_axes(axes)
-  loss_varying = frozenset()
+  loss_varying: frozenset[Any] = frozenset()
   if tracked:
     loss_varying = varying_axes(jax.eval_shape(loss_fn, params)) & tracked
 
   if per_replica:
 
-    def check(x):
+    def check(x: jax.Array) -> jax.Array:
       if tracked - loss_varying:
         raise ValueError(
-            "m_sharpness=True needs `loss_fn` to return the replica's own loss; "
-            f"it is averaged over {sorted(tracked - loss_varying)} already (drop "
-            "the pmean/psum inside loss_fn)."
+          "m_sharpness=True needs `loss_fn` to return the replica's own loss; "
+          f"it is averaged over {sorted(tracked - loss_varying)} already (drop "
+          "the pmean/psum inside loss_fn)."
         )
       if tracked - varying_axes(x):
         raise ValueError(
-            "m_sharpness=True needs each replica's own gradient as `updates`; under "
-            "shard_map, jax.grad with respect to replicated params returns the sum "
-            "over replicas. Differentiate with respect to "
-            f"jax.lax.pcast(params, {axis_name!r}, to='varying') instead."
+          "m_sharpness=True needs each replica's own gradient as `updates`; under "
+          "shard_map, jax.grad with respect to replicated params returns the sum "
+          "over replicas. Differentiate with respect to "
+          f"jax.lax.pcast(params, {axis_name!r}, to='varying') instead."
         )
       return x
 
     return lambda g: jax.tree.map(check, g)
 
-  def leaf_sync(x):
+  def leaf_sync(x: jax.Array) -> jax.Array:
     vary = varying_axes(x)
     # Untracked axes: a local gradient. Tracked: see the module docstring.
     mean_axes = tuple(a for a in axes if a not in tracked or (a in vary and a in loss_varying))
@@ -143,7 +146,7 @@ def gradient_sync(
   return lambda g: jax.tree.map(leaf_sync, g)
 
 
-def replica_mean(tree: Any, axis_name: Optional[Any]) -> Any:
+def replica_mean(tree: PyTree, axis_name: AxisName | None) -> PyTree:
   """``jax.lax.pmean`` over ``axis_name`` (identity for None).
 
   Under ``shard_map(check_vma=True)`` a value already invariant over the

@@ -5,17 +5,17 @@ suppressed."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from xsam_jax._src import base
-from xsam_jax._src import collectives
-from xsam_jax._src import sharpness
+from xsam_jax._src import base, collectives, sharpness, validation
 from xsam_jax._src import tree_math as tm
-from xsam_jax._src import validation
+from xsam_jax._src.ascent import AscentTrace
+from xsam_jax._src.types import AxisName, LossFn, PyTree, Scalar
 
 
 class EigenSAMState(NamedTuple):
@@ -35,15 +35,15 @@ class EigenSAMState(NamedTuple):
       the last call (the paper's measure; diagnostic).
   """
 
-  count: jax.Array
-  eigvec: Any
+  count: jax.Array  # type: ignore[assignment]  # optax's name for the step counter; shadows tuple.count
+  eigvec: PyTree
   eigenvalue: jax.Array
   has_eigvec: jax.Array
   grad_norm: jax.Array
   cosine: jax.Array
 
 
-def _unit_or(tree, fallback):
+def _unit_or(tree: PyTree, fallback: PyTree) -> tuple[PyTree, jax.Array]:
   """``(tree / |tree|, True)``, or ``(fallback, False)`` if ``|tree|`` is 0 or not finite.
 
   No eps here: :func:`tree_math.tree_norm` is exact at any scale, so the
@@ -57,7 +57,7 @@ def _unit_or(tree, fallback):
   return unit, ok
 
 
-def initial_eigvec(params, seed: int = 0):
+def initial_eigvec(params: PyTree, seed: int = 0) -> PyTree:
   """The deterministic start of the power iteration: a unit Gaussian vector.
 
   Each leaf is drawn from ``jax.random.normal`` with a key folded from
@@ -81,14 +81,14 @@ def initial_eigvec(params, seed: int = 0):
   """
   leaves, treedef = jax.tree.flatten(params)
   key = jax.random.PRNGKey(seed)
-  draws = [
-      jax.random.normal(jax.random.fold_in(key, i), x.shape, tm.wide_dtype(x.dtype)) for i, x in enumerate(leaves)
-  ]
+  draws = [jax.random.normal(jax.random.fold_in(key, i), x.shape, tm.wide_dtype(x.dtype)) for i, x in enumerate(leaves)]
   unit, _ = _unit_or(jax.tree.unflatten(treedef, draws), jax.tree.unflatten(treedef, draws))
   return unit
 
 
-def power_iteration(matvec: Callable[[Any], Any], v0, num_iterations: int):
+def power_iteration(
+  matvec: Callable[[PyTree], PyTree], v0: PyTree, num_iterations: int
+) -> tuple[PyTree, jax.Array, jax.Array]:
   r"""Dominant eigenvector of a symmetric operator by power iteration.
 
   .. math::
@@ -120,7 +120,7 @@ def power_iteration(matvec: Callable[[Any], Any], v0, num_iterations: int):
   """
   lam0 = jnp.zeros([], tm.tree_vdot(v0, v0).dtype)
 
-  def body(_, carry):
+  def body(_: int, carry: tuple[PyTree, jax.Array, jax.Array]) -> tuple[PyTree, jax.Array, jax.Array]:
     v, lam, ok = carry
     av = matvec(v)
     new_lam = tm.tree_vdot(v, av).astype(lam.dtype)
@@ -132,14 +132,14 @@ def power_iteration(matvec: Callable[[Any], Any], v0, num_iterations: int):
 
 
 def eigen_sam(
-    rho,
-    *,
-    alpha=0.2,
-    eig_update_period: int = 100,
-    power_iterations: int = 5,
-    num_steps: int = 1,
-    seed: int = 0,
-    axis_name: Optional[str] = None,
+  rho: Scalar,
+  *,
+  alpha: Scalar = 0.2,
+  eig_update_period: int | jax.Array = 100,
+  power_iterations: int = 5,
+  num_steps: int = 1,
+  seed: int = 0,
+  axis_name: AxisName | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Eigenvector-corrected SAM: SAM's gradient, turned away from the sharpest direction.
 
@@ -219,19 +219,19 @@ def eigen_sam(
   num_steps = validation.check_static_int("num_steps", num_steps)
   seed = validation.check_static_int("seed", seed, minimum=0)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> EigenSAMState:
     zero = jnp.zeros([], jnp.float32)
     return EigenSAMState(
-        count=base.zero_count(),
-        eigvec=initial_eigvec(params, seed),
-        eigenvalue=zero,
-        has_eigvec=jnp.array(False),
-        grad_norm=zero,
-        cosine=zero,
+      count=base.zero_count(),
+      eigvec=initial_eigvec(params, seed),
+      eigenvalue=zero,
+      has_eigvec=jnp.array(False),
+      grad_norm=zero,
+      cosine=zero,
     )
 
-  def rule(trace, state, params, loss_fn):
-    def refresh(_):
+  def rule(trace: AscentTrace, state: EigenSAMState, params: PyTree, loss_fn: LossFn) -> tuple[PyTree, EigenSAMState]:
+    def refresh(_: None) -> tuple[PyTree, jax.Array, jax.Array]:
       # An HVP is a derivative of the gradient: averaged over the replicas
       # exactly as the ascent gradients are (see collectives.gradient_sync).
       sync = collectives.gradient_sync(axis_name, loss_fn, params)
@@ -239,7 +239,7 @@ def eigen_sam(
       v, lam, ok = power_iteration(matvec, state.eigvec, power_iterations)
       return v, lam.astype(jnp.float32), state.has_eigvec | ok
 
-    def keep(_):
+    def keep(_: None) -> tuple[PyTree, jax.Array, jax.Array]:
       return state.eigvec, state.eigenvalue, state.has_eigvec
 
     refresh_now = state.count % eig_update_period == 0
@@ -251,14 +251,14 @@ def eigen_sam(
     eig_out = tm.tree_scale(g_norm, corrected)
     output = jax.tree.map(lambda e, g: jnp.where(has_v, e, g.astype(e.dtype)), eig_out, g_adv)
     new_state = state._replace(
-        eigvec=v,
-        eigenvalue=lam,
-        has_eigvec=has_v,
-        grad_norm=g_norm.astype(jnp.float32),
-        cosine=cosine.astype(jnp.float32),
+      eigvec=v,
+      eigenvalue=lam,
+      has_eigvec=has_v,
+      grad_norm=g_norm.astype(jnp.float32),
+      cosine=cosine.astype(jnp.float32),
     )
     return output, new_state
 
   return base.sharpness_aware_transform(
-      "eigen_sam", rho=rho, num_steps=num_steps, init_fn=init_fn, rule=rule, axis_name=axis_name
+    "eigen_sam", rho=rho, num_steps=num_steps, init_fn=init_fn, rule=rule, axis_name=axis_name
   )

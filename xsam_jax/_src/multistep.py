@@ -4,15 +4,17 @@ to SAM's gradient norm ``|g_K|`` so that only the direction differs."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from xsam_jax._src import base
+from xsam_jax._src import base, validation
 from xsam_jax._src import tree_math as tm
-from xsam_jax._src import validation
+from xsam_jax._src.ascent import AscentTrace
+from xsam_jax._src.types import AxisName, LossFn, PyTree, Scalar
 
 
 class MultiStepSAMState(NamedTuple):
@@ -25,16 +27,18 @@ class MultiStepSAMState(NamedTuple):
       method stepped exactly as SAM would; diagnostic).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # optax's name for the step counter; shadows tuple.count
   grad_norm: jax.Array
   cosine: jax.Array
 
 
-def _sum_trees(trees):
+def _sum_trees(trees: Sequence[PyTree]) -> PyTree:
   return jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *trees)
 
 
-def rescaled_combination(grads, g_k, *, normalize_each: bool):
+def rescaled_combination(
+  grads: Sequence[PyTree], g_k: PyTree, *, normalize_each: bool
+) -> tuple[PyTree, jax.Array, jax.Array]:
   r"""``|g_K|`` times the unit vector of a sum of (optionally normalized) gradients.
 
   .. math::
@@ -72,38 +76,58 @@ def rescaled_combination(grads, g_k, *, normalize_each: bool):
   return tm.tree_scale(g_norm, unit), g_norm, cosine
 
 
-def _multistep_sam(method, rho, num_steps, first, last, normalize_each, axis_name, adaptive, eta, adaptive_mask):
+def _multistep_sam(
+  method: str,
+  rho: Scalar,
+  num_steps: int,
+  first: int,
+  last: int,
+  normalize_each: bool,
+  axis_name: AxisName | None,
+  adaptive: bool,
+  eta: Scalar,
+  adaptive_mask: PyTree | Callable[[PyTree], PyTree],
+) -> optax.GradientTransformationExtraArgs:
   """The transformation that combines ``grads[first:last]`` of the ascent trace."""
   validation.check_positive("rho", rho)
   num_steps = validation.check_static_int("num_steps", num_steps)
   validation.check_nonnegative("eta", eta)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> MultiStepSAMState:
     del params
     zero = jnp.zeros([], jnp.float32)
     return MultiStepSAMState(count=base.zero_count(), grad_norm=zero, cosine=zero)
 
-  def rule(trace, state, params, loss_fn):
+  def rule(
+    trace: AscentTrace, state: MultiStepSAMState, params: PyTree, loss_fn: LossFn
+  ) -> tuple[PyTree, MultiStepSAMState]:
     del params, loss_fn
     grads = trace.grads[first : len(trace.grads) + last]
     output, g_norm, cosine = rescaled_combination(grads, trace.grads[-1], normalize_each=normalize_each)
     return output, state._replace(grad_norm=g_norm.astype(jnp.float32), cosine=cosine.astype(jnp.float32))
 
   return base.sharpness_aware_transform(
-      method, rho=rho, num_steps=num_steps, init_fn=init_fn, rule=rule, axis_name=axis_name,
-      adaptive=adaptive, eta=eta, adaptive_mask=adaptive_mask,
+    method,
+    rho=rho,
+    num_steps=num_steps,
+    init_fn=init_fn,
+    rule=rule,
+    axis_name=axis_name,
+    adaptive=adaptive,
+    eta=eta,
+    adaptive_mask=adaptive_mask,
   )
 
 
 def msam(
-    rho,
-    *,
-    num_steps: int,
-    plus: bool = False,
-    axis_name: Optional[str] = None,
-    adaptive: bool = False,
-    eta=0.01,
-    adaptive_mask: Any = None,
+  rho: Scalar,
+  *,
+  num_steps: int,
+  plus: bool = False,
+  axis_name: AxisName | None = None,
+  adaptive: bool = False,
+  eta: Scalar = 0.01,
+  adaptive_mask: PyTree | Callable[[PyTree], PyTree] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MSAM: the mean of the ascent gradients, at SAM's gradient scale.
 
@@ -162,20 +186,18 @@ def msam(
     Kim et al., Exploring the Effect of Multi-step Ascent in Sharpness-Aware
     Minimization, https://arxiv.org/abs/2302.10181, 2023.
   """
-  return _multistep_sam(
-      "msam", rho, num_steps, 0 if plus else 1, 0, False, axis_name, adaptive, eta, adaptive_mask
-  )
+  return _multistep_sam("msam", rho, num_steps, 0 if plus else 1, 0, False, axis_name, adaptive, eta, adaptive_mask)
 
 
 def lsam(
-    rho,
-    *,
-    num_steps: int,
-    plus: bool = False,
-    axis_name: Optional[str] = None,
-    adaptive: bool = False,
-    eta=0.01,
-    adaptive_mask: Any = None,
+  rho: Scalar,
+  *,
+  num_steps: int,
+  plus: bool = False,
+  axis_name: AxisName | None = None,
+  adaptive: bool = False,
+  eta: Scalar = 0.01,
+  adaptive_mask: PyTree | Callable[[PyTree], PyTree] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LSAM: the sum of the normalized ascent gradients, at SAM's gradient scale.
 
@@ -223,6 +245,5 @@ def lsam(
     (LSAM and LSAM+ as written there).
   """
   return _multistep_sam(
-      "lsam", rho, num_steps, 0 if plus else 1, -1 if plus else 0, True, axis_name, adaptive, eta, adaptive_mask
+    "lsam", rho, num_steps, 0 if plus else 1, -1 if plus else 0, True, axis_name, adaptive, eta, adaptive_mask
   )
-

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from xsam_jax._src import base
-from xsam_jax._src import collectives
+from xsam_jax._src import base, collectives, validation
 from xsam_jax._src import tree_math as tm
-from xsam_jax._src import validation
+from xsam_jax._src.ascent import AscentTrace
+from xsam_jax._src.types import AxisName, LossFn, PyTree, Scalar
 
 
 class SAMState(NamedTuple):
@@ -23,19 +24,19 @@ class SAMState(NamedTuple):
       with ``m_sharpness``, the replicas' mean of their own ``|g_K|``).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # optax's name for the step counter; shadows tuple.count
   grad_norm: jax.Array
 
 
 def sam(
-    rho,
-    *,
-    num_steps: int = 1,
-    axis_name: Optional[str] = None,
-    adaptive: bool = False,
-    eta=0.01,
-    adaptive_mask: Any = None,
-    m_sharpness: bool = False,
+  rho: Scalar,
+  *,
+  num_steps: int = 1,
+  axis_name: AxisName | None = None,
+  adaptive: bool = False,
+  eta: Scalar = 0.01,
+  adaptive_mask: PyTree | Callable[[PyTree], PyTree] = None,
+  m_sharpness: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization: the gradient at the (multi-step) ascent point.
 
@@ -106,11 +107,11 @@ def sam(
   num_steps = validation.check_static_int("num_steps", num_steps)
   validation.check_nonnegative("eta", eta)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> SAMState:
     del params
     return SAMState(count=base.zero_count(), grad_norm=jnp.zeros([], jnp.float32))
 
-  def rule(trace, state, params, loss_fn):
+  def rule(trace: AscentTrace, state: SAMState, params: PyTree, loss_fn: LossFn) -> tuple[PyTree, SAMState]:
     del params, loss_fn
     g_k = trace.grads[-1]
     grad_norm = tm.tree_norm(g_k).astype(jnp.float32)
@@ -119,14 +120,14 @@ def sam(
     return g_k, state._replace(grad_norm=grad_norm)
 
   return base.sharpness_aware_transform(
-      "sam",
-      rho=rho,
-      num_steps=num_steps,
-      init_fn=init_fn,
-      rule=rule,
-      axis_name=axis_name,
-      adaptive=adaptive,
-      eta=eta,
-      adaptive_mask=adaptive_mask,
-      m_sharpness=m_sharpness,
+    "sam",
+    rho=rho,
+    num_steps=num_steps,
+    init_fn=init_fn,
+    rule=rule,
+    axis_name=axis_name,
+    adaptive=adaptive,
+    eta=eta,
+    adaptive_mask=adaptive_mask,
+    m_sharpness=m_sharpness,
   )

@@ -18,7 +18,8 @@ matplotlib is imported lazily inside the plotting helpers only.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +31,13 @@ from xsam_jax._src import ascent as ascent_lib
 from xsam_jax._src import tree_math as tm
 from xsam_jax._src import validation
 from xsam_jax._src import xsam as xsam_lib
+from xsam_jax._src.types import LossFn, PyTree, Scalar
 
-LossFn = Callable[[Any], jax.Array]
+if TYPE_CHECKING:
+  from matplotlib.axes import Axes
+
+FlatOperator = Callable[[jax.Array], jax.Array]
+"""A linear map on ``(n, m)`` matrices whose columns are flat (raveled) vectors."""
 
 NORMALIZATIONS = ("filter", "layer", "element", "unit")
 """Direction normalizations understood by :func:`normalize_direction`."""
@@ -45,7 +51,7 @@ VECTOR_LEAVES = ("zero", "normalize")
 # ---------------------------------------------------------------------------
 
 
-def hessian_vector_product(loss_fn: LossFn, params, vector):
+def hessian_vector_product(loss_fn: LossFn, params: PyTree, vector: PyTree) -> PyTree:
   r"""The Hessian of ``loss_fn`` at ``params`` applied to ``vector``.
 
   .. math::
@@ -93,11 +99,11 @@ class HessianEigenpairs(NamedTuple):
   """
 
   eigenvalues: jax.Array
-  eigenvectors: Any
+  eigenvectors: PyTree
   num_iterations: jax.Array
 
 
-def _flat_hessian(loss_fn: LossFn, params):
+def _flat_hessian(loss_fn: LossFn, params: PyTree) -> tuple[FlatOperator, jax.Array, Callable[[jax.Array], PyTree]]:
   """The Hessian as a map on ``(n, m)`` matrices of flat (raveled) vectors.
 
   Forward-over-reverse: ``jax.linearize`` of ``jax.grad`` evaluates the
@@ -111,18 +117,30 @@ def _flat_hessian(loss_fn: LossFn, params):
   flat, unravel = ravel_pytree(tm.tree_wide(params))
   _, grad_lin = jax.linearize(jax.grad(loss_fn), params)
 
-  def matvec(x):
+  def matvec(x: jax.Array) -> jax.Array:
     hv = grad_lin(tm.tree_cast_like(unravel(x), params))
     return ravel_pytree(tm.tree_wide(hv))[0].astype(flat.dtype)
 
-  def matmat(xs):
+  def matmat(xs: jax.Array) -> jax.Array:
     return jax.vmap(matvec, in_axes=1, out_axes=1)(xs)
 
   return matmat, flat, unravel
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "k", "block_size", "max_iters", "auto_shift", "dense"))
-def _top_eigenpairs(loss_fn, params, key, rel_tol, shift, *, k, block_size, max_iters, auto_shift, dense):
+def _top_eigenpairs(
+  loss_fn: LossFn,
+  params: PyTree,
+  key: jax.Array,
+  rel_tol: float,
+  shift: Scalar,
+  *,
+  k: int,
+  block_size: int,
+  max_iters: int,
+  auto_shift: bool,
+  dense: bool,
+) -> HessianEigenpairs:
   matmat, flat, unravel = _flat_hessian(loss_fn, params)
   n, dtype = flat.size, flat.dtype
   if dense:
@@ -142,7 +160,7 @@ def _top_eigenpairs(loss_fn, params, key, rel_tol, shift, *, k, block_size, max_
       sigma = jnp.asarray(shift, dtype)
     sigma = sigma.astype(dtype)
 
-    def shifted(xs):
+    def shifted(xs: jax.Array) -> jax.Array:
       return matmat(xs) + sigma * xs
 
     # lobpcg stops when |r| < tol * 10 * n * (|A v| + theta): undo its n scaling.
@@ -158,15 +176,15 @@ def _top_eigenpairs(loss_fn, params, key, rel_tol, shift, *, k, block_size, max_
 
 
 def hessian_eigenpairs(
-    loss_fn: LossFn,
-    params,
-    k: int = 1,
-    *,
-    key: Optional[jax.Array] = None,
-    block_size: Optional[int] = None,
-    max_iters: int = 200,
-    tol: float = 1e-5,
-    shift: Optional[float] = None,
+  loss_fn: LossFn,
+  params: PyTree,
+  k: int = 1,
+  *,
+  key: jax.Array | None = None,
+  block_size: int | None = None,
+  max_iters: int = 200,
+  tol: float = 1e-5,
+  shift: float | None = None,
 ) -> HessianEigenpairs:
   r"""The ``k`` largest eigenvalues of the Hessian of ``loss_fn``, with eigenvectors.
 
@@ -246,12 +264,20 @@ def hessian_eigenpairs(
     key = jax.random.key(0)
   dense = 5 * block_size >= n
   return _top_eigenpairs(
-      loss_fn, params, key, tol, 0.0 if shift is None else shift,
-      k=k, block_size=block_size, max_iters=max_iters, auto_shift=shift is None, dense=dense,
+    loss_fn,
+    params,
+    key,
+    tol,
+    0.0 if shift is None else shift,
+    k=k,
+    block_size=block_size,
+    max_iters=max_iters,
+    auto_shift=shift is None,
+    dense=dense,
   )
 
 
-def hessian_eigenvalues(loss_fn: LossFn, params, k: int = 1, **kwargs) -> jax.Array:
+def hessian_eigenvalues(loss_fn: LossFn, params: PyTree, k: int = 1, **kwargs: Any) -> jax.Array:
   r"""The ``k`` largest (algebraic) Hessian eigenvalues, descending.
 
   :math:`\lambda_{max}` is ``hessian_eigenvalues(loss_fn, params)[0]``; the
@@ -285,12 +311,14 @@ def hessian_eigenvalues(loss_fn: LossFn, params, k: int = 1, **kwargs) -> jax.Ar
 # ---------------------------------------------------------------------------
 
 
-def _check_choice(name, value, choices):
+def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
   if value not in choices:
     raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
 
 
-def normalize_direction(direction, params, *, normalization: str = "filter", vector_leaves: str = "zero"):
+def normalize_direction(
+  direction: PyTree, params: PyTree, *, normalization: str = "filter", vector_leaves: str = "zero"
+) -> PyTree:
   r"""Rescales a direction to the scale of ``params``, as in Li et al. (2018).
 
   With ``d`` the direction and ``w`` the parameters, for every leaf:
@@ -340,8 +368,8 @@ def normalize_direction(direction, params, *, normalization: str = "filter", vec
 
 
 @functools.partial(jax.jit, static_argnames=("normalization", "vector_leaves"))
-def _normalize_direction(direction, params, *, normalization, vector_leaves):
-  def one(d, w):
+def _normalize_direction(direction: PyTree, params: PyTree, *, normalization: str, vector_leaves: str) -> PyTree:
+  def one(d: jax.Array, w: jax.Array) -> jax.Array:
     d = d.astype(tm.wide_dtype(jnp.result_type(d.dtype, w.dtype)))
     w = w.astype(d.dtype)
     if d.ndim <= 1 and vector_leaves == "zero":
@@ -350,10 +378,7 @@ def _normalize_direction(direction, params, *, normalization, vector_leaves):
       return d * jnp.abs(w)
     if normalization == "unit":
       return d
-    if normalization == "filter" and d.ndim >= 2:
-      axes = tuple(range(d.ndim - 1))
-    else:
-      axes = tuple(range(d.ndim))
+    axes = tuple(range(d.ndim - 1)) if normalization == "filter" and d.ndim >= 2 else tuple(range(d.ndim))
     d_norm = jnp.sqrt(jnp.sum(jnp.square(d), axis=axes, keepdims=True))
     w_norm = jnp.sqrt(jnp.sum(jnp.square(w), axis=axes, keepdims=True))
     return d * (w_norm / (d_norm + tm.EPS))
@@ -364,7 +389,9 @@ def _normalize_direction(direction, params, *, normalization, vector_leaves):
   return out
 
 
-def random_direction(key, params, *, normalization: str = "filter", vector_leaves: str = "zero"):
+def random_direction(
+  key: jax.Array, params: PyTree, *, normalization: str = "filter", vector_leaves: str = "zero"
+) -> PyTree:
   """A Gaussian random direction, normalized by :func:`normalize_direction`.
 
   Deterministic given ``key`` (one Gaussian draw of all the parameters, cut
@@ -396,13 +423,13 @@ def random_direction(key, params, *, normalization: str = "filter", vector_leave
 
 
 @functools.partial(jax.jit, static_argnames=("normalization", "vector_leaves"))
-def _random_direction(key, params, *, normalization, vector_leaves):
+def _random_direction(key: jax.Array, params: PyTree, *, normalization: str, vector_leaves: str) -> PyTree:
   return _normalize_direction(
-      _gaussian_like(key, params), params, normalization=normalization, vector_leaves=vector_leaves
+    _gaussian_like(key, params), params, normalization=normalization, vector_leaves=vector_leaves
   )
 
 
-def _gaussian_like(key, tree):
+def _gaussian_like(key: jax.Array, tree: PyTree) -> PyTree:
   """Standard normal leaves shaped like ``tree`` (wide dtypes), from one draw.
 
   One ``jax.random.normal`` call for all leaves, cut in ``jax.tree.leaves``
@@ -415,28 +442,28 @@ def _gaussian_like(key, tree):
   sizes = [int(np.prod(w.shape)) for w in leaves]
   flat = jax.random.normal(key, (sum(sizes),), dtype)
   out, start = [], 0
-  for w, size in zip(leaves, sizes):
-    out.append(flat[start:start + size].reshape(w.shape).astype(tm.wide_dtype(w.dtype)))
+  for w, size in zip(leaves, sizes, strict=True):
+    out.append(flat[start : start + size].reshape(w.shape).astype(tm.wide_dtype(w.dtype)))
     start += size
   return jax.tree.unflatten(treedef, out)
 
 
-def _batched(fn, xs, batch_size):
+def _batched(fn: Callable[[Any], jax.Array], xs: Any, batch_size: int | None) -> jax.Array:
   if batch_size is None:
     return jax.vmap(fn)(xs)
   return jax.lax.map(fn, xs, batch_size=batch_size)
 
 
 def perturbed_losses(
-    loss_fn: LossFn,
-    params,
-    key,
-    *,
-    rho,
-    num_directions: int = 32,
-    normalization: str = "filter",
-    vector_leaves: str = "zero",
-    batch_size: Optional[int] = None,
+  loss_fn: LossFn,
+  params: PyTree,
+  key: jax.Array,
+  *,
+  rho: Scalar,
+  num_directions: int = 32,
+  normalization: str = "filter",
+  vector_leaves: str = "zero",
+  batch_size: int | None = None,
 ) -> jax.Array:
   r"""Losses :math:`L(w + \rho d_i)` along ``num_directions`` random directions.
 
@@ -478,16 +505,32 @@ def perturbed_losses(
     batch_size = validation.check_static_int("batch_size", batch_size)
 
   return _perturbed_losses(
-      loss_fn, params, key, rho, num_directions=num_directions, normalization=normalization,
-      vector_leaves=vector_leaves, batch_size=batch_size,
+    loss_fn,
+    params,
+    key,
+    rho,
+    num_directions=num_directions,
+    normalization=normalization,
+    vector_leaves=vector_leaves,
+    batch_size=batch_size,
   )
 
 
 @functools.partial(
-    jax.jit, static_argnames=("loss_fn", "num_directions", "normalization", "vector_leaves", "batch_size")
+  jax.jit, static_argnames=("loss_fn", "num_directions", "normalization", "vector_leaves", "batch_size")
 )
-def _perturbed_losses(loss_fn, params, key, rho, *, num_directions, normalization, vector_leaves, batch_size):
-  def one(k):
+def _perturbed_losses(
+  loss_fn: LossFn,
+  params: PyTree,
+  key: jax.Array,
+  rho: Scalar,
+  *,
+  num_directions: int,
+  normalization: str,
+  vector_leaves: str,
+  batch_size: int | None,
+) -> jax.Array:
+  def one(k: jax.Array) -> jax.Array:
     d = _random_direction(k, params, normalization=normalization, vector_leaves=vector_leaves)
     return loss_fn(tm.tree_add_to_params(params, d, rho))
 
@@ -495,15 +538,15 @@ def _perturbed_losses(loss_fn, params, key, rho, *, num_directions, normalizatio
 
 
 def average_sharpness(
-    loss_fn: LossFn,
-    params,
-    key,
-    *,
-    rho,
-    num_directions: int = 32,
-    normalization: str = "filter",
-    vector_leaves: str = "zero",
-    batch_size: Optional[int] = None,
+  loss_fn: LossFn,
+  params: PyTree,
+  key: jax.Array,
+  *,
+  rho: Scalar,
+  num_directions: int = 32,
+  normalization: str = "filter",
+  vector_leaves: str = "zero",
+  batch_size: int | None = None,
 ) -> jax.Array:
   r"""Average sharpness: the mean loss increase along random normalized directions.
 
@@ -545,8 +588,14 @@ def average_sharpness(
     al., On Large-Batch Training for Deep Learning, ICLR 2017.
   """
   losses = perturbed_losses(
-      loss_fn, params, key, rho=rho, num_directions=num_directions,
-      normalization=normalization, vector_leaves=vector_leaves, batch_size=batch_size,
+    loss_fn,
+    params,
+    key,
+    rho=rho,
+    num_directions=num_directions,
+    normalization=normalization,
+    vector_leaves=vector_leaves,
+    batch_size=batch_size,
   )
   base = jax.jit(loss_fn)(params)
   return jnp.mean(losses) - base.astype(losses.dtype)
@@ -573,14 +622,14 @@ class LossSurface(NamedTuple):
 
 
 def loss_surface(
-    loss_fn: LossFn,
-    params,
-    direction1,
-    direction2,
-    *,
-    xs: Optional[Sequence[float]] = None,
-    ys: Optional[Sequence[float]] = None,
-    batch_size: Optional[int] = None,
+  loss_fn: LossFn,
+  params: PyTree,
+  direction1: PyTree,
+  direction2: PyTree,
+  *,
+  xs: jax.typing.ArrayLike | Sequence[float] | None = None,
+  ys: jax.typing.ArrayLike | Sequence[float] | None = None,
+  batch_size: int | None = None,
 ) -> LossSurface:
   r"""The loss on the grid :math:`L(w + x\, d_1 + y\, d_2)`.
 
@@ -610,27 +659,31 @@ def loss_surface(
   if batch_size is not None:
     batch_size = validation.check_static_int("batch_size", batch_size)
   dtype = tm.wide_dtype(jnp.result_type(*jax.tree.leaves(params)))
-  xs = jnp.linspace(-1.0, 1.0, 21, dtype=dtype) if xs is None else jnp.asarray(xs, dtype)
-  ys = jnp.linspace(-1.0, 1.0, 21, dtype=dtype) if ys is None else jnp.asarray(ys, dtype)
-  if xs.ndim != 1 or ys.ndim != 1 or xs.size == 0 or ys.size == 0:
+  coords_x = jnp.linspace(-1.0, 1.0, 21, dtype=dtype) if xs is None else jnp.asarray(xs, dtype)
+  coords_y = jnp.linspace(-1.0, 1.0, 21, dtype=dtype) if ys is None else jnp.asarray(ys, dtype)
+  if coords_x.ndim != 1 or coords_y.ndim != 1 or coords_x.size == 0 or coords_y.size == 0:
     raise ValueError("`xs` and `ys` must be non-empty 1-D coordinate arrays.")
-  grid_x, grid_y = jnp.meshgrid(xs, ys)
+  grid_x, grid_y = jnp.meshgrid(coords_x, coords_y)
   points = jnp.stack([grid_x.ravel(), grid_y.ravel()], axis=1)
   losses = _surface_losses(loss_fn, params, direction1, direction2, points, batch_size=batch_size)
-  return LossSurface(xs=xs, ys=ys, losses=losses.reshape(grid_x.shape))
+  return LossSurface(xs=coords_x, ys=coords_y, losses=losses.reshape(grid_x.shape))
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "batch_size"))
-def _surface_losses(loss_fn, params, direction1, direction2, points, *, batch_size):
+def _surface_losses(
+  loss_fn: LossFn, params: PyTree, direction1: PyTree, direction2: PyTree, points: jax.Array, *, batch_size: int | None
+) -> jax.Array:
   d1, d2 = tm.tree_wide(direction1), tm.tree_wide(direction2)
 
-  def one(xy):
+  def one(xy: jax.Array) -> jax.Array:
     return loss_fn(tm.tree_add_to_params(params, tm.tree_lincomb(xy[0], d1, xy[1], d2)))
 
   return _batched(one, points, batch_size)
 
 
-def random_plane(key, params, *, normalization: str = "filter", vector_leaves: str = "zero"):
+def random_plane(
+  key: jax.Array, params: PyTree, *, normalization: str = "filter", vector_leaves: str = "zero"
+) -> tuple[PyTree, PyTree]:
   """Two independent random normalized directions (Li et al.'s 2-D plots).
 
   Args:
@@ -653,8 +706,8 @@ def random_plane(key, params, *, normalization: str = "filter", vector_leaves: s
   """
   k1, k2 = jax.random.split(key)
   return (
-      random_direction(k1, params, normalization=normalization, vector_leaves=vector_leaves),
-      random_direction(k2, params, normalization=normalization, vector_leaves=vector_leaves),
+    random_direction(k1, params, normalization=normalization, vector_leaves=vector_leaves),
+    random_direction(k2, params, normalization=normalization, vector_leaves=vector_leaves),
   )
 
 
@@ -684,10 +737,10 @@ class XSAMPlane(NamedTuple):
     rho, rho_max: the radii used.
   """
 
-  e1: Any
-  e2: Any
-  v0: Any
-  v1: Any
+  e1: PyTree
+  e2: PyTree
+  v0: PyTree
+  v1: PyTree
   theta: jax.Array
   alpha: jax.Array
   grad_norm: jax.Array
@@ -702,7 +755,20 @@ class XSAMPlane(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "num_steps", "probe", "probe_batch_size"))
-def _xsam_directions(loss_fn, params, g0, key, alphas, alpha, rho, rho_max, *, num_steps, probe, probe_batch_size):
+def _xsam_directions(
+  loss_fn: LossFn,
+  params: PyTree,
+  g0: PyTree | None,
+  key: jax.Array,
+  alphas: jax.Array,
+  alpha: Scalar,
+  rho: Scalar,
+  rho_max: Scalar,
+  *,
+  num_steps: int,
+  probe: bool,
+  probe_batch_size: int | None,
+) -> tuple[Any, ...]:
   if g0 is None:
     g0 = jax.grad(loss_fn)(params)
   trace = ascent_lib.ascent(loss_fn, params, g0, rho=rho, num_steps=num_steps)
@@ -724,7 +790,7 @@ def _xsam_directions(loss_fn, params, g0, key, alphas, alpha, rho, rho_max, *, n
   e2, _ = tm.tree_normalize(e2_raw)
   e1 = v0
 
-  def coords(tree):
+  def coords(tree: PyTree) -> jax.Array:
     return jnp.stack([tm.tree_vdot(tree, e1), tm.tree_vdot(tree, e2)])
 
   g0_unit, _ = tm.tree_normalize(g0)
@@ -736,17 +802,17 @@ def _xsam_directions(loss_fn, params, g0, key, alphas, alpha, rho, rho_max, *, n
 
 
 def xsam_directions(
-    loss_fn: LossFn,
-    params,
-    *,
-    rho,
-    rho_max,
-    num_steps: int = 1,
-    alphas: Sequence[float] = xsam_lib.DEFAULT_ALPHAS,
-    alpha=None,
-    grads=None,
-    key=None,
-    probe_batch_size: Optional[int] = None,
+  loss_fn: LossFn,
+  params: PyTree,
+  *,
+  rho: Scalar,
+  rho_max: Scalar,
+  num_steps: int = 1,
+  alphas: Sequence[float] = xsam_lib.DEFAULT_ALPHAS,
+  alpha: Scalar | None = None,
+  grads: PyTree | None = None,
+  key: jax.Array | None = None,
+  probe_batch_size: int | None = None,
 ) -> XSAMPlane:
   r"""Recomputes XSAM's plane, ``v0``, ``v1`` and its chosen direction at ``params``.
 
@@ -803,14 +869,23 @@ def xsam_directions(
     validation.check_finite("alpha", alpha)
   if key is None:
     key = jax.random.key(0)
-  out = _xsam_directions(
-      loss_fn, params, grads, key, jnp.asarray(grid), 1.0 if probe else alpha, rho, rho_max,
-      num_steps=num_steps, probe=probe, probe_batch_size=probe_batch_size,
+  fields = _xsam_directions(
+    loss_fn,
+    params,
+    grads,
+    key,
+    jnp.asarray(grid),
+    1.0 if probe else alpha,
+    rho,
+    rho_max,
+    num_steps=num_steps,
+    probe=probe,
+    probe_batch_size=probe_batch_size,
   )
-  return XSAMPlane(*out, rho=float(rho), rho_max=float(rho_max))
+  return XSAMPlane._make((*fields, float(rho), float(rho_max)))
 
 
-def xsam_arrows(plane: XSAMPlane) -> dict:
+def xsam_arrows(plane: XSAMPlane) -> dict[str, np.ndarray]:
   """The labelled in-plane unit directions of the paper's Fig. 1a.
 
   Args:
@@ -831,24 +906,24 @@ def xsam_arrows(plane: XSAMPlane) -> dict:
     Chen & Zhou, ICLR 2026 (Fig. 1a).
   """
   return {
-      "SGD $g_0$": np.asarray(plane.sgd_xy, np.float64),
-      "SAM $g_K$": np.asarray(plane.sam_xy, np.float64),
-      r"XSAM $v(\alpha^*)$": np.asarray(plane.xsam_xy, np.float64),
+    "SGD $g_0$": np.asarray(plane.sgd_xy, np.float64),
+    "SAM $g_K$": np.asarray(plane.sam_xy, np.float64),
+    r"XSAM $v(\alpha^*)$": np.asarray(plane.xsam_xy, np.float64),
   }
 
 
 def plot_loss_surface(
-    surface: LossSurface,
-    *,
-    arrows: Optional[Mapping[str, Any]] = None,
-    radius: Optional[float] = None,
-    ax=None,
-    levels=30,
-    title: Optional[str] = None,
-    xlabel: str = "$d_1$",
-    ylabel: str = "$d_2$",
-    colorbar: bool = True,
-):
+  surface: LossSurface,
+  *,
+  arrows: Mapping[str, Any] | None = None,
+  radius: float | None = None,
+  ax: Axes | None = None,
+  levels: int | Sequence[float] | np.ndarray = 30,
+  title: str | None = None,
+  xlabel: str = "$d_1$",
+  ylabel: str = "$d_2$",
+  colorbar: bool = True,
+) -> Axes:
   """Draws a :class:`LossSurface` as filled contours, with optional arrows.
 
   matplotlib is imported here, not when the library is imported.
@@ -902,11 +977,13 @@ def plot_loss_surface(
     t = np.linspace(0, 2 * np.pi, 200)
     ax.plot(length * np.cos(t), length * np.sin(t), "w--", linewidth=0.8)
   colors = ["#ff4040", "#ffa500", "#ffffff", "#40c0ff", "#ff80ff"]
-  for i, (label, xy) in enumerate((arrows or {}).items()):
-    xy = np.asarray(xy, np.float64)
+  for i, (label, arrow) in enumerate((arrows or {}).items()):
+    xy = np.asarray(arrow, np.float64)
     ax.annotate(
-        "", xy=(length * xy[0], length * xy[1]), xytext=(0.0, 0.0),
-        arrowprops=dict(arrowstyle="-|>", color=colors[i % len(colors)], lw=1.8),
+      "",
+      xy=(length * xy[0], length * xy[1]),
+      xytext=(0.0, 0.0),
+      arrowprops=dict(arrowstyle="-|>", color=colors[i % len(colors)], lw=1.8),
     )
     ax.plot([], [], color=colors[i % len(colors)], lw=2, label=label)
   if arrows:
@@ -919,7 +996,9 @@ def plot_loss_surface(
   return ax
 
 
-def plot_xsam_plane(plane: XSAMPlane, surface: LossSurface, *, ax=None, title: Optional[str] = None, **kwargs):
+def plot_xsam_plane(
+  plane: XSAMPlane, surface: LossSurface, *, ax: Axes | None = None, title: str | None = None, **kwargs: Any
+) -> Axes:
   """The paper's Fig. 1a: loss contours on XSAM's plane with the three directions.
 
   Draws ``surface`` (computed with ``plane.e1, plane.e2``), the circle of
@@ -956,11 +1035,18 @@ def plot_xsam_plane(plane: XSAMPlane, surface: LossSurface, *, ax=None, title: O
   if title is None:
     title = rf"$\theta$={float(plane.theta):.2f} rad, $\alpha^*$={float(plane.alpha):.1f}"
   ax = plot_loss_surface(
-      surface, arrows=xsam_arrows(plane), radius=plane.rho_max, ax=ax, title=title,
-      xlabel="$e_1 = v_0$", ylabel="$e_2$ ($v_1$ orthogonalized)", **kwargs,
+    surface,
+    arrows=xsam_arrows(plane),
+    radius=plane.rho_max,
+    ax=ax,
+    title=title,
+    xlabel="$e_1 = v_0$",
+    ylabel="$e_2$ ($v_1$ orthogonalized)",
+    **kwargs,
   )
   ascent = np.asarray(plane.ascent_xy, np.float64)
-  ax.plot([ascent[0]], [ascent[1]], "o", color="#ffa500", markeredgecolor="k", markersize=5,
-          label="ascent point $w + d_K$")
+  ax.plot(
+    [ascent[0]], [ascent[1]], "o", color="#ffa500", markeredgecolor="k", markersize=5, label="ascent point $w + d_K$"
+  )
   ax.legend(loc="lower left", fontsize=7, framealpha=0.7)
   return ax

@@ -9,7 +9,7 @@ taken from Fisher-SAM (Kim et al. 2022): a negative log mixture of two
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +32,9 @@ class CriticalPoint(NamedTuple):
     hessian_eigenvalues: ascending eigenvalues of the Hessian there.
   """
 
-  location: tuple
+  location: tuple[float, float]
   value: float
-  hessian_eigenvalues: tuple
+  hessian_eigenvalues: tuple[float, float]
 
 
 FLAT_MINIMUM = CriticalPoint((19.8100639, 29.9366210), 0.356446928, (3.260753e-4, 6.813517e-4))
@@ -47,7 +47,7 @@ SADDLE_POINT = CriticalPoint((0.3103362, 22.4990383), 0.397668184, (-8.316723e-4
 """The saddle between the two basins of :func:`fisher_sam_toy`."""
 
 
-def _check_floor(s_floor) -> float:
+def _check_floor(s_floor: Any) -> float:
   try:
     value = float(s_floor)
   except (TypeError, ValueError):
@@ -57,7 +57,7 @@ def _check_floor(s_floor) -> float:
   return value
 
 
-def _log_floor(s, s_floor):
+def _log_floor(s: jax.Array, s_floor: float) -> jax.Array:
   """``log s`` for ``s >= s_floor``; its tangent line at ``s_floor`` below.
 
   C1 in ``s``, finite for every real ``s``; the unused branch never sees a
@@ -67,7 +67,9 @@ def _log_floor(s, s_floor):
   return jnp.where(s >= s_floor, jnp.log(safe), math.log(s_floor) + (s - s_floor) / s_floor)
 
 
-def gaussian_kl(mu, s, m, t, *, s_floor=DEFAULT_S_FLOOR):
+def gaussian_kl(
+  mu: jax.typing.ArrayLike, s: jax.typing.ArrayLike, m: float, t: float, *, s_floor: float = DEFAULT_S_FLOOR
+) -> jax.Array:
   r"""KL divergence between two 1-D Gaussians, extended to all real ``s``.
 
   .. math::
@@ -103,15 +105,11 @@ def gaussian_kl(mu, s, m, t, *, s_floor=DEFAULT_S_FLOOR):
   s = jnp.asarray(s)
   dtype = jnp.result_type(mu, s, jnp.float32)
   mu, s = mu.astype(dtype), s.astype(dtype)
-  return (
-      math.log(t)
-      - _log_floor(s, s_floor)
-      + (jnp.square(s) + jnp.square(mu - m)) / (2.0 * t * t)
-      - 0.5
-  ).astype(dtype)
+  kl = math.log(t) - _log_floor(s, s_floor) + (jnp.square(s) + jnp.square(mu - m)) / (2.0 * t * t) - 0.5
+  return kl.astype(dtype)
 
 
-def fisher_sam_toy(params, *, s_floor=DEFAULT_S_FLOOR) -> jax.Array:
+def fisher_sam_toy(params: jax.typing.ArrayLike, *, s_floor: float = DEFAULT_S_FLOOR) -> jax.Array:
   r"""The 2-D test function of Fisher-SAM, used by XSAM (Sec. 5.1, Fig. 3a).
 
   With ``params = (mu, s)`` the parameters of a Gaussian ``N(mu, s^2)`` and

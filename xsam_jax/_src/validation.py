@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import jax
 import numpy as np
 
 
-def _concrete(value):
+def _concrete(value: Any) -> float | None:
   """Returns ``value`` as a Python float, or None when it is traced."""
   if isinstance(value, jax.core.Tracer):
     return None
@@ -28,15 +29,13 @@ def _concrete(value):
   return float(arr)
 
 
-def _is_number(value) -> bool:
+def _is_number(value: Any) -> bool:
   if isinstance(value, bool):
     return False
-  if isinstance(value, (numbers.Real, np.ndarray, jax.Array)):
-    return True
-  return False
+  return isinstance(value, (numbers.Real, np.ndarray, jax.Array))
 
 
-def check_positive(name: str, value) -> None:
+def check_positive(name: str, value: Any) -> None:
   """Raises ValueError unless ``value`` is a finite real number > 0."""
   if not _is_number(value):
     raise ValueError(f"`{name}` must be a finite real number > 0, got {value!r}.")
@@ -45,7 +44,7 @@ def check_positive(name: str, value) -> None:
     raise ValueError(f"`{name}` must be a finite real number > 0, got {v!r}.")
 
 
-def check_nonnegative(name: str, value) -> None:
+def check_nonnegative(name: str, value: Any) -> None:
   """Raises ValueError unless ``value`` is a finite real number >= 0."""
   if not _is_number(value):
     raise ValueError(f"`{name}` must be a finite real number >= 0, got {value!r}.")
@@ -54,7 +53,7 @@ def check_nonnegative(name: str, value) -> None:
     raise ValueError(f"`{name}` must be a finite real number >= 0, got {v!r}.")
 
 
-def check_finite(name: str, value) -> None:
+def check_finite(name: str, value: Any) -> None:
   """Raises ValueError unless ``value`` is a finite real number."""
   if not _is_number(value):
     raise ValueError(f"`{name}` must be a finite real number, got {value!r}.")
@@ -63,19 +62,19 @@ def check_finite(name: str, value) -> None:
     raise ValueError(f"`{name}` must be a finite real number, got {v!r}.")
 
 
-def check_static_int(name: str, value, minimum: int = 1) -> int:
+def check_static_int(name: str, value: Any, minimum: int = 1) -> int:
   """Checks a static Python int >= minimum (not traced: it sets loop length)."""
   if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
     raise ValueError(
-        f"`{name}` must be a Python int >= {minimum}, got {value!r}. (With "
-        f"optax.inject_hyperparams, list it in static_args=('{name}',).)"
+      f"`{name}` must be a Python int >= {minimum}, got {value!r}. (With "
+      f"optax.inject_hyperparams, list it in static_args=('{name}',).)"
     )
   if int(value) < minimum:
     raise ValueError(f"`{name}` must be an int >= {minimum}, got {int(value)}.")
   return int(value)
 
 
-def check_period(name: str, value) -> None:
+def check_period(name: str, value: Any) -> None:
   """Checks a probe period: None (never) or an int >= 1 (may be traced)."""
   if value is None:
     return
@@ -88,7 +87,7 @@ def check_period(name: str, value) -> None:
     raise ValueError(f"`{name}` must be None or an int >= 1, got {int(arr)}.")
 
 
-def check_grid(name: str, values) -> np.ndarray:
+def check_grid(name: str, values: Any) -> np.ndarray:
   """Checks a non-empty 1-D grid of finite reals; returns it as float64 numpy."""
   try:
     arr = np.asarray(values, dtype=np.float64)
@@ -99,15 +98,15 @@ def check_grid(name: str, values) -> np.ndarray:
   return arr
 
 
-def check_call(method: str, params, loss_fn) -> None:
+def check_call(method: str, params: Any, loss_fn: Any) -> None:
   """Raises a ValueError explaining the calling convention when args are missing."""
   missing = [n for n, v in (("params", params), ("loss_fn", loss_fn)) if v is None]
   if missing:
     raise ValueError(
-        f"{method}.update needs {' and '.join(f'`{m}`' for m in missing)}: call it as "
-        "`tx.update(grads, state, params, loss_fn=loss_fn)`, where `grads` is the "
-        "gradient of `loss_fn` at `params` and `loss_fn(params)` returns the scalar "
-        "loss on the same batch."
+      f"{method}.update needs {' and '.join(f'`{m}`' for m in missing)}: call it as "
+      "`tx.update(grads, state, params, loss_fn=loss_fn)`, where `grads` is the "
+      "gradient of `loss_fn` at `params` and `loss_fn(params)` returns the scalar "
+      "loss on the same batch."
     )
   if not callable(loss_fn):
     raise ValueError(f"{method}.update: `loss_fn` must be callable, got {type(loss_fn).__name__}.")

@@ -4,15 +4,16 @@ stochastic perturbation."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from xsam_jax._src import base
+from xsam_jax._src import base, validation
 from xsam_jax._src import tree_math as tm
-from xsam_jax._src import validation
+from xsam_jax._src.ascent import AscentTrace
+from xsam_jax._src.types import AxisName, LossFn, PyTree, Scalar
 
 
 class VaSSOState(NamedTuple):
@@ -25,12 +26,12 @@ class VaSSOState(NamedTuple):
       in wide precision (float32 or wider); zeros before the first call.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # optax's name for the step counter; shadows tuple.count
   grad_norm: jax.Array
-  ema: Any
+  ema: PyTree
 
 
-def _check_theta(theta) -> None:
+def _check_theta(theta: Scalar) -> None:
   """``theta`` must be in (0, 1] (``1`` is SAM); traced values pass."""
   validation.check_positive("theta", theta)
   if not isinstance(theta, jax.core.Tracer) and float(jnp.asarray(theta)) > 1.0:
@@ -38,10 +39,10 @@ def _check_theta(theta) -> None:
 
 
 def vasso(
-    rho,
-    *,
-    theta=0.9,
-    axis_name: Optional[str] = None,
+  rho: Scalar,
+  *,
+  theta: Scalar = 0.9,
+  axis_name: AxisName | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""VaSSO: SAM perturbed along an average of gradients (variance suppression).
 
@@ -92,33 +93,33 @@ def vasso(
   validation.check_positive("rho", rho)
   _check_theta(theta)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> VaSSOState:
     ema = jax.tree.map(lambda w: jnp.zeros(w.shape, tm.wide_dtype(w.dtype)), params)
     return VaSSOState(count=base.zero_count(), grad_norm=jnp.zeros([], jnp.float32), ema=ema)
 
-  def first_direction(g0, state):
-    def average(d, g):
+  def first_direction(g0: PyTree, state: VaSSOState) -> PyTree:
+    def average(d: jax.Array, g: jax.Array) -> jax.Array:
       g = g.astype(d.dtype)
       new = jnp.asarray(1.0 - theta, d.dtype) * d + jnp.asarray(theta, d.dtype) * g
       return jnp.where(state.count == 0, g, new)
 
     return jax.tree.map(average, state.ema, g0)
 
-  def rule(trace, state, params, loss_fn):
+  def rule(trace: AscentTrace, state: VaSSOState, params: PyTree, loss_fn: LossFn) -> tuple[PyTree, VaSSOState]:
     del params, loss_fn
     g_1 = trace.grads[-1]
     new_state = state._replace(
-        grad_norm=tm.tree_norm(g_1).astype(jnp.float32),
-        ema=tm.tree_cast_like(trace.first_direction, state.ema),
+      grad_norm=tm.tree_norm(g_1).astype(jnp.float32),
+      ema=tm.tree_cast_like(trace.first_direction, state.ema),
     )
     return g_1, new_state
 
   return base.sharpness_aware_transform(
-      "vasso",
-      rho=rho,
-      num_steps=1,
-      init_fn=init_fn,
-      rule=rule,
-      axis_name=axis_name,
-      first_direction=first_direction,
+    "vasso",
+    rho=rho,
+    num_steps=1,
+    init_fn=init_fn,
+    rule=rule,
+    axis_name=axis_name,
+    first_direction=first_direction,
   )

@@ -3,17 +3,18 @@ probed loss maximum on a great circle of the (d_K, g_K) plane."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from xsam_jax._src import base
-from xsam_jax._src import collectives
+from xsam_jax._src import base, collectives, validation
 from xsam_jax._src import tree_math as tm
-from xsam_jax._src import validation
+from xsam_jax._src.ascent import AscentTrace
+from xsam_jax._src.types import AxisName, LossFn, PyTree, Scalar
 
 DEFAULT_ALPHAS: tuple = tuple(float(np.round(0.1 * i, 10)) for i in range(21))
 """The paper's alpha grid: 0.0, 0.1, ..., 2.0 (21 points)."""
@@ -40,7 +41,7 @@ class XSAMState(NamedTuple):
       kept unchanged).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # optax's name for the step counter; shadows tuple.count
   alpha: jax.Array
   theta: jax.Array
   grad_norm: jax.Array
@@ -48,7 +49,7 @@ class XSAMState(NamedTuple):
   max_loss: jax.Array
 
 
-def slerp_coefficients(alpha, theta):
+def slerp_coefficients(alpha: jax.typing.ArrayLike, theta: jax.typing.ArrayLike) -> tuple[jax.Array, jax.Array]:
   r"""Coefficients ``(a, b)`` with ``v(alpha) = a v0 + b v1`` on the great circle.
 
   .. math::
@@ -83,7 +84,7 @@ def slerp_coefficients(alpha, theta):
   return a, b
 
 
-def plane_scalars(x0, x1):
+def plane_scalars(x0: PyTree, x1: PyTree) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   r"""The scalars of XSAM's plane spanned by ``x0`` and ``x1``, without forming it.
 
   With ``v0 = s0 x0`` and ``v1 = s1 x1`` for
@@ -118,7 +119,7 @@ def plane_scalars(x0, x1):
   return jnp.arccos(jnp.clip(cos, -1.0, 1.0)), s0, s1, n1
 
 
-def xsam_plane(displacement, g_k):
+def xsam_plane(displacement: PyTree, g_k: PyTree) -> tuple[PyTree, PyTree, jax.Array, jax.Array]:
   """Unit spanning vectors and angle of XSAM's search plane.
 
   Args:
@@ -141,7 +142,9 @@ def xsam_plane(displacement, g_k):
   return tm.tree_scale(s0, x0), tm.tree_scale(s1, x1), theta, g_norm
 
 
-def adaptive_xsam_plane(trace):
+def adaptive_xsam_plane(
+  trace: AscentTrace,
+) -> tuple[tuple[PyTree, PyTree], tuple[PyTree, PyTree], jax.Array, jax.Array]:
   r"""XSAM's plane in ASAM's rescaled coordinates (``xsam(..., adaptive=True)``).
 
   ASAM (Kwon et al. 2021) is SAM in the coordinates ``u = w / T`` with
@@ -173,9 +176,9 @@ def adaptive_xsam_plane(trace):
     :func:`slerp_coefficients`; ``p = T v`` and ``o = T^{-1} v``.
   """
   bases, theta, (s0, s1), tg_norm = _adaptive_bases(trace)
-  (x0, x1), probe_bases = bases, bases.probe()
-  probe_pair = (tm.tree_scale(s0, probe_bases[0]), tm.tree_scale(s1, probe_bases[1]))
-  output_pair = (tm.tree_scale(s0, x0), tm.tree_scale(s1, x1))
+  p0, p1 = bases.probe()
+  probe_pair = (tm.tree_scale(s0, p0), tm.tree_scale(s1, p1))
+  output_pair = (tm.tree_scale(s0, bases.x0), tm.tree_scale(s1, bases.x1))
   return probe_pair, output_pair, theta, tg_norm
 
 
@@ -183,14 +186,18 @@ class _Bases(NamedTuple):
   """The plane as unscaled trees: ``v0 = s0 x0``, ``v1 = s1 x1`` (output side),
   and a thunk building the probe side's trees (only inside the probe branch)."""
 
-  x0: Any
-  x1: Any
-  probe: Any
+  x0: PyTree
+  x1: PyTree
+  probe: Callable[[], tuple[PyTree, PyTree]]
 
 
-def _plain_bases(trace):
+_BasesResult = tuple[_Bases, jax.Array, tuple[jax.Array, jax.Array], jax.Array]
+"""``(bases, theta, (s0, s1), output scale)``."""
+
+
+def _plain_bases(trace: AscentTrace) -> _BasesResult:
   x1 = tm.tree_wide(trace.grads[-1])
-  if trace.displacement_scale is None:
+  if trace.displacement_scale is None or trace.displacement_norm is None:  # set together, for K = 1
     x0 = tm.tree_wide(trace.displacement)
     theta, s0, s1, g_norm = plane_scalars(x0, x1)
   else:  # K = 1: d_1 = c u, so v0 = (c / (|d_1| + eps)) u; d_1 is never formed.
@@ -202,7 +209,7 @@ def _plain_bases(trace):
   return _Bases(x0, x1, lambda: (x0, x1)), theta, (s0, s1), g_norm
 
 
-def _adaptive_bases(trace):
+def _adaptive_bases(trace: AscentTrace) -> _BasesResult:
   scale = trace.scale
   times_t = lambda tree: jax.tree.map(lambda t, x: t * x.astype(t.dtype), scale, tree)
   c_k, g_k = trace.gradient_displacement, tm.tree_wide(trace.grads[-1])
@@ -212,7 +219,18 @@ def _adaptive_bases(trace):
   return _Bases(c_k, g_k, probe), theta, (s0, s1), tg_norm
 
 
-def probe_losses(loss_fn, params, v0, v1, theta, alphas, rho_max, *, batch_size=None, axis_name=None):
+def probe_losses(
+  loss_fn: LossFn,
+  params: PyTree,
+  v0: PyTree,
+  v1: PyTree,
+  theta: jax.typing.ArrayLike,
+  alphas: jax.typing.ArrayLike,
+  rho_max: Scalar,
+  *,
+  batch_size: int | None = None,
+  axis_name: AxisName | None = None,
+) -> jax.Array:
   """Losses ``L(w + rho_max * v(alpha_i))`` for every alpha of the grid, in one batched call.
 
   The perturbed parameters are built inside a ``jax.vmap`` over the grid
@@ -232,14 +250,26 @@ def probe_losses(loss_fn, params, v0, v1, theta, alphas, rho_max, *, batch_size=
     A 1-D array of losses, one per alpha.
   """
   coef_a, coef_b = slerp_coefficients(alphas, theta)
-  return _probe_combinations(loss_fn, params, v0, v1, coef_a, coef_b, rho_max,
-                             batch_size=batch_size, axis_name=axis_name)
+  return _probe_combinations(
+    loss_fn, params, v0, v1, coef_a, coef_b, rho_max, batch_size=batch_size, axis_name=axis_name
+  )
 
 
-def _probe_combinations(loss_fn, params, x0, x1, coef_a, coef_b, rho_max, *, batch_size, axis_name):
+def _probe_combinations(
+  loss_fn: LossFn,
+  params: PyTree,
+  x0: PyTree,
+  x1: PyTree,
+  coef_a: jax.Array,
+  coef_b: jax.Array,
+  rho_max: Scalar,
+  *,
+  batch_size: int | None,
+  axis_name: AxisName | None,
+) -> jax.Array:
   """Losses ``L(w + rho_max (a_i x0 + b_i x1))``, batched over the coefficient arrays."""
 
-  def one(coefs):
+  def one(coefs: tuple[jax.Array, jax.Array]) -> jax.Array:
     a, b = coefs
     return loss_fn(tm.tree_add_to_params(params, tm.tree_lincomb(a, x0, b, x1), rho_max))
 
@@ -252,7 +282,7 @@ def _probe_combinations(loss_fn, params, x0, x1, coef_a, coef_b, rho_max, *, bat
   return losses
 
 
-def resolve_probe_batch_size(probe_batch_size):
+def resolve_probe_batch_size(probe_batch_size: int | str | None) -> int | None:
   """Resolves ``"auto"``: sequential (1) on CPU, one full ``vmap`` (None) elsewhere."""
   if isinstance(probe_batch_size, str):
     return 1 if jax.default_backend() == "cpu" else None
@@ -263,7 +293,14 @@ ALPHA_REFINEMENTS = (None, "parabola")
 """Allowed values of ``xsam(..., alpha_refinement=)``."""
 
 
-def parabola_vertex(xm, x0, xp, ym, y0, yp):
+def parabola_vertex(
+  xm: jax.Array | float,
+  x0: jax.Array | float,
+  xp: jax.Array | float,
+  ym: jax.Array | float,
+  y0: jax.Array | float,
+  yp: jax.Array | float,
+) -> jax.Array:
   r"""Abscissa of the vertex of the parabola through three points, clipped to ``[xm, xp]``.
 
   For ``xm < x0 < xp`` and ``y0 >= ym, yp`` (``x0`` a grid maximum):
@@ -288,7 +325,9 @@ def parabola_vertex(xm, x0, xp, ym, y0, yp):
   return jnp.where(ok, jnp.clip(vertex, xm, xp), x0)
 
 
-def select_alpha(losses, alphas, alpha_old, *, refine=None):
+def select_alpha(
+  losses: jax.Array, alphas: jax.Array, alpha_old: jax.typing.ArrayLike, *, refine: str | None = None
+) -> tuple[jax.Array, jax.Array]:
   """The alpha of the first maximal finite loss; ``alpha_old`` if none is finite.
 
   With ``refine="parabola"`` (``alphas`` strictly increasing), an interior
@@ -326,20 +365,20 @@ def select_alpha(losses, alphas, alpha_old, *, refine=None):
 
 
 def xsam(
-    rho,
-    rho_max,
-    *,
-    num_steps: int = 1,
-    alphas: Sequence[float] = DEFAULT_ALPHAS,
-    alpha_init=1.0,
-    alpha_update_period: Optional[int] = 100,
-    alpha_refinement: Optional[str] = None,
-    probe_batch_size="auto",
-    axis_name: Optional[str] = None,
-    adaptive: bool = False,
-    eta=0.01,
-    adaptive_mask: Any = None,
-    m_sharpness: bool = False,
+  rho: Scalar,
+  rho_max: Scalar,
+  *,
+  num_steps: int = 1,
+  alphas: Sequence[float] = DEFAULT_ALPHAS,
+  alpha_init: Scalar = 1.0,
+  alpha_update_period: int | jax.Array | None = 100,
+  alpha_refinement: str | None = None,
+  probe_batch_size: int | str | None = "auto",
+  axis_name: AxisName | None = None,
+  adaptive: bool = False,
+  eta: Scalar = 0.01,
+  adaptive_mask: PyTree | Callable[[PyTree], PyTree] = None,
+  m_sharpness: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""XSAM: SAM's gradient scale along the probed direction of the loss maximum.
 
@@ -492,26 +531,28 @@ def xsam(
   if alpha_refinement not in ALPHA_REFINEMENTS:
     raise ValueError(f"`alpha_refinement` must be one of {ALPHA_REFINEMENTS}, got {alpha_refinement!r}.")
   if alpha_refinement is not None and not np.all(np.diff(alpha_grid) > 0):
-    raise ValueError(f"`alphas` must be strictly increasing with `alpha_refinement={alpha_refinement!r}`, got {alphas!r}.")
+    raise ValueError(
+      f"`alphas` must be strictly increasing with `alpha_refinement={alpha_refinement!r}`, got {alphas!r}."
+    )
   if isinstance(probe_batch_size, str) and probe_batch_size != "auto":
     raise ValueError(f'`probe_batch_size` must be "auto", None or an int >= 1, got {probe_batch_size!r}.')
   if probe_batch_size is not None and probe_batch_size != "auto":
     probe_batch_size = validation.check_static_int("probe_batch_size", probe_batch_size)
   n = alpha_grid.size
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> XSAMState:
     del params
     zero = jnp.zeros([], jnp.float32)
     return XSAMState(
-        count=base.zero_count(),
-        alpha=jnp.asarray(alpha_init, jnp.float32),
-        theta=zero,
-        grad_norm=zero,
-        probe_losses=jnp.zeros([n], jnp.float32),
-        max_loss=zero,
+      count=base.zero_count(),
+      alpha=jnp.asarray(alpha_init, jnp.float32),
+      theta=zero,
+      grad_norm=zero,
+      probe_losses=jnp.zeros([n], jnp.float32),
+      max_loss=zero,
     )
 
-  def rule(trace, state, params, loss_fn):
+  def rule(trace: AscentTrace, state: XSAMState, params: PyTree, loss_fn: LossFn) -> tuple[PyTree, XSAMState]:
     # v0 = s0 x0, v1 = s1 x1 are never formed: s0, s1 go into the scalar
     # coefficients, so a non-probe step reads x0 and x1 twice (cosine, output).
     bases, theta, (s0, s1), out_scale = (_adaptive_bases if adaptive else _plain_bases)(trace)
@@ -520,17 +561,24 @@ def xsam(
     if alpha_update_period is not None:
       grid = jnp.asarray(alpha_grid, theta.dtype)
 
-      def do_probe(_):
+      def do_probe(_: None) -> tuple[jax.Array, jax.Array, jax.Array]:
         coef_a, coef_b = slerp_coefficients(grid, theta)
         p0, p1 = bases.probe()
         new = _probe_combinations(
-            loss_fn, params, p0, p1, coef_a * s0, coef_b * s1, rho_max,
-            batch_size=resolve_probe_batch_size(probe_batch_size), axis_name=axis_name,
+          loss_fn,
+          params,
+          p0,
+          p1,
+          coef_a * s0,
+          coef_b * s1,
+          rho_max,
+          batch_size=resolve_probe_batch_size(probe_batch_size),
+          axis_name=axis_name,
         )
         new_alpha, new_max = select_alpha(new, grid, state.alpha, refine=alpha_refinement)
         return new_alpha, new.astype(jnp.float32), new_max.astype(jnp.float32)
 
-      def keep(_):
+      def keep(_: None) -> tuple[jax.Array, jax.Array, jax.Array]:
         return state.alpha, state.probe_losses, state.max_loss
 
       probe_now = state.count % alpha_update_period == 0
@@ -541,15 +589,23 @@ def xsam(
     if m_sharpness:
       theta_f32, g_norm_f32 = collectives.replica_mean((theta_f32, g_norm_f32), axis_name)
     new_state = state._replace(
-        alpha=alpha,
-        theta=theta_f32,
-        grad_norm=g_norm_f32,
-        probe_losses=losses,
-        max_loss=max_loss,
+      alpha=alpha,
+      theta=theta_f32,
+      grad_norm=g_norm_f32,
+      probe_losses=losses,
+      max_loss=max_loss,
     )
     return output, new_state
 
   return base.sharpness_aware_transform(
-      "xsam", rho=rho, num_steps=num_steps, init_fn=init_fn, rule=rule, axis_name=axis_name,
-      adaptive=adaptive, eta=eta, adaptive_mask=adaptive_mask, m_sharpness=m_sharpness,
+    "xsam",
+    rho=rho,
+    num_steps=num_steps,
+    init_fn=init_fn,
+    rule=rule,
+    axis_name=axis_name,
+    adaptive=adaptive,
+    eta=eta,
+    adaptive_mask=adaptive_mask,
+    m_sharpness=m_sharpness,
   )
