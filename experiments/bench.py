@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 import xsam_jax
+from xsam_jax._src.xsam import resolve_probe_batch_size
 
 RHO, RHO_MAX, LR, WD = 0.05, 0.1, 0.05, 5e-4
 
@@ -129,17 +130,32 @@ def _time_round_robin(calls: dict, repeats: int) -> dict:
   return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_steps(params, loss_of, repeats, probe_batch_size):
+def bench_steps(params, loss_of, repeats, probe_batch_size, compile_repeats=3):
+  """Step times (medians over ``repeats`` round-robin rounds) and compile times.
+
+  Compile times are medians over ``compile_repeats`` fresh compilations per
+  variant, also taken round-robin, so that XLA's one-off warm-up and the
+  machine's load do not fall on one variant.
+  """
   out: dict[str, dict[str, Any]] = {}
   calls: dict[str, Callable[..., Any]] = {}
+  jobs = {}
   for name, (tx, step) in _variants(loss_of, probe_batch_size).items():
     state = tx.init(params)
     if name == "xsam_nonprobe":  # count=1: the call does not probe
       state = (state[0]._replace(count=jnp.ones([], jnp.int32)), *state[1:])
-    compiled, secs, peak = _compile(step, params, state)
-    jax.block_until_ready(compiled(params, state))  # warm-up run
-    calls[name] = lambda c=compiled, s=state: c(params, s)
-    out[name] = {"compile_s": secs, "peak_bytes": peak}
+    jobs[name] = (step, state)
+  compile_s: dict[str, list[float]] = {name: [] for name in jobs}
+  for _ in range(compile_repeats):
+    for name, (step, state) in jobs.items():
+      jax.clear_caches()  # else the repeat is a cache hit, not a compilation
+      compiled, secs, peak = _compile(step, params, state)
+      compile_s[name].append(secs)
+      out[name] = {"peak_bytes": peak}
+      calls[name] = lambda c=compiled, s=state: c(params, s)
+  for name, call in calls.items():
+    jax.block_until_ready(call())  # warm-up run
+    out[name]["compile_s"] = statistics.median(compile_s[name])
   medians = _time_round_robin(calls, repeats)
   for name, entry in out.items():
     entry["median_s"] = medians[name]
@@ -180,6 +196,12 @@ def bench_probes(params, loss_of, repeats, chunk_sizes):
   return out
 
 
+def _auto_strategy() -> str:
+  """The name of the probe strategy ``probe_batch_size="auto"`` picks on this backend."""
+  size = resolve_probe_batch_size("auto")
+  return "vmap" if size is None else f"lax.map(batch_size={size})"
+
+
 def ratios(steps, probes, period=100):
   loop = probes["python loop"]["median_s"]
   default = probes["vmap"]["median_s"]
@@ -191,6 +213,7 @@ def ratios(steps, probes, period=100):
     "xsam_nonprobe/sam": xs_np / sam,
     "xsam_probe/sam": xs_p / sam,
     "probe_vmap/loop": default / loop,
+    "probe_auto/loop": probes[_auto_strategy()]["median_s"] / loop,
     "probe_best_batched/loop": best / loop,
     f"xsam_epoch/sam_epoch (1 probe round per {period} steps)": ((period - 1) * xs_np + xs_p) / (period * sam),
     "xsam_compile/sam_compile": steps["xsam_probe"]["compile_s"] / steps["sam"]["compile_s"],
@@ -224,7 +247,7 @@ def main(argv=None):
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     print(f"[bench] {key}: {n_params} params, batch {batch} of {image}x{image}x3", flush=True)
     probes = bench_probes(params, loss_of, repeats, chunk_sizes=(1, 3, 7))
-    steps = bench_steps(params, loss_of, repeats, probe_batch_size=None)
+    steps = bench_steps(params, loss_of, repeats, probe_batch_size="auto", compile_repeats=1 if args.quick else 3)
     report["models"][key] = {"params": n_params, "steps": steps, "probes": probes, "ratios": ratios(steps, probes)}
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
