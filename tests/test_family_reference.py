@@ -10,6 +10,7 @@ import pytest
 import xsam_jax
 from tests import problems, reference
 from tests.test_reference import HP, _run_jax
+from tests.test_reference import _jax_train as jax_train_f64
 from xsam_jax._src.eigen_sam import eigen_sam, initial_eigvec
 from xsam_jax._src.multistep import lsam, msam
 from xsam_jax._src.vasso import vasso
@@ -26,10 +27,7 @@ def _flat_mask(problem, mask):
 
 def _jax_train(tx0, problem, p0, steps=STEPS):
   """Runs tx0 in float64 on the reference MLP; returns (flat params, state, alphas)."""
-  with jax.enable_x64(True):
-    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), p0)
-    out, state, alphas = _run_jax(tx0, params, problems.mlp_loss_fn(problem, jnp.float64), steps)
-    return reference.MLP.flatten(jax.tree.map(np.asarray, out)), state, alphas
+  return jax_train_f64(tx0, problem, p0, steps)
 
 
 def _ref_train(problem, p0, output_fn, steps=STEPS):

@@ -14,6 +14,16 @@ ALPHAS = xsam_jax.DEFAULT_ALPHAS
 HP = dict(rho=0.4, lr=0.05, momentum=0.9, wd=5e-4)
 
 
+def _jax_train(tx0, problem, p0, steps=STEPS):
+  """Runs ``tx0`` (chained as the reference is) in float64 on ``problem`` from ``p0``.
+
+  Returns the final flat params, the final state and the alphas per step."""
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), p0)
+    out, state, alphas = _run_jax(tx0, params, problems.mlp_loss_fn(problem, jnp.float64), steps)
+    return reference.MLP.flatten(jax.tree.map(np.asarray, out)), state, alphas
+
+
 def _run_jax(tx0, params, loss_fn, steps):
   tx = optax.chain(tx0, optax.add_decayed_weights(HP["wd"]), optax.sgd(HP["lr"], momentum=HP["momentum"]))
   state = tx.init(params)
@@ -52,11 +62,8 @@ def test_xsam_matches_float64_reference(k_steps, period, alpha_init):
     period=period,
     **HP,
   )
-  with jax.enable_x64(True):
-    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), p0)
-    tx0 = xsam_jax.xsam(HP["rho"], 2 * HP["rho"], num_steps=k_steps, alpha_init=alpha_init, alpha_update_period=period)
-    out, state, alphas = _run_jax(tx0, params, problems.mlp_loss_fn(problem, jnp.float64), STEPS)
-    w = reference.MLP.flatten(jax.tree.map(np.asarray, out))
+  tx0 = xsam_jax.xsam(HP["rho"], 2 * HP["rho"], num_steps=k_steps, alpha_init=alpha_init, alpha_update_period=period)
+  w, state, alphas = _jax_train(tx0, problem, p0)
   assert alphas == alphas_ref
   np.testing.assert_allclose(w, w_ref, rtol=0, atol=1e-10)
   assert int(state[0].count) == STEPS
@@ -81,13 +88,10 @@ def test_xsam_parabola_refinement_matches_float64_reference(k_steps):
     refine="parabola",
     **HP,
   )
-  with jax.enable_x64(True):
-    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), p0)
-    tx0 = xsam_jax.xsam(
-      HP["rho"], 2 * HP["rho"], num_steps=k_steps, alphas=coarse, alpha_update_period=2, alpha_refinement="parabola"
-    )
-    out, _, alphas = _run_jax(tx0, params, problems.mlp_loss_fn(problem, jnp.float64), STEPS)
-    w = reference.MLP.flatten(jax.tree.map(np.asarray, out))
+  tx0 = xsam_jax.xsam(
+    HP["rho"], 2 * HP["rho"], num_steps=k_steps, alphas=coarse, alpha_update_period=2, alpha_refinement="parabola"
+  )
+  w, _, alphas = _jax_train(tx0, problem, p0)
   # Refined alphas are off the grid (the test exercises the refinement) and
   # agree to float32 rounding (both are stored as float32).
   assert any(a not in coarse for a in alphas_ref)
@@ -99,12 +103,7 @@ def test_xsam_parabola_refinement_matches_float64_reference(k_steps):
 def test_sam_matches_float64_reference(k_steps):
   problem, p0 = problems.mlp_data(seed=2)
   w_ref, _ = reference.train(problem, reference.MLP.flatten(p0), STEPS, method="sam", k_steps=k_steps, **HP)
-  with jax.enable_x64(True):
-    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), p0)
-    out, _, _ = _run_jax(
-      xsam_jax.sam(HP["rho"], num_steps=k_steps), params, problems.mlp_loss_fn(problem, jnp.float64), STEPS
-    )
-    w = reference.MLP.flatten(jax.tree.map(np.asarray, out))
+  w, _, _ = _jax_train(xsam_jax.sam(HP["rho"], num_steps=k_steps), problem, p0)
   np.testing.assert_allclose(w, w_ref, rtol=0, atol=1e-10)
 
 

@@ -31,6 +31,7 @@ from xsam_jax._src import ascent as ascent_lib
 from xsam_jax._src import tree_math as tm
 from xsam_jax._src import validation
 from xsam_jax._src import xsam as xsam_lib
+from xsam_jax._src.batching import map_batched
 from xsam_jax._src.types import LossFn, PyTree, Scalar
 
 if TYPE_CHECKING:
@@ -448,12 +449,6 @@ def _gaussian_like(key: jax.Array, tree: PyTree) -> PyTree:
   return jax.tree.unflatten(treedef, out)
 
 
-def _batched(fn: Callable[[Any], jax.Array], xs: Any, batch_size: int | None) -> jax.Array:
-  if batch_size is None:
-    return jax.vmap(fn)(xs)
-  return jax.lax.map(fn, xs, batch_size=batch_size)
-
-
 def perturbed_losses(
   loss_fn: LossFn,
   params: PyTree,
@@ -534,7 +529,7 @@ def _perturbed_losses(
     d = _random_direction(k, params, normalization=normalization, vector_leaves=vector_leaves)
     return loss_fn(tm.tree_add_to_params(params, d, rho))
 
-  return _batched(one, jax.random.split(key, num_directions), batch_size)
+  return map_batched(one, jax.random.split(key, num_directions), batch_size)
 
 
 def average_sharpness(
@@ -678,7 +673,7 @@ def _surface_losses(
   def one(xy: jax.Array) -> jax.Array:
     return loss_fn(tm.tree_add_to_params(params, tm.tree_lincomb(xy[0], d1, xy[1], d2)))
 
-  return _batched(one, points, batch_size)
+  return map_batched(one, points, batch_size)
 
 
 def random_plane(

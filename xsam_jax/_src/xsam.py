@@ -14,6 +14,7 @@ import optax
 from xsam_jax._src import base, collectives, validation
 from xsam_jax._src import tree_math as tm
 from xsam_jax._src.ascent import AscentTrace
+from xsam_jax._src.batching import map_batched
 from xsam_jax._src.types import AxisName, LossFn, PyTree, Scalar
 
 DEFAULT_ALPHAS: tuple = tuple(float(np.round(0.1 * i, 10)) for i in range(21))
@@ -84,7 +85,9 @@ def slerp_coefficients(alpha: jax.typing.ArrayLike, theta: jax.typing.ArrayLike)
   return a, b
 
 
-def plane_scalars(x0: PyTree, x1: PyTree) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def plane_scalars(
+  x0: PyTree, x1: PyTree, *, s0: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   r"""The scalars of XSAM's plane spanned by ``x0`` and ``x1``, without forming it.
 
   With ``v0 = s0 x0`` and ``v1 = s1 x1`` for
@@ -103,6 +106,9 @@ def plane_scalars(x0: PyTree, x1: PyTree) -> tuple[jax.Array, jax.Array, jax.Arr
   Args:
     x0, x1: pytrees of one structure (wide precision, see
       ``tree_math.tree_wide``).
+    s0: ``v0``'s scale when the caller knows it without reading ``x0``
+      (XSAM with K = 1: ``d_1 = c g_0``, so ``v0 = c / (|d_1| + eps) g_0``);
+      default ``1/(|x0|+eps)``.
 
   Returns:
     ``(theta, s0, s1, |x1|)``, scalars in the trees' wide dtype.
@@ -113,8 +119,10 @@ def plane_scalars(x0: PyTree, x1: PyTree) -> tuple[jax.Array, jax.Array, jax.Arr
     >>> [round(float(x), 4) for x in (theta, s0, s1, n1)]
     [1.5708, 0.5, 0.3333, 3.0]
   """
-  n0, n1 = tm.tree_norm(x0), tm.tree_norm(x1)
-  s0, s1 = 1.0 / (n0 + tm.EPS), 1.0 / (n1 + tm.EPS)
+  if s0 is None:
+    s0 = 1.0 / (tm.tree_norm(x0) + tm.EPS)
+  n1 = tm.tree_norm(x1)
+  s1 = 1.0 / (n1 + tm.EPS)
   cos = tm.tree_scaled_vdot(s0, x0, s1, x1)
   return jnp.arccos(jnp.clip(cos, -1.0, 1.0)), s0, s1, n1
 
@@ -202,10 +210,7 @@ def _plain_bases(trace: AscentTrace) -> _BasesResult:
     theta, s0, s1, g_norm = plane_scalars(x0, x1)
   else:  # K = 1: d_1 = c u, so v0 = (c / (|d_1| + eps)) u; d_1 is never formed.
     x0 = tm.tree_wide(trace.first_direction)
-    s0 = trace.displacement_scale / (trace.displacement_norm + tm.EPS)
-    g_norm = tm.tree_norm(x1)
-    s1 = 1.0 / (g_norm + tm.EPS)
-    theta = jnp.arccos(jnp.clip(tm.tree_scaled_vdot(s0, x0, s1, x1), -1.0, 1.0))
+    theta, s0, s1, g_norm = plane_scalars(x0, x1, s0=trace.displacement_scale / (trace.displacement_norm + tm.EPS))
   return _Bases(x0, x1, lambda: (x0, x1)), theta, (s0, s1), g_norm
 
 
@@ -273,10 +278,7 @@ def _probe_combinations(
     a, b = coefs
     return loss_fn(tm.tree_add_to_params(params, tm.tree_lincomb(a, x0, b, x1), rho_max))
 
-  if batch_size is None:
-    losses = jax.vmap(one)((coef_a, coef_b))
-  else:
-    losses = jax.lax.map(one, (coef_a, coef_b), batch_size=batch_size)
+  losses = map_batched(one, (coef_a, coef_b), batch_size)
   if axis_name is not None:
     losses = jax.lax.pmean(losses, axis_name)
   return losses
