@@ -19,7 +19,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -28,6 +28,8 @@ import numpy as np
 import optax
 
 import xsam_jax
+from xsam_jax._src import base as base_lib
+from xsam_jax._src import tree_math as tm
 from xsam_jax._src.xsam import resolve_probe_batch_size
 
 RHO, RHO_MAX, LR, WD = 0.05, 0.1, 0.05, 5e-4
@@ -88,8 +90,42 @@ def _step(
   return step
 
 
+class _FloorState(NamedTuple):
+  count: jax.Array  # type: ignore[assignment]  # optax's counter name; shadows tuple.count
+  grad_norm: jax.Array
+  zero: jax.Array  # a runtime 0.0, so XLA cannot fold the g_0 term away
+
+
+def plane_floor(rho: float) -> optax.GradientTransformationExtraArgs:
+  """SAM plus the data movement any XSAM rule must add on a non-probe step (a yardstick, not an optimizer).
+
+  XSAM's output ``|g_1| v(alpha)`` is a combination of ``g_0`` and ``g_1``
+  whose coefficients depend on their cosine, so beyond SAM (which already
+  computes ``|g_1|``) it needs one pass over ``g_0`` and ``g_1`` for
+  ``<g_0, g_1>`` and ``g_0`` read again where the output is formed. This
+  transform does exactly that: it outputs ``g_1 + 0 * <g_0, g_1> g_0`` with
+  the 0 read from its state. ``xsam_nonprobe / plane_floor`` is then the
+  cost of XSAM's rule above the least it could cost.
+  """
+
+  def init_fn(params):
+    del params
+    zero = jnp.zeros([], jnp.float32)
+    return _FloorState(base_lib.zero_count(), zero, zero)
+
+  def rule(trace, state, params, loss_fn):
+    del params, loss_fn
+    g0, g1 = trace.grads
+    grad_norm = tm.tree_norm(g1).astype(jnp.float32)
+    out = tm.tree_lincomb(1.0, g1, state.zero * tm.tree_vdot(g0, g1), g0)
+    return out, state._replace(grad_norm=grad_norm)
+
+  return base_lib.sharpness_aware_transform("plane_floor", rho=rho, num_steps=1, init_fn=init_fn, rule=rule)
+
+
 def _variants(loss_of, probe_batch_size):
   sam = optax.chain(xsam_jax.sam(RHO), *_base())
+  floor = optax.chain(plane_floor(RHO), *_base())
   xs_probe = optax.chain(
     xsam_jax.xsam(RHO, RHO_MAX, alpha_update_period=1, probe_batch_size=probe_batch_size), *_base()
   )
@@ -103,6 +139,7 @@ def _variants(loss_of, probe_batch_size):
   return {
     "sgd": (optax.chain(*_base()), _step(optax.chain(*_base()), loss_of, lambda lo: {})),
     "sam": (sam, _step(sam, loss_of)),
+    "plane_floor": (floor, _step(floor, loss_of)),
     "xsam_nonprobe": (xs_never, _step(xs_never, loss_of)),
     "xsam_probe": (xs_probe, _step(xs_probe, loss_of)),
     "optax_contrib_sam": (contrib, _step(contrib, loss_of, grad_fn)),
@@ -211,6 +248,8 @@ def ratios(steps, probes, period=100):
     "sam/sgd": sam / steps["sgd"]["median_s"],
     "sam/optax_contrib_sam": sam / steps["optax_contrib_sam"]["median_s"],
     "xsam_nonprobe/sam": xs_np / sam,
+    "plane_floor/sam": steps["plane_floor"]["median_s"] / sam,
+    "xsam_nonprobe/plane_floor": xs_np / steps["plane_floor"]["median_s"],
     "xsam_probe/sam": xs_p / sam,
     "probe_vmap/loop": default / loop,
     "probe_auto/loop": probes[_auto_strategy()]["median_s"] / loop,

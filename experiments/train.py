@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import jax
 
-from experiments import configs, report
+from experiments import configs, report, trainer
 from experiments import study as study_lib
 
 DEFAULT_METHODS = "sgd,sam,xsam"
@@ -222,23 +222,15 @@ def seeds_from_args(args: argparse.Namespace) -> list[int]:
 
 
 def check_devices(parser: argparse.ArgumentParser, config: configs.TrainConfig) -> None:
-  """Exits with a usage error (status 2) for a ``--devices`` this machine or batch cannot take."""
-  available = len(jax.devices())
-  if not 1 <= config.devices <= available:
-    parser.error(
-      f"argument --devices: must be between 1 and {available} (the number of jax.devices() on the "
-      f"{jax.default_backend()} backend), got {config.devices}"
-      + (
-        "; on a CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N before starting"
-        if config.devices > available and jax.default_backend() == "cpu"
-        else ""
-      )
-    )
-  if config.batch_size % config.devices:
-    parser.error(
-      f"argument --batch-size: {config.batch_size} is not divisible by --devices {config.devices}; "
-      f"use a multiple of {config.devices} (each device gets batch_size / devices examples)"
-    )
+  """Exits with a usage error (status 2) for a ``--devices`` this machine or batch cannot take.
+
+  The checks are :func:`experiments.trainer.check_devices`'; its error names
+  the config field, turned here into the flag that sets it.
+  """
+  try:
+    trainer.check_devices(config.devices, config.batch_size)
+  except trainer.DeviceCountError as err:
+    parser.error(f"argument --{err.field.replace('_', '-')}: {err.detail}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

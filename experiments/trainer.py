@@ -64,6 +64,21 @@ class DataParallel(NamedTuple):
   batch: NamedSharding
 
 
+class DeviceCountError(ValueError):
+  """A data-parallel device count this machine or batch size cannot take.
+
+  Attributes:
+    field: the offending setting, ``"devices"`` or ``"batch_size"``.
+    detail: what is wrong with it, without the setting's name (so a command
+      line can prefix its own flag name).
+  """
+
+  def __init__(self, field: str, detail: str) -> None:
+    super().__init__(f"{field} {detail}")
+    self.field = field
+    self.detail = detail
+
+
 def check_devices(devices: int, batch_size: int) -> None:
   """Validates a data-parallel device count against the machine and the batch.
 
@@ -72,19 +87,25 @@ def check_devices(devices: int, batch_size: int) -> None:
     batch_size: the training batch size, split evenly across the devices.
 
   Raises:
-    ValueError: if ``devices`` is not in ``[1, len(jax.devices())]`` or does
-      not divide ``batch_size``.
+    DeviceCountError: (a ``ValueError``) if ``devices`` is not an integer in
+      ``[1, len(jax.devices())]`` (field ``"devices"``) or does not divide
+      ``batch_size`` (field ``"batch_size"``).
   """
   available = len(jax.devices())
   if isinstance(devices, bool) or not isinstance(devices, (int, np.integer)) or not 1 <= devices <= available:
-    raise ValueError(
-      f"devices must be an integer between 1 and {available} (the number of jax.devices() on "
-      f"this {jax.default_backend()} backend), got {devices!r}"
+    hint = ""
+    if isinstance(devices, (int, np.integer)) and devices > available and jax.default_backend() == "cpu":
+      hint = "; on a CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N before starting"
+    raise DeviceCountError(
+      "devices",
+      f"must be an integer between 1 and {available} (the number of jax.devices() on this "
+      f"{jax.default_backend()} backend), got {devices!r}{hint}",
     )
   if batch_size % devices:
-    raise ValueError(
-      f"batch_size {batch_size} is not divisible by devices={devices}: every device gets "
-      f"batch_size / devices examples; use a multiple of {devices}"
+    raise DeviceCountError(
+      "batch_size",
+      f"{batch_size} is not divisible by the device count {devices}: every device gets "
+      f"batch_size / devices examples; use a multiple of {devices}",
     )
 
 

@@ -50,57 +50,33 @@
 # `data_cache/` at the repository root.
 
 # %%
-import io
 import os
 import sys
 import time
 from pathlib import Path
 
+# The repository root (the folder holding `experiments/`, which is not installed as a package).
+ROOT = next(p for p in (Path.cwd().resolve(), *Path.cwd().resolve().parents) if (p / "experiments").is_dir())
+sys.path.insert(0, str(ROOT))
 
-def find_repo_root(start: Path) -> Path:
-  """The first folder at or above ``start`` that holds both ``xsam_jax/`` and ``experiments/``."""
-  for folder in (start, *start.parents):
-    if (folder / "xsam_jax").is_dir() and (folder / "experiments").is_dir():
-      return folder
-  raise FileNotFoundError("run this notebook from inside a clone of the xsam_jax repository")
-
-
-ROOT = find_repo_root(Path.cwd().resolve())
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))  # `experiments` is not installed as a package
-DATA_DIR = os.environ.get("XSAM_NOTEBOOK_DATA_DIR", str(ROOT / "data_cache"))
-QUICK = os.environ.get("XSAM_NOTEBOOK_QUICK", "0") not in ("", "0")
-
-import IPython.display
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
-import PIL.Image
 from flax import nnx
 
 import xsam_jax
 from experiments import data as data_lib
 from experiments import models
+from experiments.notebook import settings, show
 
+DATA_DIR, QUICK = settings(ROOT)
 plt.rcParams.update({"figure.dpi": 72, "font.size": 9})
 print(
   f"jax {jax.__version__} on {jax.default_backend()}, optax {optax.__version__}, "
   f"xsam_jax {xsam_jax.__version__}; quick configuration: {QUICK}"
 )
-
-
-def show(fig):
-  """Displays ``fig`` as a 256-colour PNG and closes it (a third of the bytes of matplotlib's
-  PNG, which keeps the committed notebook small)."""
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", bbox_inches="tight")
-  plt.close(fig)
-  image = PIL.Image.open(buffer).convert("RGB").quantize(colors=256, method=PIL.Image.Quantize.MEDIANCUT)
-  buffer = io.BytesIO()
-  image.save(buffer, format="png", optimize=True)
-  IPython.display.display(IPython.display.Image(buffer.getvalue()))
 
 
 # %% [markdown]

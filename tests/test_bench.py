@@ -2,6 +2,11 @@
 
 import json
 
+import chex
+import jax
+import jax.numpy as jnp
+
+import xsam_jax
 from experiments import bench
 
 
@@ -11,7 +16,7 @@ def test_bench_quick_report(tmp_path):
   assert on_disk["device"]
   assert on_disk["models"]["mlp"]["params"] > 0
   m = report["models"]["mlp"]
-  assert set(m["steps"]) == {"sgd", "sam", "xsam_nonprobe", "xsam_probe", "optax_contrib_sam"}
+  assert set(m["steps"]) == {"sgd", "sam", "plane_floor", "xsam_nonprobe", "xsam_probe", "optax_contrib_sam"}
   assert {"vmap", "python loop", "lax.map(batch_size=1)"} <= set(m["probes"])
   for group in ("steps", "probes"):
     for v in m[group].values():
@@ -19,3 +24,18 @@ def test_bench_quick_report(tmp_path):
       assert v["compile_s"] > 0
   assert all(r > 0 for r in m["ratios"].values())
   assert "ratio sam/sgd" in bench.format_table(report)
+
+
+def test_plane_floor_outputs_sam_and_reads_both_gradients():
+  """The yardstick's output is SAM's g_1 exactly, but its compiled step still reads g_0."""
+  params = {"w": jnp.array([1.0, -2.0, 0.5]), "b": jnp.array(0.3)}
+  loss_fn = lambda p: jnp.sum(p["w"] ** 4) + p["b"] * jnp.sum(p["w"]) + p["b"] ** 2
+  g = jax.grad(loss_fn)(params)
+  floor, sam = bench.plane_floor(0.1), xsam_jax.sam(0.1)
+  u_floor, s_floor = jax.jit(lambda s: floor.update(g, s, params, loss_fn=loss_fn))(floor.init(params))
+  u_sam, s_sam = sam.update(g, sam.init(params), params, loss_fn=loss_fn)
+  chex.assert_trees_all_equal(u_floor, u_sam)
+  assert float(s_floor.grad_norm) == float(s_sam.grad_norm)
+  # The g_0 term is not folded away: the output depends on the state's zero.
+  u_one, _ = floor.update(g, s_floor._replace(zero=jnp.ones([], jnp.float32)), params, loss_fn=loss_fn)
+  assert not jnp.allclose(u_one["w"], u_sam["w"])

@@ -139,14 +139,16 @@ def test_devices_out_of_range_is_a_usage_error(argv, flag, capsys):
     train.main([*argv, "--no-progress", "--no-checkpoints"])
   assert info.value.code == 2
   err = capsys.readouterr().err
-  assert f"argument {flag}: must be between 1 and 1" in err
+  assert f"argument {flag}: must be an integer between 1 and 1" in err
 
 
 def test_trainer_checks_devices(monkeypatch):
-  with pytest.raises(ValueError, match=r"devices must be an integer between 1 and 1 .* got 2"):
+  with pytest.raises(ValueError, match=r"devices must be an integer between 1 and 1 .* got 2") as info:
     trainer.check_devices(2, 32)
+  assert info.value.field == "devices"
   trainer.check_devices(1, 33)
   monkeypatch.setattr(jax, "devices", lambda *a: ["d"] * 8)
   trainer.check_devices(8, 32)
-  with pytest.raises(ValueError, match=r"batch_size 36 is not divisible by devices=8"):
+  with pytest.raises(ValueError, match=r"batch_size 36 is not divisible by the device count 8") as info:
     trainer.check_devices(8, 36)
+  assert info.value.field == "batch_size"
