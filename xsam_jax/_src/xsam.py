@@ -452,8 +452,9 @@ def xsam(
     probe_batch_size: ``"auto"`` (default): decided when the step is traced,
       from ``jax.default_backend()``: ``1`` on CPU, ``None`` elsewhere. On
       CPU (``python -m experiments.bench``, 2026-11-23, 2 cores) a full
-      ``vmap`` was 1.46x (MLP) and 9.5x (small CNN) slower than a Python loop
-      of forwards, while ``lax.map(batch_size=1)`` was 0.97x and 1.13x; on
+      ``vmap`` was 1.4-1.5x (MLP) and 7.8-9.5x (small CNN) slower than a
+      Python loop of forwards, while the sequential scan was 0.92-1.05x and
+      0.95-1.02x (within the machine's noise); on
       accelerators a full ``vmap`` is the batched call the hardware wants
       (not yet measured here). ``None``: all probes in one ``jax.vmap``
       (``len(alphas)`` copies of the parameters in memory). An int:
