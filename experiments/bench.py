@@ -1,7 +1,8 @@
 """Side-by-side step-time benchmark of SGD, SAM, XSAM and optax.contrib.sam.
 
-    python -m experiments.bench            # MLP + small CNN, batch 128 of 32x32x3
+    python -m experiments.bench            # MLP + small CNN (+ ResNet-18 off CPU), batch 128 of 32x32x3
     python -m experiments.bench --quick    # tiny shapes, a few repeats (used by the tests)
+    python -m experiments.bench --models resnet18   # any subset of mlp, cnn, resnet18
 
 All variants are compiled first, then timed round-robin in one process
 (``--repeats`` rounds), and medians and ratios are computed from the same run.
@@ -70,6 +71,38 @@ def _problem(model, batch, image, seed=0):
     return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, xb), yb).mean()
 
   return params, loss_of
+
+
+def _resnet18_problem(batch, image, seed=0):
+  """ResNet-18 (``experiments.models``, Flax NNX, BatchNorm in training mode) as ``params -> loss``."""
+  from flax import nnx
+
+  from experiments import models
+
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(batch, image, image, 3)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 10, size=batch))
+  graphdef, params, *rest = nnx.split(models.ResNet18(3, 10, rngs=nnx.Rngs(seed)), nnx.Param, ...)
+
+  def loss_of(p, xb=x, yb=y):
+    logits = nnx.merge(graphdef, p, *rest, copy=True)(xb, train=True)  # batch statistics; their update is dropped
+    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+  return params, loss_of
+
+
+def problems(quick: bool) -> dict[str, Callable[[int, int], tuple[Any, Callable[[Any], jax.Array]]]]:
+  """Model name -> ``(batch, image) -> (params, loss_of)``."""
+  return {
+    "mlp": lambda b, i: _problem(MLP(64 if quick else 256), b, i),
+    "cnn": lambda b, i: _problem(SmallCNN(8 if quick else 32), b, i),
+    "resnet18": _resnet18_problem,
+  }
+
+
+def default_models() -> str:
+  """``mlp,cnn``, plus ``resnet18`` on an accelerator (too slow to time on a CPU)."""
+  return "mlp,cnn" if jax.default_backend() == "cpu" else "mlp,cnn,resnet18"
 
 
 def _base():
@@ -264,11 +297,17 @@ def main(argv=None):
   ap.add_argument("--quick", action="store_true", help="tiny shapes and few repeats")
   ap.add_argument("--repeats", type=int, default=None)
   ap.add_argument("--out", default="results/bench")
-  ap.add_argument("--models", default="mlp,cnn")
+  ap.add_argument(
+    "--models", default=None, help="comma-separated subset of mlp, cnn, resnet18 [mlp,cnn; +resnet18 off CPU]"
+  )
   args = ap.parse_args(argv)
   batch, image = (16, 8) if args.quick else (128, 32)
   repeats = args.repeats or (3 if args.quick else 15)
-  models = {"mlp": MLP(64 if args.quick else 256), "cnn": SmallCNN(8 if args.quick else 32)}
+  builders = problems(args.quick)
+  names = (args.models or default_models()).split(",")
+  unknown = sorted(set(names) - set(builders))
+  if unknown:
+    ap.error(f"argument --models: unknown {unknown}; choose from {sorted(builders)}")
   device = jax.devices()[0]
   report: dict[str, Any] = {
     "date": time.strftime("%Y-%m-%d"),
@@ -281,8 +320,8 @@ def main(argv=None):
     "repeats": repeats,
     "models": {},
   }
-  for key in args.models.split(","):
-    params, loss_of = _problem(models[key], batch, image)
+  for key in names:
+    params, loss_of = builders[key](batch, image)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     print(f"[bench] {key}: {n_params} params, batch {batch} of {image}x{image}x3", flush=True)
     probes = bench_probes(params, loss_of, repeats, chunk_sizes=(1, 3, 7))

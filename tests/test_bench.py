@@ -5,6 +5,7 @@ import json
 import chex
 import jax
 import jax.numpy as jnp
+import pytest
 
 import xsam_jax
 from experiments import bench
@@ -39,3 +40,20 @@ def test_plane_floor_outputs_sam_and_reads_both_gradients():
   # The g_0 term is not folded away: the output depends on the state's zero.
   u_one, _ = floor.update(g, s_floor._replace(zero=jnp.ones([], jnp.float32)), params, loss_fn=loss_fn)
   assert not jnp.allclose(u_one["w"], u_sam["w"])
+
+
+def test_models_flag_is_validated(capsys):
+  with pytest.raises(SystemExit) as info:
+    bench.main(["--quick", "--models", "mlp,vgg"])
+  assert info.value.code == 2
+  assert "argument --models: unknown ['vgg']" in capsys.readouterr().err
+  assert bench.default_models() == ("mlp,cnn" if jax.default_backend() == "cpu" else "mlp,cnn,resnet18")
+
+
+@pytest.mark.slow
+def test_bench_quick_resnet18(tmp_path):
+  """The ResNet-18 row (benched by default off CPU) runs: NNX model, BatchNorm in training mode."""
+  report = bench.main(["--quick", "--models", "resnet18", "--repeats", "1", "--out", str(tmp_path)])
+  m = report["models"]["resnet18"]
+  assert m["params"] > 11_000_000
+  assert all(v["median_s"] > 0 for v in m["steps"].values())
