@@ -295,7 +295,10 @@ def ratios(steps, probes, period=100):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--quick", action="store_true", help="tiny shapes and few repeats")
-  ap.add_argument("--repeats", type=int, default=None)
+  ap.add_argument("--repeats", type=int, default=None, help="timed rounds [15, or 3 with --quick]")
+  ap.add_argument(
+    "--compile-repeats", type=int, default=None, help="fresh compilations per step variant [3, or 1 with --quick]"
+  )
   ap.add_argument("--out", default="results/bench")
   ap.add_argument(
     "--models", default=None, help="comma-separated subset of mlp, cnn, resnet18 [mlp,cnn; +resnet18 off CPU]"
@@ -303,6 +306,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   batch, image = (16, 8) if args.quick else (128, 32)
   repeats = args.repeats or (3 if args.quick else 15)
+  compile_repeats = args.compile_repeats or (1 if args.quick else 3)
   builders = problems(args.quick)
   names = (args.models or default_models()).split(",")
   unknown = sorted(set(names) - set(builders))
@@ -318,6 +322,7 @@ def main(argv=None):
     "batch": batch,
     "image": f"{image}x{image}x3",
     "repeats": repeats,
+    "compile_repeats": compile_repeats,
     "models": {},
   }
   for key in names:
@@ -325,7 +330,7 @@ def main(argv=None):
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     print(f"[bench] {key}: {n_params} params, batch {batch} of {image}x{image}x3", flush=True)
     probes = bench_probes(params, loss_of, repeats, chunk_sizes=(1, 3, 7))
-    steps = bench_steps(params, loss_of, repeats, probe_batch_size="auto", compile_repeats=1 if args.quick else 3)
+    steps = bench_steps(params, loss_of, repeats, probe_batch_size="auto", compile_repeats=compile_repeats)
     report["models"][key] = {"params": n_params, "steps": steps, "probes": probes, "ratios": ratios(steps, probes)}
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
