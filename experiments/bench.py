@@ -61,34 +61,45 @@ class SmallCNN(nn.Module):
     return nn.Dense(10)(x.mean(axis=(1, 2)))
 
 
-def _problem(model, batch, image, seed=0):
+def _classification(batch, image, seed, init, apply):
+  """``(params, loss_of)`` for a random batch of ``batch`` images ``image x image x 3`` with 10 labels.
+
+  ``init(x) -> params`` and ``apply(params, x) -> logits`` adapt the model's API.
+  """
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=(batch, image, image, 3)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 10, size=batch))
-  params = model.init(jax.random.key(seed), x)["params"]
+  params = init(x)
 
   def loss_of(p, xb=x, yb=y):
-    return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, xb), yb).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(apply(p, xb), yb).mean()
 
   return params, loss_of
 
 
+def _problem(model, batch, image, seed=0):
+  """A Linen model's ``(params, loss_of)``."""
+  return _classification(
+    batch,
+    image,
+    seed,
+    lambda x: model.init(jax.random.key(seed), x)["params"],
+    lambda p, x: model.apply({"params": p}, x),
+  )
+
+
 def _resnet18_problem(batch, image, seed=0):
-  """ResNet-18 (``experiments.models``, Flax NNX, BatchNorm in training mode) as ``params -> loss``."""
+  """ResNet-18 (``experiments.models``, Flax NNX, BatchNorm in training mode) as ``(params, loss_of)``."""
   from flax import nnx
 
   from experiments import models
 
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.normal(size=(batch, image, image, 3)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, 10, size=batch))
   graphdef, params, *rest = nnx.split(models.ResNet18(3, 10, rngs=nnx.Rngs(seed)), nnx.Param, ...)
 
-  def loss_of(p, xb=x, yb=y):
-    logits = nnx.merge(graphdef, p, *rest, copy=True)(xb, train=True)  # batch statistics; their update is dropped
-    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+  def apply(p, x):
+    return nnx.merge(graphdef, p, *rest, copy=True)(x, train=True)  # batch statistics; their update is dropped
 
-  return params, loss_of
+  return _classification(batch, image, seed, lambda x: params, apply)
 
 
 def problems(quick: bool) -> dict[str, Callable[[int, int], tuple[Any, Callable[[Any], jax.Array]]]]:
