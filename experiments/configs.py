@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -105,7 +106,7 @@ class TrainConfig:
     """The fields as a JSON-serialisable dict."""
     return dataclasses.asdict(self)
 
-  def fingerprint(self) -> str:
+  def fingerprint(self, ignore: Iterable[str] = ()) -> str:
     """A short hash of everything that determines the trained weights.
 
     Excludes ``stop_after_epochs`` and ``checkpoint_every`` (they do not change
@@ -115,10 +116,16 @@ class TrainConfig:
     at their defaults (fingerprints of earlier runs stay valid): a run on N devices
     equals the single-device one only up to float reduction order, so it
     keeps its own checkpoints.
+
+    Args:
+      ignore: further fields to leave out, e.g. the hyperparameters that the
+        run's method does not use (``experiments.methods.unused_fields``:
+        SGD's runs do not depend on ``rho``).
     """
-    ident = {k: v for k, v in self.to_dict().items() if k not in ("stop_after_epochs", "checkpoint_every", "data_dir")}
+    skip = {"stop_after_epochs", "checkpoint_every", "data_dir", *ignore}
+    ident = {k: v for k, v in self.to_dict().items() if k not in skip}
     for key, default in (("devices", 1), ("alphas", None), ("alpha_refinement", None)):
-      if ident[key] == default:  # options added later count only when set
+      if key in ident and ident[key] == default:  # options added later count only when set
         del ident[key]
     blob = json.dumps(ident, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:10]

@@ -20,12 +20,60 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 MNIST1D_FILE = "mnist1d.npz"
+
+
+class BuiltinInfo(NamedTuple):
+  """What is known of a built-in data set before loading it."""
+
+  train_size: int
+  is_image: bool
+
+
+BUILTIN_DATASETS = {"mnist1d": BuiltinInfo(4000, False), "digits": BuiltinInfo(1437, True)}
+"""The data sets made locally (no tensorflow-datasets): name -> :class:`BuiltinInfo`."""
+
+TFDS_CATALOG = "https://www.tensorflow.org/datasets/catalog/overview"
+
+
+class DatasetError(ValueError):
+  """A data set name that is unknown, or a data set that cannot be loaded."""
+
+
+def _unknown_dataset(name: str, why: str) -> DatasetError:
+  builtins = ", ".join(BUILTIN_DATASETS)
+  return DatasetError(
+    f"{name!r} is not a built-in data set ({builtins}), and other names are read with "
+    f"tensorflow-datasets, {why} (its names: {TFDS_CATALOG})"
+  )
+
+
+def check_dataset_name(name: str) -> None:
+  """Checks that ``name`` is a built-in data set or one tensorflow-datasets knows.
+
+  Cheap: looks the name up in the tensorflow-datasets registry, loads nothing.
+
+  Raises:
+    DatasetError: naming the built-in data sets, for any other name that
+      tensorflow-datasets does not know (or when it is not installed).
+  """
+  if name in BUILTIN_DATASETS:
+    return
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    raise _unknown_dataset(name, "which is not installed (pip install tensorflow-datasets)") from None
+  base = re.split("[:/]", name, maxsplit=1)[0]  # name[/config][:version]
+  try:
+    tfds.builder_cls(base)
+  except ValueError:  # DatasetNotFoundError (a ValueError), or a malformed name
+    raise _unknown_dataset(name, "which does not know this one") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +157,11 @@ def load_mnist1d(data_dir: str) -> Dataset:
     tmp = path + f".tmp{os.getpid()}.npz"
     np.savez(tmp, x=raw["x"], y=raw["y"], x_test=raw["x_test"], y_test=raw["y_test"])
     os.replace(tmp, path)
-  with np.load(path) as f:
-    x, y, x_test, y_test = f["x"], f["y"], f["x_test"], f["y_test"]
+  try:
+    with np.load(path) as f:
+      x, y, x_test, y_test = f["x"], f["y"], f["x_test"], f["y_test"]
+  except Exception as e:  # a truncated or foreign file: any of numpy's errors
+    raise DatasetError(f"the MNIST-1D cache {path} is unreadable ({type(e).__name__}: {e}); delete it") from e
   x, x_test = x.astype(np.float32), x_test.astype(np.float32)
   mean, std = _stats(x, is_image=False)
   return Dataset(
@@ -186,7 +237,17 @@ def load_tfds(
   """
   import tensorflow_datasets as tfds
 
-  train = tfds.data_source(name, split="train", data_dir=data_dir, download=download)
+  try:
+    train = tfds.data_source(name, split="train", data_dir=data_dir, download=download)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise _unknown_dataset(name, "which does not know this one") from None
+  except Exception as e:  # not prepared, wrong format, no network: tfds raises many types
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    hint = "" if download else "; pass download=True (--download, needs TensorFlow) to prepare it"
+    raise DatasetError(
+      f"the tensorflow-datasets set {name!r} could not be loaded from data_dir {data_dir!r} "
+      f"({type(e).__name__}: {first}){hint}, or point data_dir at prepared array_record files"
+    ) from e
   try:
     test = tfds.data_source(name, split="test", data_dir=data_dir, download=download)
   except (KeyError, ValueError):
@@ -199,7 +260,12 @@ def load_tfds(
 
 
 def load_dataset(name: str, data_dir: str | None, *, download: bool = False) -> Dataset:
-  """Loads ``mnist1d``, ``digits`` or a tensorflow-datasets set by name."""
+  """Loads ``mnist1d``, ``digits`` or a tensorflow-datasets set by name.
+
+  Raises:
+    DatasetError: for a name that is neither built in nor known to
+      tensorflow-datasets, or a data set that cannot be loaded.
+  """
   if name == "mnist1d":
     return load_mnist1d(data_dir or "./data_cache")
   if name == "digits":

@@ -6,9 +6,11 @@ Every run uses the same chain around the method's transformation:
                 optax.sgd(cosine_schedule, momentum=0.9))
 
 ``sgd`` has no ``method_tx``. :data:`METHODS` maps a name to a builder
-``config -> GradientTransformation``; a new method is one line there. A name
-not in the table that ``xsam_jax`` exports (e.g. a multi-step relative added
-later) is built generically as ``xsam_jax.<name>(rho, num_steps=K)``.
+``config -> GradientTransformation``; a new method is one line there, plus
+the hyperparameters it reads in ``_USES`` (:func:`used_fields`: a run's
+identity includes only those). A name not in the table that ``xsam_jax``
+exports (e.g. a multi-step relative added later) is built generically as
+``xsam_jax.<name>(rho, num_steps=K)``.
 """
 
 from __future__ import annotations
@@ -45,41 +47,86 @@ METHODS: dict[str, Callable[[TrainConfig], optax.GradientTransformation] | None]
 }
 """Name -> builder of the sharpness-aware transformation (None: plain SGD)."""
 
+METHOD_FIELDS = ("rho", "rho_max", "num_steps", "alpha_update_period", "probe_batch_size", "alphas", "alpha_refinement")
+"""The :class:`TrainConfig` fields read only by a method's transformation (plain SGD reads none)."""
+
+_USES: dict[str, tuple[str, ...]] = {"sgd": (), "sam": ("rho", "num_steps"), "xsam": METHOD_FIELDS}
+
+_K = ("rho", "num_steps")
 _FAMILY = {
-  # name: (xsam_jax attribute it needs, builder)
-  "asam": ("sam", lambda c: xsam_jax.sam(c.rho, num_steps=c.num_steps, adaptive=True)),
-  "msam": ("msam", lambda c: xsam_jax.msam(c.rho, num_steps=c.num_steps)),
-  "msam_plus": ("msam", lambda c: xsam_jax.msam(c.rho, num_steps=c.num_steps, plus=True)),
-  "lsam": ("lsam", lambda c: xsam_jax.lsam(c.rho, num_steps=c.num_steps)),
-  "lsam_plus": ("lsam", lambda c: xsam_jax.lsam(c.rho, num_steps=c.num_steps, plus=True)),
-  "vasso": ("vasso", lambda c: xsam_jax.vasso(c.rho)),
+  # name: (xsam_jax attribute it needs, the fields it reads, builder)
+  "asam": ("sam", _K, lambda c: xsam_jax.sam(c.rho, num_steps=c.num_steps, adaptive=True)),
+  "msam": ("msam", _K, lambda c: xsam_jax.msam(c.rho, num_steps=c.num_steps)),
+  "msam_plus": ("msam", _K, lambda c: xsam_jax.msam(c.rho, num_steps=c.num_steps, plus=True)),
+  "lsam": ("lsam", _K, lambda c: xsam_jax.lsam(c.rho, num_steps=c.num_steps)),
+  "lsam_plus": ("lsam", _K, lambda c: xsam_jax.lsam(c.rho, num_steps=c.num_steps, plus=True)),
+  "vasso": ("vasso", ("rho",), lambda c: xsam_jax.vasso(c.rho)),
 }
-METHODS.update({name: build for name, (needs, build) in _FAMILY.items() if hasattr(xsam_jax, needs)})
+for _name, (_needs, _fields, _build) in _FAMILY.items():
+  if hasattr(xsam_jax, _needs):
+    METHODS[_name] = _build
+    _USES[_name] = _fields
+
+# Of METHOD_FIELDS, those the generic builder passes on when the factory takes them (rho always).
+_GENERIC_FIELDS = ("num_steps", "rho_max", "alpha_update_period")
 
 
 def _generic(name: str, c: TrainConfig) -> optax.GradientTransformation:
   factory = getattr(xsam_jax, name)
   kwargs: dict[str, Any] = {}
   params = inspect.signature(factory).parameters
-  if "num_steps" in params:
-    kwargs["num_steps"] = c.num_steps
-  if "rho_max" in params:
-    kwargs["rho_max"] = c.rho_max
-  if "alpha_update_period" in params:
-    kwargs["alpha_update_period"] = c.alpha_update_period
-  return factory(c.rho, **kwargs)
+  for field in _GENERIC_FIELDS:
+    if field in params:
+      kwargs[field] = getattr(c, field)
+  try:
+    tx = factory(c.rho, **kwargs)
+  except TypeError as e:
+    raise ValueError(f"xsam_jax.{name} is not an optax transformation factory taking rho: {e}") from e
+  if not isinstance(tx, optax.GradientTransformation):
+    raise ValueError(f"xsam_jax.{name}(rho) returned a {type(tx).__name__}, not an optax transformation")
+  return tx
 
 
 def is_known(name: str) -> bool:
-  """Whether :func:`method_transform` can build ``name``."""
+  """Whether :func:`method_transform` can try to build ``name``."""
   return name in METHODS or callable(getattr(xsam_jax, name, None))
+
+
+def used_fields(name: str) -> frozenset[str]:
+  """The fields of :data:`METHOD_FIELDS` that method ``name`` reads.
+
+  A run's identity (``experiments.trainer.run_name``) includes only these
+  of them, so e.g. changing ``rho`` never retrains SGD.
+
+  Raises:
+    ValueError: for a name :func:`is_known` does not know.
+  """
+  if name in _USES:
+    return frozenset(_USES[name])
+  if not is_known(name):
+    raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)} or an xsam_jax transformation")
+  try:
+    params = inspect.signature(getattr(xsam_jax, name)).parameters
+  except (TypeError, ValueError):
+    params = {}  # type: ignore[assignment]
+  return frozenset(("rho", *(f for f in _GENERIC_FIELDS if f in params)))
+
+
+def unused_fields(name: str) -> frozenset[str]:
+  """The fields of :data:`METHOD_FIELDS` that method ``name`` does not read."""
+  return frozenset(METHOD_FIELDS) - used_fields(name)
 
 
 def method_transform(config: TrainConfig) -> optax.GradientTransformation | None:
   """The sharpness-aware transformation of ``config.method`` (None for SGD).
 
+  The ``xsam_jax`` constructors validate their hyperparameters, so building
+  the transformation checks them (``ValueError`` naming the argument).
+
   Raises:
-    ValueError: for a name neither in :data:`METHODS` nor in ``xsam_jax``.
+    ValueError: for a name neither in :data:`METHODS` nor in ``xsam_jax``,
+      for a name in ``xsam_jax`` that does not build an optax
+      transformation, and for hyperparameters the constructor rejects.
   """
   name = config.method
   if name in METHODS:

@@ -7,15 +7,23 @@
 - ``<method>_alpha_theta.png`` for every method that logs ``alpha`` (XSAM):
   alpha and the angle theta between v0 = d_K/|d_K| and v1 = g_K/|g_K| over
   training (the XSAM paper's Fig. 2 analogue).
+
+A diverged run (a non-finite loss at its last epoch, :func:`diverged`) is a
+result, not an error: the table says "diverged" for it and leaves it out of
+the means and paired differences, the plots show what is finite (no log
+scale where nothing positive is left), and the JSON stays strict (NaN and
+infinities written as null; each method lists ``diverged`` per seed).
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import sys
+import warnings
 from typing import Any
 
 import numpy as np
@@ -24,17 +32,41 @@ RESULTS_FILE = "results.json"
 ACCURACY_PNG = "accuracy.png"
 
 
+def diverged(history: dict) -> bool:
+  """Whether a run diverged: its last epoch's training or test loss is not finite (or null in JSON)."""
+  last = [history[k][-1] for k in ("train_loss", "test_loss") if history.get(k)]
+  return any(v is None or not math.isfinite(v) for v in last)
+
+
+def _finite(values: Any) -> np.ndarray:
+  """``values`` as float64 with None (JSON null) as NaN."""
+  return np.asarray([np.nan if v is None else v for v in values], np.float64)
+
+
 def table(study: dict) -> str:
-  """A markdown table of final test accuracy (%) per method, mean +- std over seeds."""
+  """A markdown table of final test accuracy (%) per method, mean +- std over seeds.
+
+  Diverged runs read "diverged" and are left out of the mean (the accuracy
+  of a network with NaN weights means nothing); the count says how many.
+  """
   lines = [
     "| method | test accuracy (%) | seeds | per seed (%) | train time / run (s) |",
     "|---|---|---|---|---|",
   ]
   for name, entry in study["methods"].items():
-    s = entry["summary"]
-    per_seed = ", ".join(f"{100 * a:.1f}" for a in entry["final_test_accuracy"])
+    flags = [diverged(h) for h in entry["histories"]]
+    accs = entry["final_test_accuracy"]
+    ok = [a for a, bad in zip(accs, flags, strict=True) if not bad]
+    per_seed = ", ".join("diverged" if bad else f"{100 * a:.1f}" for a, bad in zip(accs, flags, strict=True))
     t = float(np.mean(entry["train_time_s"]))
-    lines.append(f"| {name} | {100 * s['mean']:.2f} ± {100 * s['std']:.2f} | {s['n']} | {per_seed} | {t:.1f} |")
+    if not ok:
+      cell = "diverged"
+    else:
+      std = float(np.std(ok, ddof=1)) if len(ok) > 1 else 0.0
+      cell = f"{100 * float(np.mean(ok)):.2f} ± {100 * std:.2f}"
+      if len(ok) < len(accs):
+        cell += f" ({len(accs) - len(ok)} of {len(accs)} diverged)"
+    lines.append(f"| {name} | {cell} | {len(accs)} | {per_seed} | {t:.1f} |")
   return "\n".join(lines)
 
 
@@ -47,41 +79,55 @@ def paired_differences(study: dict) -> str:
   Returns:
     One line per pair (later method minus earlier one, in the study's order):
     mean +- std (ddof=1) of the difference in percentage points and on how
-    many seeds the later method is ahead; "" for a single method.
+    many seeds the later method is ahead, over the seeds on which neither
+    run diverged; "" for a single method.
   """
   names = list(study["methods"])
-  per_seed = {
-    n: dict(zip(study["methods"][n]["seeds"], study["methods"][n]["final_test_accuracy"], strict=True)) for n in names
-  }
+  per_seed: dict[str, dict[int, float]] = {}  # the converged runs' accuracies
+  for n in names:
+    entry = study["methods"][n]
+    runs = zip(entry["seeds"], entry["final_test_accuracy"], entry["histories"], strict=True)
+    per_seed[n] = {s: a for s, a, h in runs if not diverged(h)}
   lines = []
   for j, name in enumerate(names):
     for ref_name in names[:j]:
-      common = [s for s in per_seed[name] if s in per_seed[ref_name]]
+      common = [s for s in study["methods"][name]["seeds"] if s in study["methods"][ref_name]["seeds"]]
       if not common:
         continue
-      diffs = np.asarray([100 * (per_seed[name][s] - per_seed[ref_name][s]) for s in common])
+      both = [s for s in common if s in per_seed[name] and s in per_seed[ref_name]]
+      skipped = f"; {len(common) - len(both)} seeds left out: diverged" if len(both) < len(common) else ""
+      if not both:
+        lines.append(f"{name} - {ref_name}: n/a (on each of the {len(common)} seeds, one of them diverged)")
+        continue
+      diffs = np.asarray([100 * (per_seed[name][s] - per_seed[ref_name][s]) for s in both])
       std = diffs.std(ddof=1) if diffs.size > 1 else 0.0
       lines.append(
         f"{name} - {ref_name}: {diffs.mean():+.2f} ± {std:.2f} pp (paired over {diffs.size} seeds; "
-        f"ahead on {int((diffs > 0).sum())}, behind on {int((diffs < 0).sum())})"
+        f"ahead on {int((diffs > 0).sum())}, behind on {int((diffs < 0).sum())}{skipped})"
       )
   return "\n".join(lines)
 
 
 def alpha_summary(study: dict, last: int = 10) -> str:
-  """One line per method logging alpha: its mean and theta's over the last epochs."""
+  """One line per method logging alpha: its mean and theta's over the last epochs (finite values only)."""
   lines = []
   for name, entry in study["methods"].items():
     hists = [h for h in entry["histories"] if "alpha" in h]
     if not hists:
       continue
-    alpha_all = np.concatenate([h["alpha"] for h in hists])
-    alpha_end = np.concatenate([h["alpha"][-last:] for h in hists])
-    theta_end = np.degrees(np.concatenate([h["theta"][-last:] for h in hists]))
+    alpha_all = np.concatenate([_finite(h["alpha"]) for h in hists])
+    alpha_end = np.concatenate([_finite(h["alpha"][-last:]) for h in hists])
+    theta_end = np.degrees(np.concatenate([_finite(h["theta"][-last:]) for h in hists]))
+    alpha_all, alpha_end, theta_end = (a[np.isfinite(a)] for a in (alpha_all, alpha_end, theta_end))
+    if not alpha_all.size:
+      lines.append(f"{name}: no finite alpha (diverged)")
+      continue
+    theta = f"{theta_end.mean():.1f} deg" if theta_end.size else "not finite (diverged)"
+    end = f"{alpha_end.mean():.2f}" if alpha_end.size else "n/a"
     lines.append(
       f"{name}: alpha mean {alpha_all.mean():.2f} over training (range "
-      f"{alpha_all.min():.1f}-{alpha_all.max():.1f}), {alpha_end.mean():.2f} over the last "
-      f"{last} epochs; theta {theta_end.mean():.1f} deg over the last {last} epochs"
+      f"{alpha_all.min():.1f}-{alpha_all.max():.1f}), {end} over the last "
+      f"{last} epochs; theta {theta} over the last {last} epochs"
     )
   return "\n".join(lines)
 
@@ -115,17 +161,20 @@ def write_json(study: dict, path: str, *, command: list | None = None) -> dict:
     "table": table(study),
     "paired_differences": paired_differences(study),
     "alpha_summary": alpha_summary(study),
-    "methods": study["methods"],
+    "methods": {
+      name: {**entry, "diverged": [diverged(h) for h in entry["histories"]]} for name, entry in study["methods"].items()
+    },
   }
+  text = json.dumps(_rounded(doc), indent=1, allow_nan=False)
   with open(path, "w") as f:
-    json.dump(_rounded(doc), f, indent=1)
+    f.write(text)
   return doc
 
 
 def _rounded(obj: Any, digits: int = 6) -> Any:
-  """Floats rounded to ``digits`` significant digits (keeps the JSON small)."""
-  if isinstance(obj, float):
-    return float(f"{obj:.{digits}g}")
+  """Floats rounded to ``digits`` significant digits (keeps the JSON small); NaN and infinities as None (null)."""
+  if isinstance(obj, (float, np.floating)):
+    return float(f"{obj:.{digits}g}") if math.isfinite(obj) else None
   if isinstance(obj, dict):
     return {k: _rounded(v, digits) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
@@ -134,9 +183,13 @@ def _rounded(obj: Any, digits: int = 6) -> Any:
 
 
 def _mean_std(curves):
+  """Epochs, mean and std over the curves (cut to the shortest); non-finite points drop out, all-NaN gives NaN."""
   n = min(len(c) for c in curves)
-  arr = np.asarray([c[:n] for c in curves], np.float64)
-  return np.arange(1, n + 1), arr.mean(0), arr.std(0)
+  arr = np.asarray([_finite(c[:n]) for c in curves], np.float64)
+  arr = np.where(np.isfinite(arr), arr, np.nan)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # epochs where every curve is NaN
+    return np.arange(1, n + 1), np.nanmean(arr, 0), np.nanstd(arr, 0)
 
 
 def plot_accuracy(study: dict, path: str) -> None:
@@ -147,21 +200,35 @@ def plot_accuracy(study: dict, path: str) -> None:
   import matplotlib.pyplot as plt
 
   fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=90)
+  finals, positive_loss = [], False
   for name, entry in study["methods"].items():
-    hs = entry["histories"]
+    flags = [diverged(h) for h in entry["histories"]]
+    hs = [h for h, bad in zip(entry["histories"], flags, strict=True) if not bad] or entry["histories"]
+    accs = [a for a, bad in zip(entry["final_test_accuracy"], flags, strict=True) if not bad]
+    label = "diverged" if not accs else f"{100 * float(np.mean(accs)):.1f}%"
+    if accs and len(accs) < len(flags):
+      label += f", {len(flags) - len(accs)} diverged"
+    finals += [100 * a for a in accs]
     x, m, s = _mean_std([h["test_accuracy"] for h in hs])
-    (line,) = ax_acc.plot(x, 100 * m, label=f"{name} ({100 * entry['summary']['mean']:.1f}%)", lw=1.4)
+    (line,) = ax_acc.plot(x, 100 * m, label=f"{name} ({label})", lw=1.4, ls="-" if accs else ":")
     ax_acc.fill_between(x, 100 * (m - s), 100 * (m + s), color=line.get_color(), alpha=0.2, lw=0)
     x, m, s = _mean_std([h["train_loss"] for h in hs])
+    positive_loss |= bool(np.any(m > 0))
     ax_loss.plot(x, m, color=line.get_color(), lw=1.4, label=name)
     ax_loss.fill_between(x, np.maximum(m - s, 1e-6), m + s, color=line.get_color(), alpha=0.2, lw=0)
   n_seeds = max(len(e["histories"]) for e in study["methods"].values())
   ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"test accuracy (mean ± std, {n_seeds} seeds)")
-  finals = [100 * e["summary"]["mean"] for e in study["methods"].values()]
-  ax_acc.set_ylim(max(0.0, min(finals) - 15), min(100.0, max(finals) + 4))
+  if finals:
+    ax_acc.set_ylim(max(0.0, min(finals) - 15), min(100.0, max(finals) + 4))
+  else:
+    ax_acc.set_ylim(0.0, 100.0)
   ax_acc.legend(loc="lower right", fontsize=8)
   ax_acc.grid(alpha=0.3)
-  ax_loss.set(xlabel="epoch", ylabel="training loss (clean pass)", yscale="log", title="training loss")
+  ax_loss.set(xlabel="epoch", ylabel="training loss (clean pass)", title="training loss")
+  if positive_loss:
+    ax_loss.set_yscale("log")
+  else:
+    ax_loss.text(0.5, 0.5, "no finite training loss (diverged)", ha="center", va="center", transform=ax_loss.transAxes)
   ax_loss.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path)
@@ -183,22 +250,24 @@ def plot_alpha_theta(name: str, entry: dict, path: str) -> None:
   many = len(entry["histories"]) > 4
   for seed, h in zip(entry["seeds"], entry["histories"], strict=True):
     epochs = np.asarray(h["epoch"])
-    theta = np.degrees(h["theta"])
+    alpha, theta = _finite(h["alpha"]), np.degrees(_finite(h["theta"]))  # NaN (diverged) leaves gaps
     if many:
-      ax_a.step(epochs, h["alpha"], where="post", lw=0.6, color="0.6", alpha=0.6)
+      ax_a.step(epochs, alpha, where="post", lw=0.6, color="0.6", alpha=0.6)
       ax_t.plot(epochs, theta, lw=0.6, color="0.6", alpha=0.6)
       continue
-    (line,) = ax_a.step(epochs, h["alpha"], where="post", lw=1.2, label=f"seed {seed}")
-    ax_t.plot(epochs, theta, color=line.get_color(), lw=1.2, label=f"seed {seed}")
-    ax_t.fill_between(
-      epochs, np.degrees(h["theta_min"]), np.degrees(h["theta_max"]), color=line.get_color(), alpha=0.12, lw=0
-    )
+    label = f"seed {seed}" + (" (diverged)" if diverged(h) else "")
+    (line,) = ax_a.step(epochs, alpha, where="post", lw=1.2, label=label)
+    ax_t.plot(epochs, theta, color=line.get_color(), lw=1.2, label=label)
+    band = np.degrees(_finite(h["theta_min"])), np.degrees(_finite(h["theta_max"]))
+    ax_t.fill_between(epochs, *band, color=line.get_color(), alpha=0.12, lw=0)
   if many:
     n = len(entry["histories"])
     x, m, _ = _mean_std([h["alpha"] for h in entry["histories"]])
     ax_a.plot(x, m, color="C0", lw=1.6, label=f"mean of {n} seeds")
-    x, m, _ = _mean_std([np.degrees(h["theta"]) for h in entry["histories"]])
+    x, m, _ = _mean_std([np.degrees(_finite(h["theta"])) for h in entry["histories"]])
     ax_t.plot(x, m, color="C1", lw=1.6, label=f"mean of {n} seeds")
+  if not any(np.isfinite(_finite(h["theta"])).any() for h in entry["histories"]):
+    ax_t.text(0.5, 0.5, "no finite theta (diverged)", ha="center", va="center", transform=ax_t.transAxes)
   ax_a.axhline(1.0, color="k", lw=0.8, ls="--", label="alpha = 1 (SAM)")
   ax_a.set(xlabel="epoch", ylabel="alpha", title=f"{name}: probed alpha (grid 0..2)", ylim=(-0.05, 2.1))
   ax_t.set(xlabel="epoch", ylabel="theta (degrees)", title="theta = angle(v0, v1), epoch mean")

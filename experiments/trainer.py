@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import time
+from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
 import jax
@@ -64,12 +66,14 @@ class DataParallel(NamedTuple):
   batch: NamedSharding
 
 
-class DeviceCountError(ValueError):
-  """A data-parallel device count this machine or batch size cannot take.
+class ConfigError(ValueError):
+  """A configuration value the study cannot run with, found before training.
 
   Attributes:
-    field: the offending setting, ``"devices"`` or ``"batch_size"``.
-    detail: what is wrong with it, without the setting's name (so a command
+    field: the offending :class:`TrainConfig` field (``"method"`` for a
+      method name or a method's other complaint, ``"dataset"`` for the data
+      set's name).
+    detail: what is wrong with it, without the field's name (so a command
       line can prefix its own flag name).
   """
 
@@ -77,6 +81,16 @@ class DeviceCountError(ValueError):
     super().__init__(f"{field} {detail}")
     self.field = field
     self.detail = detail
+
+
+class DeviceCountError(ConfigError):
+  """A data-parallel device count this machine or batch size cannot take.
+
+  Attributes:
+    field: the offending setting, ``"devices"`` or ``"batch_size"``.
+    detail: what is wrong with it, without the setting's name (so a command
+      line can prefix its own flag name).
+  """
 
 
 def check_devices(devices: int, batch_size: int) -> None:
@@ -128,6 +142,99 @@ def data_parallel(config: TrainConfig) -> DataParallel | None:
   return DataParallel(state=NamedSharding(mesh, P()), batch=NamedSharding(mesh, P(DATA_AXIS)))
 
 
+def check_model(model: str | None, is_image: bool, dataset: str) -> None:
+  """Checks that ``model`` (None: the data set's default) can take ``dataset``'s inputs.
+
+  Raises:
+    ConfigError: (field ``"model"``) for an unknown model, a 1-D CNN on
+      images or a 2-D network on 1-D series.
+  """
+  if model is None or model == "mlp":
+    return
+  if model not in models.MODELS:
+    raise ConfigError("model", f"must be one of {', '.join(models.MODELS)} (or None: by data set), got {model!r}")
+  if model == "cnn1d" and is_image:
+    raise ConfigError("model", f"cnn1d takes 1-D series, but {dataset} holds images: use mlp, cnn2d or resnet18")
+  if model != "cnn1d" and not is_image:
+    raise ConfigError("model", f"{model} takes images, but {dataset} holds 1-D series: use mlp or cnn1d")
+
+
+def _check_batch_size(batch_size: int, n_train: int, subset: int | None) -> None:
+  if batch_size > n_train:
+    where = f" (train_subset {subset})" if subset is not None and subset <= n_train else ""
+    raise ConfigError(
+      "batch_size", f"{batch_size} exceeds the {n_train} training examples{where}: at most {n_train} allowed"
+    )
+
+
+def check_method(config: TrainConfig) -> None:
+  """Builds ``config.method``'s transformation, so that the library validates its hyperparameters.
+
+  Fields left to :func:`resolve` get stand-ins (``rho_max = 2 rho``, a
+  probe period of 1 step, ``probe_batch_size`` 1): the checks of the values
+  the user set are those of the real run.
+
+  Raises:
+    ConfigError: field ``"method"`` for a name that is not a method, else
+      the field the ``xsam_jax`` constructor rejected (``rho``,
+      ``num_steps``, ``alphas``, ...).
+  """
+  name = config.method
+  if not methods.is_known(name):
+    known = ", ".join(sorted(methods.METHODS))
+    raise ConfigError("method", f"unknown method {name!r}: choose one of {known} or an xsam_jax transformation")
+  trial = config.replace(
+    rho_max=2 * config.rho if config.rho_max is None else config.rho_max,
+    alpha_update_period=1 if config.alpha_update_period is None else config.alpha_update_period,
+    probe_batch_size=1 if config.probe_batch_size == "auto" else config.probe_batch_size,
+  )
+  try:
+    methods.method_transform(trial)
+  except (ValueError, TypeError) as e:
+    message = str(e)
+    named = re.match(r"`(\w+)` (.*)", message, re.S)
+    if named and named.group(1) in methods.METHOD_FIELDS:
+      raise ConfigError(named.group(1), f"{named.group(2).rstrip('.')} (rejected by {name})") from e
+    raise ConfigError("method", message if name in message else f"{name}: {message}") from e
+
+
+def check_study(config: TrainConfig, method_names: Sequence[str]) -> None:
+  """Checks a study before it loads any data or trains any run.
+
+  The device count, the data set's name (a tensorflow-datasets name is
+  looked up, not loaded), the model against the data set's kind, the batch
+  size against the training examples where their number is known (built-in
+  data sets, ``train_subset``) and every method's hyperparameters (by
+  building its transformation, :func:`check_method`).
+
+  Args:
+    config: the configuration shared by the study's runs.
+    method_names: the methods to train.
+
+  Raises:
+    ConfigError: naming the offending field (``DeviceCountError`` for the
+      device count).
+  """
+  check_devices(config.devices, config.batch_size)
+  try:
+    data_lib.check_dataset_name(config.dataset)
+  except data_lib.DatasetError as e:
+    raise ConfigError("dataset", str(e)) from e
+  info = data_lib.BUILTIN_DATASETS.get(config.dataset)
+  check_model(config.model, True if info is None else info.is_image, config.dataset)
+  sizes = [n for n in (None if info is None else info.train_size, config.train_subset) if n is not None]
+  if sizes:
+    _check_batch_size(config.batch_size, min(sizes), config.train_subset)
+  if not method_names:
+    raise ConfigError("method", "no method to train: name at least one")
+  seen: set[str] = set()
+  for name in method_names:
+    if name in seen:
+      raise ConfigError("method", f"{name!r} is listed twice")
+    seen.add(name)
+    check_method(config.replace(method=name))
+
+
 def resolve(config: TrainConfig, data: data_lib.Dataset) -> TrainConfig:
   """Fills the configuration's data-dependent defaults.
 
@@ -142,12 +249,16 @@ def resolve(config: TrainConfig, data: data_lib.Dataset) -> TrainConfig:
 
   Returns:
     A configuration with no ``None`` / ``"auto"`` left among those fields.
+
+  Raises:
+    ConfigError: for a model that cannot take the data, or a batch size
+      above the number of training examples.
   """
+  check_model(config.model, data.is_image, data.name)
   model = config.model or models.default_model(data.input_shape, data.is_image)
   n_train = len(data.y_train)
+  _check_batch_size(config.batch_size, n_train, config.train_subset)
   steps_per_epoch = n_train // config.batch_size
-  if steps_per_epoch < 1:
-    raise ValueError(f"batch_size {config.batch_size} exceeds the {n_train} training examples")
   probe = config.probe_batch_size
   if probe == "auto":
     probe = None if model == "mlp" else 1
@@ -157,7 +268,7 @@ def resolve(config: TrainConfig, data: data_lib.Dataset) -> TrainConfig:
   return config.replace(
     model=model,
     rho_max=2 * config.rho if config.rho_max is None else config.rho_max,
-    alpha_update_period=config.alpha_update_period or steps_per_epoch,
+    alpha_update_period=steps_per_epoch if config.alpha_update_period is None else config.alpha_update_period,
     probe_batch_size=probe,
     augment=augment,
   )
@@ -320,8 +431,16 @@ class TrainResult(NamedTuple):
 
 
 def run_name(config: TrainConfig) -> str:
-  """The checkpoint folder name of a run: method, K, seed and config hash."""
-  return f"{config.method}_k{config.num_steps}_seed{config.seed}_{config.fingerprint()}"
+  """The checkpoint folder name of a run: method, K (if it has ascent steps), seed and config hash.
+
+  The hash leaves out the hyperparameters the method does not read
+  (:func:`experiments.methods.unused_fields`): SGD's runs do not depend on
+  ``rho``, ``num_steps`` or XSAM's settings, SAM's not on XSAM's, so a
+  study re-run with another ``rho`` reuses SGD's finished runs.
+  """
+  unused = methods.unused_fields(config.method)
+  k = "" if "num_steps" in unused else f"_k{config.num_steps}"
+  return f"{config.method}{k}_seed{config.seed}_{config.fingerprint(ignore=unused)}"
 
 
 def _new_history() -> dict:
@@ -346,6 +465,51 @@ def _log_epoch(history: dict, epoch: int, step_metrics: list, test: dict, lr: fl
       history.setdefault(k + "_max", []).append(float(v.max()))
   if "probe_losses" in stacked:  # the last probe round of the epoch (XSAM)
     history.setdefault("probe_losses", []).append([float(x) for x in stacked["probe_losses"][-1]])
+
+
+def _resume_point(
+  meta: dict, saved_step: int | None, steps_per_epoch: int, total_steps: int
+) -> tuple[int, dict, float]:
+  """``(step, history, elapsed_s)`` from a checkpoint's ``meta``; ValueError etc. if inconsistent."""
+  step, history, elapsed = int(meta["step"]), meta["history"], float(meta["elapsed_s"])
+  if step != saved_step or not 0 < step <= total_steps or step % steps_per_epoch:
+    raise ValueError(f"meta says step {step} in the checkpoint of step {saved_step} (of {total_steps} steps)")
+  if not isinstance(history, dict) or any(
+    not isinstance(history.get(k), list) or len(history[k]) != step // steps_per_epoch for k in _new_history()
+  ):
+    raise ValueError(f"the history does not hold the {step // steps_per_epoch} epochs of step {step}")
+  return step, history, elapsed
+
+
+def _open_run(
+  run_dir: str, state: nnx.State, *, resume: bool, steps_per_epoch: int, total_steps: int
+) -> tuple[ckpt_lib.RunCheckpointer, nnx.State, int, dict, float]:
+  """The run's checkpointer and its resume point: ``(checkpointer, state, step, history, elapsed_s)``.
+
+  Without ``resume`` the folder is deleted first; otherwise its newest
+  checkpoint, if any, is restored onto the shardings of ``state``.
+
+  Raises:
+    experiments.checkpoint.CheckpointError: for a damaged folder.
+  """
+  if not resume and os.path.isdir(run_dir):
+    shutil.rmtree(run_dir)
+  elif not resume and os.path.lexists(run_dir):
+    os.remove(run_dir)
+  checkpointer = ckpt_lib.RunCheckpointer(run_dir)
+  step, history, elapsed = 0, _new_history(), 0.0
+  try:
+    saved = checkpointer.latest_step()
+    if saved is not None:
+      state, meta = checkpointer.restore(state, saved)
+      step, history, elapsed = _resume_point(meta, saved, steps_per_epoch, total_steps)
+  except ckpt_lib.CheckpointError:
+    checkpointer.close()
+    raise
+  except (KeyError, TypeError, ValueError) as e:
+    checkpointer.close()
+    raise ckpt_lib.CheckpointError(checkpointer.directory, e) from e
+  return checkpointer, state, step, history, elapsed
 
 
 def train_and_evaluate(
@@ -375,6 +539,10 @@ def train_and_evaluate(
 
   Returns:
     A :class:`TrainResult`.
+
+  Raises:
+    experiments.checkpoint.CheckpointError: when the run's checkpoint folder
+      in ``workdir`` is damaged (with ``resume``; ``resume=False`` deletes it).
   """
   parallel = data_parallel(config)  # validates devices before loading anything
   if data is None:
@@ -389,13 +557,13 @@ def train_and_evaluate(
   checkpointer = None
   step, history, elapsed = 0, _new_history(), 0.0
   if workdir is not None:
-    run_dir = os.path.join(workdir, run_name(config))
-    if not resume and os.path.isdir(run_dir):
-      shutil.rmtree(run_dir)
-    checkpointer = ckpt_lib.RunCheckpointer(run_dir)
-    if checkpointer.latest_step() is not None:
-      state, meta = checkpointer.restore(state)  # onto the shardings of `state`
-      step, history, elapsed = int(meta["step"]), meta["history"], float(meta["elapsed_s"])
+    checkpointer, state, step, history, elapsed = _open_run(
+      os.path.join(workdir, run_name(config)),
+      state,
+      resume=resume,
+      steps_per_epoch=steps_per_epoch,
+      total_steps=total_steps,
+    )
 
   bar = tqdm(
     total=total_steps,

@@ -193,9 +193,16 @@ def test_flags_given_explicitly_win_over_quick():
 
 
 def test_single_device_fingerprints_unchanged_by_devices_option():
-  """Checkpoints of runs made before --devices existed still resume; N > 1 runs keep their own."""
+  """Checkpoints of runs made before --devices existed still resume; N > 1 runs keep their own.
+
+  (XSAM's: SGD's and SAM's run ids now leave out the fields they do not read,
+  see tests/test_train_cli.py.)
+  """
   assert configs.default_config().fingerprint() == "293517fbda"
   assert configs.quick_config().fingerprint() == "d2af170499"
+  xsam_unused = methods.unused_fields("xsam")
+  assert configs.default_config().replace(method="xsam").fingerprint(ignore=xsam_unused) == "da65149922"
+  assert configs.quick_config().replace(method="xsam").fingerprint(ignore=xsam_unused) == "4a2dc49e3b"
   assert configs.default_config().replace(devices=8).fingerprint() != "293517fbda"
   assert train.config_from_args(train.parse_args([])).devices == 1
   assert configs.default_config().replace(alpha_refinement="parabola").fingerprint() != "293517fbda"
