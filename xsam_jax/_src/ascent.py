@@ -46,10 +46,15 @@ class AscentTrace(NamedTuple):
       there the displacement is ``T c_K``.
     displacement_scale: for a one-step, non-adaptive ascent, the scalar
       ``c = rho / (|u| + eps)`` with ``d_1 = c u`` for ``u =
-      first_direction``; None otherwise. With ``displacement_norm``
-      (``c |u|``, i.e. ``|d_1|``) it lets a rule use ``d_1`` through
-      ``u`` without materializing ``d_1`` or re-reading it for its norm.
+      first_direction``, held as ``c = displacement_scale / S`` with ``S =
+      first_norm.scale`` (1 unless ``|u|`` is beyond float32's range, where
+      ``c`` alone would flush to zero); None otherwise. With
+      ``displacement_norm`` (``c |u|``, i.e. ``|d_1|``) it lets a rule use
+      ``d_1`` through ``u`` without materializing ``d_1`` or re-reading it
+      for its norm.
     displacement_norm: ``|d_1|`` when ``displacement_scale`` is set, else None.
+    first_norm: ``|u|`` as a :class:`~xsam_jax._src.tree_math.Norm` when
+      ``displacement_scale`` is set, else None.
   """
 
   grads: tuple[PyTree, ...]
@@ -59,6 +64,7 @@ class AscentTrace(NamedTuple):
   gradient_displacement: PyTree = None
   displacement_scale: jax.Array | None = None
   displacement_norm: jax.Array | None = None
+  first_norm: tm.Norm | None = None
 
 
 def ascent(
@@ -126,17 +132,20 @@ def ascent(
   g = first
   d_scale: jax.Array | None = None
   d_norm: jax.Array | None = None
+  first_norm: tm.Norm | None = None
   for _ in range(num_steps):
     if adaptive:
       tg = jax.tree.map(lambda t, x: t * x.astype(t.dtype), scale_t, g)
-      unit_tg, tg_norm = tm.tree_normalize(tg)
+      unit_tg, tg_norm = tm.tree_normalize_parts(tg)
       direction = jax.tree.map(jnp.multiply, scale_t, unit_tg)
-      c = add_step(c, tm.tree_scale(1.0 / (tg_norm + tm.EPS), tm.tree_wide(g)))
+      c = add_step(c, tg_norm.inverse().apply_tree(tm.tree_wide(g)))
     else:
-      direction, g_norm = tm.tree_normalize(g)
+      direction, g_norm = tm.tree_normalize_parts(g)
       if num_steps == 1:
-        d_scale = jnp.divide(step, g_norm + tm.EPS)
-        d_norm = d_scale * g_norm
+        # S rho / (|g| + eps) (see AscentTrace) and rho |g| / (|g| + eps): finite however large |g| is.
+        d_scale = jnp.divide(step, g_norm.r + tm.EPS * g_norm.inv_scale)
+        d_norm = step * g_norm.guarded_ratio()
+        first_norm = g_norm
     d = add_step(d, direction)
     g = sync(grad_fn(tm.tree_add_to_params(params, d)))
     grads.append(g)
@@ -148,4 +157,5 @@ def ascent(
     gradient_displacement=c if adaptive else d,
     displacement_scale=d_scale,
     displacement_norm=d_norm,
+    first_norm=first_norm,
   )

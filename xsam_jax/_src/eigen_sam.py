@@ -194,6 +194,9 @@ def eigen_sam(
     :class:`EigenSAMState`; call ``update(grads, state, params,
     loss_fn=loss_fn)``. With ``optax.inject_hyperparams`` list
     ``power_iterations``, ``num_steps`` and ``seed`` in ``static_args``.
+    ``params`` and ``grads`` need real floating-point leaves (a Python
+    float is taken as a 0-d array); integer, bool or complex leaves raise a
+    ``ValueError`` naming the leaf.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, xsam_jax
@@ -210,13 +213,9 @@ def eigen_sam(
     Dominant-Eigenvector Gradient Correction, https://arxiv.org/abs/2601.10251,
     2026.
   """
-  validation.check_positive("rho", rho)
   validation.check_finite("alpha", alpha)
-  validation.check_period("eig_update_period", eig_update_period)
-  if eig_update_period is None:
-    raise ValueError("`eig_update_period` must be an int >= 1, got None.")
+  validation.check_period("eig_update_period", eig_update_period, allow_none=False)
   power_iterations = validation.check_static_int("power_iterations", power_iterations)
-  num_steps = validation.check_static_int("num_steps", num_steps)
   seed = validation.check_static_int("seed", seed, minimum=0)
 
   def init_fn(params: optax.Params) -> EigenSAMState:
@@ -245,10 +244,11 @@ def eigen_sam(
     refresh_now = state.count % eig_update_period == 0
     v, lam, has_v = jax.lax.cond(refresh_now, refresh, keep, None)
     g_adv = trace.grads[-1]
-    u, g_norm = tm.tree_normalize(g_adv)
+    u, g_norm_parts = tm.tree_normalize_parts(g_adv)
+    g_norm = g_norm_parts.value
     cosine = tm.tree_vdot(u, v)
     corrected, _ = tm.tree_normalize(tm.tree_lincomb(1.0, u, -alpha * jnp.abs(cosine), v))
-    eig_out = tm.tree_scale(g_norm, corrected)
+    eig_out = tm.tree_scale_by_norm(g_norm_parts, 1.0, corrected)
     output = jax.tree.map(lambda e, g: jnp.where(has_v, e, g.astype(e.dtype)), eig_out, g_adv)
     new_state = state._replace(
       eigvec=v,

@@ -67,13 +67,16 @@ def rescaled_combination(
     >>> [round(float(x), 4) for x in out["w"]], float(norm)
     ([2.8284, 2.8284], 4.0)
   """
-  terms = [tm.tree_normalize(g)[0] if normalize_each else tm.tree_wide(g) for g in grads]
+  # Each raw gradient is divided by the number of terms (a mean: same direction as the sum),
+  # so that adding gradients near float32's largest value cannot overflow.
+  inv_count = 1.0 / len(grads)
+  terms = [tm.tree_normalize(g)[0] if normalize_each else tm.tree_scale(inv_count, tm.tree_wide(g)) for g in grads]
   unit, _ = tm.tree_normalize(_sum_trees(terms))
-  g_unit, g_norm = tm.tree_normalize(g_k)
+  g_unit, g_norm = tm.tree_normalize_parts(g_k)
   # Without the barrier XLA may pull 1/|s| and 1/|g_K| out of the dot
   # product, which then overflows in float32 for gradients near 1e30.
   cosine = tm.tree_vdot(*jax.lax.optimization_barrier((unit, g_unit)))
-  return tm.tree_scale(g_norm, unit), g_norm, cosine
+  return tm.tree_scale_by_norm(g_norm, 1.0, unit), g_norm.value, cosine
 
 
 def _multistep_sam(
@@ -89,9 +92,6 @@ def _multistep_sam(
   adaptive_mask: PyTree | Callable[[PyTree], PyTree],
 ) -> optax.GradientTransformationExtraArgs:
   """The transformation that combines ``grads[first:last]`` of the ascent trace."""
-  validation.check_positive("rho", rho)
-  num_steps = validation.check_static_int("num_steps", num_steps)
-  validation.check_nonnegative("eta", eta)
 
   def init_fn(params: optax.Params) -> MultiStepSAMState:
     del params
@@ -148,7 +148,7 @@ def msam(
   Args:
     rho: total ascent radius, > 0 (K steps of length ``rho / K``).
     num_steps: number of ascent steps K (a Python int >= 1).
-    plus: MSAM+ (also average the incoming gradient ``g_0``).
+    plus: MSAM+ (also average the incoming gradient ``g_0``); a bool.
     axis_name: for data parallelism under ``shard_map``/``pmap``: the
       incoming and ascent gradients are averaged over this axis, so every
       replica takes the same ascent and returns the same output.
@@ -167,6 +167,9 @@ def msam(
     An ``optax.GradientTransformationExtraArgs`` with state
     :class:`MultiStepSAMState`; call ``update(grads, state, params,
     loss_fn=loss_fn)``.
+    ``params`` and ``grads`` need real floating-point leaves (a Python
+    float is taken as a 0-d array); integer, bool or complex leaves raise a
+    ``ValueError`` naming the leaf.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, xsam_jax
@@ -186,6 +189,7 @@ def msam(
     Kim et al., Exploring the Effect of Multi-step Ascent in Sharpness-Aware
     Minimization, https://arxiv.org/abs/2302.10181, 2023.
   """
+  plus = validation.check_bool("plus", plus)
   return _multistep_sam("msam", rho, num_steps, 0 if plus else 1, 0, False, axis_name, adaptive, eta, adaptive_mask)
 
 
@@ -223,11 +227,14 @@ def lsam(
     rho, num_steps, axis_name, adaptive, eta, adaptive_mask: as in
       :func:`msam` (ASAM changes where the gradients are taken; they are
       still normalized in the plain norm).
-    plus: LSAM+ (sum ``g_0 .. g_{K-1}``: the direction of ``d_K``).
+    plus: LSAM+ (sum ``g_0 .. g_{K-1}``: the direction of ``d_K``); a bool.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
     :class:`MultiStepSAMState`.
+    ``params`` and ``grads`` need real floating-point leaves (a Python
+    float is taken as a 0-d array); integer, bool or complex leaves raise a
+    ``ValueError`` naming the leaf.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, xsam_jax
@@ -244,6 +251,7 @@ def lsam(
     Effective Implementation, ICLR 2026, https://arxiv.org/abs/2603.10048
     (LSAM and LSAM+ as written there).
   """
+  plus = validation.check_bool("plus", plus)
   return _multistep_sam(
     "lsam", rho, num_steps, 0 if plus else 1, -1 if plus else 0, True, axis_name, adaptive, eta, adaptive_mask
   )

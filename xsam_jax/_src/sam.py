@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from xsam_jax._src import base, collectives, validation
+from xsam_jax._src import base, collectives
 from xsam_jax._src import tree_math as tm
 from xsam_jax._src.ascent import AscentTrace
 from xsam_jax._src.types import AxisName, LossFn, PyTree, Scalar
@@ -82,6 +82,9 @@ def sam(
   Returns:
     An ``optax.GradientTransformationExtraArgs``; call its ``update`` as
     ``update(grads, state, params, loss_fn=loss_fn)``.
+    ``params`` and ``grads`` need real floating-point leaves (a Python
+    float is taken as a 0-d array); integer, bool or complex leaves raise a
+    ``ValueError`` naming the leaf.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, xsam_jax
@@ -103,9 +106,6 @@ def sam(
     Kwon et al., ASAM: Adaptive Sharpness-Aware Minimization,
     https://arxiv.org/abs/2102.11600, 2021.
   """
-  validation.check_positive("rho", rho)
-  num_steps = validation.check_static_int("num_steps", num_steps)
-  validation.check_nonnegative("eta", eta)
 
   def init_fn(params: optax.Params) -> SAMState:
     del params

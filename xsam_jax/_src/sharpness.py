@@ -1015,7 +1015,7 @@ def plot_xsam_plane(
     >>> import jax.numpy as jnp
     >>> loss_fn = lambda p: jnp.sum(p ** 4) + p[0] * p[1]
     >>> w = jnp.array([1.0, -0.5, 0.3])
-    >>> plane = xsam_directions(loss_fn, w, rho=0.1, rho_max=0.2)
+    >>> plane = xsam_directions(loss_fn, w, rho=0.1, rho_max=0.5)
     >>> s = loss_surface(loss_fn, w, plane.e1, plane.e2)
     >>> ax = plot_xsam_plane(plane, s)
     >>> print(ax.get_title())

@@ -8,6 +8,8 @@ Norms are computed with a max-abs rescaling so that gradients at 1e-30 or
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -51,63 +53,206 @@ def _scalar_dtype(tree: PyTree) -> jnp.dtype:
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
   """Global dot product ``<a, b>`` summed over all leaves, in wide precision."""
   dtype = _scalar_dtype(a)
-  parts = [
-    jnp.vdot(x.astype(dtype).ravel(), y.astype(dtype).ravel())
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-  ]
+  xs, ys = (_packed([x.astype(dtype) for x in jax.tree.leaves(t)]) for t in (a, b))
+  parts = [jnp.vdot(x, y) for x, y in zip(xs, ys, strict=True)]
   return sum(parts, jnp.zeros((), dtype))
 
 
-def tree_scaled_vdot(s: Scalar, a: PyTree, t: Scalar, b: PyTree) -> jax.Array:
-  """``<s a, t b>`` for scalars ``s``, ``t``, as one fused reduction in wide precision.
+def tree_scaled_vdot(s: Inverse, a: PyTree, t: Inverse, b: PyTree) -> jax.Array:
+  """``<s a, t b>`` for inverse norms ``s``, ``t`` (:class:`Inverse`), as one fused reduction.
 
-  Each element is scaled before the product, ``sum_i (s a_i)(t b_i)``, so
-  with ``s = 1/|a|`` and ``t = 1/|b|`` (a cosine) nothing overflows even for
-  vectors near 1e30 in float32, and neither scaled tree is materialized.
+  Each element is scaled before the product, ``sum_i s(a_i) t(b_i)``, so with
+  ``s = 1/|a|`` and ``t = 1/|b|`` (a cosine) nothing overflows or flushes to
+  zero, even for vectors whose norm exceeds float32's range, and neither
+  scaled tree is materialized.
   """
   dtype = _scalar_dtype(a)
-  s, t = jnp.asarray(s).astype(dtype), jnp.asarray(t).astype(dtype)
-  parts = [
-    jnp.sum((x.astype(dtype) * s) * (y.astype(dtype) * t))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-  ]
+  xs, ys = (_packed([x.astype(dtype) for x in jax.tree.leaves(tree)]) for tree in (a, b))
+  parts = [jnp.sum(s.apply(x) * t.apply(y)) for x, y in zip(xs, ys, strict=True)]
   return sum(parts, jnp.zeros((), dtype))
+
+
+class Inverse(NamedTuple):
+  """A factor ``pow2 * mant`` applied to an element as ``(x * pow2) * mant``.
+
+  ``1 / (|x| + EPS)`` for ``|x|`` beyond ``2^126`` is below float32's
+  smallest normal number, which XLA on CPU flushes to zero; held as a power
+  of two and a moderate mantissa, and applied in that order, it scales
+  ``x`` to a unit vector without ever forming that number.
+
+  Attributes:
+    pow2: a power of two (exactly 1 unless the norm is out of range).
+    mant: the rest of the factor.
+  """
+
+  pow2: jax.Array
+  mant: jax.Array
+
+  def apply(self, x: jax.Array) -> jax.Array:
+    """``(x * pow2) * mant`` (for one array)."""
+    return (x * self.pow2.astype(x.dtype)) * self.mant.astype(x.dtype)
+
+  def apply_tree(self, tree: PyTree) -> PyTree:
+    """:meth:`apply` to every leaf."""
+    return jax.tree.map(self.apply, tree)
+
+
+class Norm(NamedTuple):
+  """A global norm held as ``|x| = scale * r``, so that it survives float overflow.
+
+  ``scale`` is a power of two, exactly 1 unless ``|x|`` is out of the
+  dtype's comfortable range (then ``r = |x / scale|`` lies in ``[1, 2 sqrt(n)]``).
+  Products with a norm are formed as ``(t * r) * scale``, and ratios of
+  norms as ratios of ``r`` times a ratio of powers of two, so a gradient
+  whose norm exceeds float32's largest value (four elements of 3e38, say)
+  still gives finite unit vectors and finite outputs wherever the exact
+  result is representable.
+
+  Attributes:
+    scale: a power of two (wide dtype scalar).
+    r: ``|x| / scale`` (wide dtype scalar).
+  """
+
+  scale: jax.Array
+  r: jax.Array
+
+  @property
+  def value(self) -> jax.Array:
+    """``|x|`` as one number (``inf`` if it exceeds the dtype's range)."""
+    return self.scale * self.r
+
+  @property
+  def inv_scale(self) -> jax.Array:
+    """``1 / scale`` (exact: a power of two in the normal range)."""
+    return 1.0 / self.scale
+
+  def inverse(self) -> Inverse:
+    """``1 / (|x| + EPS)`` as an :class:`Inverse` (``pow2 = 1 / scale``); bitwise
+    ``1 / (|x| + EPS)`` when ``scale == 1``."""
+    inv_scale = self.inv_scale
+    return Inverse(inv_scale, 1.0 / (self.r + EPS * inv_scale))
+
+  def guarded_ratio(self) -> jax.Array:
+    """``|x| / (|x| + EPS)``, finite for any ``|x|``."""
+    return self.r / (self.r + EPS / self.scale)
+
+
+_TINY = 1 << 12
+"""Leaves of at most this many elements are packed together by :func:`_packed`."""
+_PACK = 1 << 16
+"""Most elements in one pack of tiny leaves."""
+
+
+def _packed(leaves: list[jax.Array]) -> list[jax.Array]:
+  """The leaves as flat vectors, with tiny leaves (biases, norm scales) concatenated into packs.
+
+  A reduction over a tree is then one kernel per large leaf plus one per
+  pack, instead of one per leaf: compile time stays linear, and small, in
+  the number of leaves. Only tiny leaves are copied, at most ``_PACK``
+  elements a pack; large leaves are reshaped (no copy).
+  """
+  out: list[jax.Array] = []
+  pack: list[jax.Array] = []
+  size = 0
+
+  def flush() -> None:
+    nonlocal pack, size
+    if pack:
+      out.append(jnp.concatenate(pack) if len(pack) > 1 else pack[0])
+    pack, size = [], 0
+
+  for x in leaves:
+    v = x.ravel()
+    if v.size > _TINY:
+      out.append(v)
+      continue
+    if size + v.size > _PACK:
+      flush()
+    pack.append(v)
+    size += v.size
+  flush()
+  return out
+
+
+def tree_norm_parts(tree: PyTree) -> Norm:
+  """Global L2 norm as a :class:`Norm`, robust to under- and overflow.
+
+  The fast path is ``sqrt(sum(x^2))`` with ``scale = 1``. When that sum is
+  not finite, or so small that squares of tiny elements may have
+  underflowed (below ``n * tiny * 1e8``), it is recomputed (under
+  ``jax.lax.cond``, so only then) with ``scale = 2^e`` for the exponent
+  ``e`` of ``max |x|`` (clamped to the normal range) and
+  ``r = sqrt(sum((x / scale)^2))``: exact to rounding for gradients at
+  1e-30 or near float32's largest value. An all-zero or empty tree has
+  ``r = 0``.
+
+  Every scalar that fans out to all the leaves is the result of a division
+  or a square root: XLA copies a chain of cheap scalar ops into each
+  consumer's fusion, which made compile time quadratic in the leaf count.
+  """
+  dtype = _scalar_dtype(tree)
+  leaves = _packed([x.astype(dtype) for x in jax.tree.leaves(tree)])
+  one = jnp.ones((), dtype)
+  if not leaves:
+    return Norm(one, jnp.zeros((), dtype))
+  ssq = sum((jnp.sum(jnp.square(x)) for x in leaves), jnp.zeros((), dtype))
+  size = sum(x.size for x in leaves)
+  info = jnp.finfo(dtype)
+  in_range = jnp.isfinite(ssq) & (ssq > info.tiny * max(size, 1) * 1e8)
+
+  def fast(_: None) -> Norm:
+    return Norm(one, jnp.sqrt(ssq))
+
+  def rescaled(_: None) -> Norm:
+    m = jnp.max(jnp.stack([jnp.max(jnp.abs(v), initial=0.0) for v in leaves]))
+    _mantissa, exponent = jnp.frexp(m)  # m = f 2^e, f in [0.5, 1): m / 2^(e-1) in [1, 2)
+    # 1/scale must stay a normal number (XLA on CPU flushes subnormals to zero).
+    scale = jnp.ldexp(one, jnp.clip(exponent - 1, int(info.minexp), -int(info.minexp)))
+    inv_scale = one / scale  # exact (a power of two); a division, so XLA does not copy it per leaf
+    # Each scaled vector goes through a barrier: on concrete (constant-folded) inputs XLA
+    # otherwise evaluates sum((v s)^2) in a form that under- and overflows (NaN at 1e-30).
+    ssq_scaled = (jnp.sum(jnp.square(jax.lax.optimization_barrier(v * inv_scale))) for v in leaves)
+    r = jnp.sqrt(sum(ssq_scaled, jnp.zeros((), dtype)))
+    return Norm(scale, r)
+
+  return jax.lax.cond(in_range, fast, rescaled, None)
 
 
 def tree_norm(tree: PyTree) -> jax.Array:
-  """Global L2 norm, robust to under/overflow.
+  """Global L2 norm, robust to under/overflow (see :func:`tree_norm_parts`).
 
-  The fast path is ``sqrt(sum(x^2))``. When that sum is not finite, or so
-  small that squares of tiny elements may have underflowed (below
-  ``n * tiny * 1e8``), it is recomputed (under ``jax.lax.cond``, so only then)
-  as ``m * sqrt(sum((x / m)^2))`` with ``m = max |x|``. So
-  ``tree_norm(1e-30 * g)`` and ``tree_norm(1e30 * g)`` are finite and exact to
-  rounding in float32. Returns 0 for an all-zero or empty tree.
+  ``tree_norm(1e-30 * g)`` and ``tree_norm(1e30 * g)`` are finite and exact
+  to rounding in float32; a norm beyond the dtype's largest value is
+  ``inf`` (use :func:`tree_norm_parts` to keep it). Returns 0 for an
+  all-zero or empty tree.
   """
-  dtype = _scalar_dtype(tree)
-  leaves = [x.astype(dtype) for x in jax.tree.leaves(tree)]
-  if not leaves:
-    return jnp.zeros((), dtype)
-  ssq = sum((jnp.sum(jnp.square(x)) for x in leaves), jnp.zeros((), dtype))
-  size = sum(x.size for x in leaves)
-  in_range = jnp.isfinite(ssq) & (ssq > jnp.finfo(dtype).tiny * max(size, 1) * 1e8)
-
-  def rescaled(_: None) -> jax.Array:
-    m = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0.0) for x in leaves]))
-    safe_m = jnp.where(m > 0, m, jnp.ones_like(m))
-    scaled = sum((jnp.sum(jnp.square(x / safe_m)) for x in leaves), jnp.zeros((), dtype))
-    return jnp.where(m > 0, safe_m * jnp.sqrt(scaled), jnp.zeros_like(m))
-
-  return jax.lax.cond(in_range, lambda _: jnp.sqrt(ssq), rescaled, None)
+  return tree_norm_parts(tree).value
 
 
-def tree_normalize(tree: PyTree, norm: jax.Array | None = None) -> tuple[PyTree, jax.Array]:
-  """Returns ``(tree / (|tree| + EPS), |tree|)`` in wide precision."""
+def tree_normalize_parts(tree: PyTree) -> tuple[PyTree, Norm]:
+  """Returns ``(tree / (|tree| + EPS), |tree|)`` in wide precision, the norm as a :class:`Norm`.
+
+  The unit vector is finite even when ``|tree|`` overflows the dtype.
+  """
   wide = tree_wide(tree)
-  if norm is None:
-    norm = tree_norm(wide)
-  inv = 1.0 / (norm + EPS)
-  return jax.tree.map(lambda x: x * inv.astype(x.dtype), wide), norm
+  norm = tree_norm_parts(wide)
+  return norm.inverse().apply_tree(wide), norm
+
+
+def tree_normalize(tree: PyTree) -> tuple[PyTree, jax.Array]:
+  """Returns ``(tree / (|tree| + EPS), |tree|)`` in wide precision (see :func:`tree_normalize_parts`)."""
+  unit, norm = tree_normalize_parts(tree)
+  return unit, norm.value
+
+
+def tree_scale_by_norm(norm: Norm, coef: Scalar, tree: PyTree) -> PyTree:
+  """``(coef * |y|) * tree`` formed as ``((coef * r) * x) * scale`` per element.
+
+  For ``norm = |y|`` as a :class:`Norm`: finite wherever the exact product
+  is representable, even when ``|y|`` alone is not.
+  """
+  a = jnp.asarray(coef) * norm.r
+  return jax.tree.map(lambda x: (a.astype(x.dtype) * x) * norm.scale.astype(x.dtype), tree)
 
 
 def tree_scale(scalar: Scalar, tree: PyTree) -> PyTree:

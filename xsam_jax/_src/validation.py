@@ -1,65 +1,95 @@
-"""Construction-time checks of hyperparameters, with errors that name the
-argument and its allowed range.
+"""Checks with errors that name the argument and its allowed range or form.
 
-Values that are JAX tracers (e.g. hyperparameters injected with
-``optax.inject_hyperparams`` and read inside ``jax.jit``) cannot be checked
-at construction and are passed through.
+Hyperparameters are checked at construction. Scalars must be Python numbers
+or 0-d arrays; a value that is a JAX tracer (e.g. a hyperparameter injected
+with ``optax.inject_hyperparams`` and read inside ``jax.jit``) has no value to
+check, but its shape and dtype are still checked. The params, updates, state
+and ``adaptive_mask`` reaching ``update`` are checked there, once per trace.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-
-def _concrete(value: Any) -> float | None:
-  """Returns ``value`` as a Python float, or None when it is traced."""
-  if isinstance(value, jax.core.Tracer):
-    return None
-  try:
-    arr = np.asarray(value)
-  except Exception:  # noqa: BLE001 - any non-array is reported by the caller
-    return None
-  if arr.shape != () or not np.issubdtype(arr.dtype, np.number):
-    return None
-  return float(arr)
+from xsam_jax._src.types import PyTree
 
 
-def _is_number(value: Any) -> bool:
-  if isinstance(value, bool):
-    return False
-  return isinstance(value, (numbers.Real, np.ndarray, jax.Array))
+def _is_real_dtype(dtype: Any) -> bool:
+  return bool(np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating))
 
 
-def check_positive(name: str, value: Any) -> None:
-  """Raises ValueError unless ``value`` is a finite real number > 0."""
-  if not _is_number(value):
-    raise ValueError(f"`{name}` must be a finite real number > 0, got {value!r}.")
-  v = _concrete(value)
-  if v is not None and not (math.isfinite(v) and v > 0):
-    raise ValueError(f"`{name}` must be a finite real number > 0, got {v!r}.")
+def _scalar(name: str, value: Any, requirement: str) -> float | None:
+  """``value`` as a Python float (None when traced), or a ValueError naming ``name``.
+
+  Accepted: Python ints and floats, NumPy integer and floating scalars, and
+  0-d arrays of an integer or floating dtype (tracers included). Rejected:
+  bools, complex numbers, strings and arrays of any other shape.
+  """
+  form = f"`{name}` must be {requirement} (a Python number or a 0-d array)"
+  if isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{form}, got the bool {value!r}.")
+  if isinstance(value, numbers.Real) and not isinstance(value, (np.ndarray, jax.Array)):
+    return float(value)
+  if isinstance(value, (np.ndarray, jax.Array)):  # tracers included
+    shape, dtype = value.shape, value.dtype
+    if shape != ():
+      raise ValueError(f"{form}, got an array of shape {shape}.")
+    if not _is_real_dtype(dtype):
+      raise ValueError(f"{form}, got a 0-d array of dtype {dtype}.")
+    if isinstance(value, jax.core.Tracer):
+      return None
+    return float(np.asarray(value))
+  raise ValueError(f"{form}, got {value!r}.")
 
 
-def check_nonnegative(name: str, value: Any) -> None:
-  """Raises ValueError unless ``value`` is a finite real number >= 0."""
-  if not _is_number(value):
-    raise ValueError(f"`{name}` must be a finite real number >= 0, got {value!r}.")
-  v = _concrete(value)
-  if v is not None and not (math.isfinite(v) and v >= 0):
-    raise ValueError(f"`{name}` must be a finite real number >= 0, got {v!r}.")
+def check_real(name: str, value: Any, requirement: str, ok: Callable[[float], bool]) -> float | None:
+  """Checks a real scalar hyperparameter.
+
+  Args:
+    name: the argument's name, for the message.
+    value: the value given.
+    requirement: what it must be, e.g. ``"a finite real number > 0"``.
+    ok: the range check on the value as a float (not run when traced).
+
+  Returns:
+    The value as a Python float, or None when it is a tracer.
+
+  Raises:
+    ValueError: ``value`` is not a real scalar or ``ok`` rejects it.
+  """
+  v = _scalar(name, value, requirement)
+  if v is not None and not ok(v):
+    raise ValueError(f"`{name}` must be {requirement}, got {v!r}.")
+  return v
 
 
-def check_finite(name: str, value: Any) -> None:
-  """Raises ValueError unless ``value`` is a finite real number."""
-  if not _is_number(value):
-    raise ValueError(f"`{name}` must be a finite real number, got {value!r}.")
-  v = _concrete(value)
-  if v is not None and not math.isfinite(v):
-    raise ValueError(f"`{name}` must be a finite real number, got {v!r}.")
+def check_positive(name: str, value: Any) -> float | None:
+  """Raises ValueError unless ``value`` is a finite real scalar > 0."""
+  return check_real(name, value, "a finite real number > 0", lambda v: math.isfinite(v) and v > 0)
+
+
+def check_nonnegative(name: str, value: Any) -> float | None:
+  """Raises ValueError unless ``value`` is a finite real scalar >= 0."""
+  return check_real(name, value, "a finite real number >= 0", lambda v: math.isfinite(v) and v >= 0)
+
+
+def check_finite(name: str, value: Any) -> float | None:
+  """Raises ValueError unless ``value`` is a finite real scalar."""
+  return check_real(name, value, "a finite real number", math.isfinite)
+
+
+def check_bool(name: str, value: Any) -> bool:
+  """Checks a flag: a Python or NumPy bool (not a truthy string, int or array)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"`{name}` must be a bool (True or False), got {value!r}.")
+  return bool(value)
 
 
 def check_static_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -74,17 +104,23 @@ def check_static_int(name: str, value: Any, minimum: int = 1) -> int:
   return int(value)
 
 
-def check_period(name: str, value: Any) -> None:
-  """Checks a probe period: None (never) or an int >= 1 (may be traced)."""
-  if value is None:
+def check_period(name: str, value: Any, *, allow_none: bool = True) -> None:
+  """Checks a period: an int >= 1 (a 0-d integer array, possibly traced, too), or None if allowed."""
+  requirement = "None or an int >= 1" if allow_none else "an int >= 1"
+  if value is None and allow_none:
     return
-  if isinstance(value, jax.core.Tracer):
-    return
-  arr = np.asarray(value) if _is_number(value) else None
-  if arr is None or arr.shape != () or not np.issubdtype(arr.dtype, np.integer):
-    raise ValueError(f"`{name}` must be None or an int >= 1, got {value!r}.")
-  if int(arr) < 1:
-    raise ValueError(f"`{name}` must be None or an int >= 1, got {int(arr)}.")
+  if isinstance(value, (np.ndarray, jax.Array)):  # tracers included
+    if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+      raise ValueError(f"`{name}` must be {requirement}, got an array of shape {value.shape} and dtype {value.dtype}.")
+    if isinstance(value, jax.core.Tracer):
+      return
+    v = int(np.asarray(value))
+  elif isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, (bool, np.bool_)):
+    v = int(value)
+  else:
+    raise ValueError(f"`{name}` must be {requirement}, got {value!r}.")
+  if v < 1:
+    raise ValueError(f"`{name}` must be {requirement}, got {v}.")
 
 
 def check_grid(name: str, values: Any) -> np.ndarray:
@@ -110,3 +146,169 @@ def check_call(method: str, params: Any, loss_fn: Any) -> None:
     )
   if not callable(loss_fn):
     raise ValueError(f"{method}.update: `loss_fn` must be callable, got {type(loss_fn).__name__}.")
+
+
+def _leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
+  return [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _same_structure(a: PyTree, b: PyTree) -> bool:
+  return bool(jax.tree.structure(a) == jax.tree.structure(b))  # type: ignore[operator]  # PyTreeDef stubs lack __eq__
+
+
+def _path_list(paths: Any, limit: int = 5) -> str:
+  paths = sorted(paths)
+  shown = ", ".join(paths[:limit])
+  return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def as_array_leaves(method: str, what: str, tree: PyTree) -> PyTree:
+  """Python and NumPy scalar leaves become 0-d arrays (``jnp.asarray``); arrays are kept.
+
+  Raises:
+    ValueError: a leaf is not a number or an array (naming the leaf's path).
+  """
+
+  def convert(path: Any, leaf: Any) -> Any:
+    if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+      return leaf
+    try:
+      return jnp.asarray(leaf)
+    except TypeError as e:
+      raise ValueError(
+        f"{method}: {what} leaf {jax.tree_util.keystr(path)} is a {type(leaf).__name__}; "
+        f"{what} leaves must be floating-point arrays."
+      ) from e
+
+  return jax.tree_util.tree_map_with_path(convert, tree)
+
+
+def check_float_leaves(where: str, what: str, tree: PyTree) -> None:
+  """Raises a ValueError naming the first leaf of ``tree`` that is not a real floating array.
+
+  Args:
+    where: the call, for the message (e.g. ``"sam.update"``).
+    what: the tree's name, ``"params"`` or ``"updates"``.
+    tree: the tree.
+  """
+  for path, leaf in _leaves_with_paths(tree):
+    dtype = leaf.dtype
+    if jnp.issubdtype(dtype, jnp.floating):
+      continue
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+      why = (
+        "complex parameters are not supported (the ascent's norms, cosines and "
+        "probes are real); optimize the real and imaginary parts as two real leaves"
+      )
+    else:
+      why = (
+        "params and updates must be real floating-point arrays (float16, bfloat16, "
+        "float32 or float64); keep integer, bool and other non-trainable leaves out of "
+        "the optimized tree (e.g. with optax.masked or optax.partition)"
+      )
+    raise ValueError(f"{where}: {what} leaf {path} has dtype {dtype}: {why}.")
+
+
+def check_updates_match_params(method: str, updates: PyTree, params: PyTree) -> None:
+  """Raises a ValueError unless ``updates`` has the structure and leaf shapes of ``params``."""
+  u_leaves, p_leaves = _leaves_with_paths(updates), _leaves_with_paths(params)
+  if not _same_structure(updates, params):
+    missing = {p for p, _ in p_leaves} - {p for p, _ in u_leaves}
+    extra = {p for p, _ in u_leaves} - {p for p, _ in p_leaves}
+    detail = (
+      "; ".join(
+        part
+        for part in (
+          f"missing from updates: {_path_list(missing)}" if missing else "",
+          f"not in params: {_path_list(extra)}" if extra else "",
+        )
+        if part
+      )
+      or f"updates are {jax.tree.structure(updates)}, params are {jax.tree.structure(params)}"
+    )
+    raise ValueError(f"{method}.update: `updates` must have the tree structure of `params` ({detail}).")
+  for (path, u), (_, p) in zip(u_leaves, p_leaves, strict=True):
+    if u.shape != p.shape:
+      raise ValueError(f"{method}.update: updates leaf {path} has shape {u.shape}, but the params leaf has {p.shape}.")
+
+
+def check_adaptive_mask(method: str, adaptive_mask: Any, params: PyTree) -> PyTree:
+  """Resolves ``adaptive_mask`` (a pytree of bools, or a callable on params) against ``params``.
+
+  Returns:
+    None (no mask: every leaf is rescaled) or a pytree with the structure of
+    ``params`` holding one Python bool per leaf.
+
+  Raises:
+    ValueError: the mask (or what the callable returned) does not have the
+      structure of ``params``, or a leaf of it is not a single static bool.
+  """
+  if adaptive_mask is None:
+    return None
+  source = "`adaptive_mask`"
+  mask = adaptive_mask
+  if callable(adaptive_mask):
+    source, mask = "`adaptive_mask(params)`", adaptive_mask(params)
+  expected = (
+    f"{source} must be a pytree with the structure of params holding one bool per "
+    "leaf (True: rescale that leaf, False: leave it), as in optax.masked"
+  )
+  if mask is None:
+    raise ValueError(f"{method}: {expected}, got None.")
+  m_leaves, p_leaves = _leaves_with_paths(mask), _leaves_with_paths(params)
+  if not _same_structure(mask, params):
+    missing = {p for p, _ in p_leaves} - {p for p, _ in m_leaves}
+    extra = {p for p, _ in m_leaves} - {p for p, _ in p_leaves}
+    detail = (
+      "; ".join(
+        part
+        for part in (
+          f"missing: {_path_list(missing)}" if missing else "",
+          f"not in params: {_path_list(extra)}" if extra else "",
+        )
+        if part
+      )
+      or f"the mask is {jax.tree.structure(mask)}, params are {jax.tree.structure(params)}"
+    )
+    raise ValueError(f"{method}: {expected} ({detail}).")
+  flags = []
+  for path, m in m_leaves:
+    if isinstance(m, (bool, np.bool_)):
+      flags.append(bool(m))
+      continue
+    if isinstance(m, jax.core.Tracer):
+      got = "a traced value (the mask must be static: compute it from shapes, ndim or names, not from values)"
+    elif isinstance(m, (np.ndarray, jax.Array)) and m.shape == () and m.dtype == np.bool_:
+      flags.append(bool(m))
+      continue
+    elif isinstance(m, (np.ndarray, jax.Array)):
+      got = f"an array of shape {m.shape} and dtype {m.dtype} (element-wise masks are not supported)"
+    else:
+      got = repr(m)
+    raise ValueError(f"{method}: {expected}; leaf {path} is {got}.")
+  return jax.tree.unflatten(jax.tree.structure(params), flags)
+
+
+def check_state_matches(method: str, state: Any, expected: Any) -> None:
+  """Raises a ValueError unless ``state`` has the structure and leaf shapes of ``expected``.
+
+  Args:
+    method: the public name, for the message.
+    state: the state passed to ``update``.
+    expected: ``jax.eval_shape`` of the transformation's ``init`` on params.
+  """
+  hint = (
+    f"Was it made by `{method}(...).init` with other settings, or for other "
+    "params? Re-create it with `tx.init(params)`."
+  )
+  if not _same_structure(state, expected):
+    raise ValueError(
+      f"{method}.update: the state does not match this transformation and params: its tree is "
+      f"{jax.tree.structure(state)}, expected {jax.tree.structure(expected)}. {hint}"
+    )
+  for (path, got), (_, want) in zip(_leaves_with_paths(state), _leaves_with_paths(expected), strict=True):
+    if np.shape(got) != want.shape:
+      raise ValueError(
+        f"{method}.update: the state does not match this transformation and params: state leaf "
+        f"{path} has shape {np.shape(got)}, expected {want.shape}. {hint}"
+      )

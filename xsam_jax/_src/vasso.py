@@ -31,13 +31,6 @@ class VaSSOState(NamedTuple):
   ema: PyTree
 
 
-def _check_theta(theta: Scalar) -> None:
-  """``theta`` must be in (0, 1] (``1`` is SAM); traced values pass."""
-  validation.check_positive("theta", theta)
-  if not isinstance(theta, jax.core.Tracer) and float(jnp.asarray(theta)) > 1.0:
-    raise ValueError(f"`theta` must be a finite real number in (0, 1], got {float(jnp.asarray(theta))!r}.")
-
-
 def vasso(
   rho: Scalar,
   *,
@@ -75,6 +68,9 @@ def vasso(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
     :class:`VaSSOState`; call ``update(grads, state, params, loss_fn=loss_fn)``.
+    ``params`` and ``grads`` need real floating-point leaves (a Python
+    float is taken as a 0-d array); integer, bool or complex leaves raise a
+    ``ValueError`` naming the leaf.
 
   Example:
     >>> import jax, jax.numpy as jnp, xsam_jax
@@ -90,8 +86,9 @@ def vasso(
     Li & Giannakis, Enhancing Sharpness-Aware Optimization Through Variance
     Suppression, NeurIPS 2023, https://arxiv.org/abs/2309.15639.
   """
-  validation.check_positive("rho", rho)
-  _check_theta(theta)
+  t = validation.check_positive("theta", theta)
+  if t is not None and t > 1.0:
+    raise ValueError(f"`theta` must be a finite real number in (0, 1], got {t!r}.")
 
   def init_fn(params: optax.Params) -> VaSSOState:
     ema = jax.tree.map(lambda w: jnp.zeros(w.shape, tm.wide_dtype(w.dtype)), params)

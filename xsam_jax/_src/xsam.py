@@ -86,8 +86,8 @@ def slerp_coefficients(alpha: jax.typing.ArrayLike, theta: jax.typing.ArrayLike)
 
 
 def plane_scalars(
-  x0: PyTree, x1: PyTree, *, s0: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  x0: PyTree, x1: PyTree, *, s0: tm.Inverse | None = None
+) -> tuple[jax.Array, tm.Inverse, tm.Inverse, tm.Norm]:
   r"""The scalars of XSAM's plane spanned by ``x0`` and ``x1``, without forming it.
 
   With ``v0 = s0 x0`` and ``v1 = s1 x1`` for
@@ -99,9 +99,12 @@ def plane_scalars(
 
   The unit vectors are never materialized: the cosine is one fused reduction
   over ``x0`` and ``x1`` (each element scaled before the product, so
-  gradients near 1e30 do not overflow), and XSAM's rule folds ``s0``, ``s1``
-  into the scalar coefficients of its probes and output. This is what makes
-  a non-probe XSAM step cost about a SAM step.
+  gradients near float32's largest value neither overflow nor flush to
+  zero), and XSAM's rule folds ``s0``, ``s1`` into the scalar coefficients
+  of its probes and output. This is what makes a non-probe XSAM step cost
+  about a SAM step. ``s0`` and ``s1`` are
+  :class:`~xsam_jax._src.tree_math.Inverse` pairs (a power of two and a
+  mantissa, applied in that order).
 
   Args:
     x0, x1: pytrees of one structure (wide precision, see
@@ -111,18 +114,20 @@ def plane_scalars(
       default ``1/(|x0|+eps)``.
 
   Returns:
-    ``(theta, s0, s1, |x1|)``, scalars in the trees' wide dtype.
+    ``(theta, s0, s1, |x1|)``: scalars in the trees' wide dtype, ``|x1|`` as
+    a :class:`~xsam_jax._src.tree_math.Norm` (it may exceed the dtype's
+    range when ``x1`` is near float32's largest value).
 
   Example:
     >>> import jax.numpy as jnp
     >>> theta, s0, s1, n1 = plane_scalars({"w": jnp.array([2.0, 0.0])}, {"w": jnp.array([0.0, 3.0])})
-    >>> [round(float(x), 4) for x in (theta, s0, s1, n1)]
+    >>> [round(float(x), 4) for x in (theta, s0.pow2 * s0.mant, s1.pow2 * s1.mant, n1.value)]
     [1.5708, 0.5, 0.3333, 3.0]
   """
   if s0 is None:
-    s0 = 1.0 / (tm.tree_norm(x0) + tm.EPS)
-  n1 = tm.tree_norm(x1)
-  s1 = 1.0 / (n1 + tm.EPS)
+    s0 = tm.tree_norm_parts(x0).inverse()
+  n1 = tm.tree_norm_parts(x1)
+  s1 = n1.inverse()
   cos = tm.tree_scaled_vdot(s0, x0, s1, x1)
   return jnp.arccos(jnp.clip(cos, -1.0, 1.0)), s0, s1, n1
 
@@ -147,7 +152,7 @@ def xsam_plane(displacement: PyTree, g_k: PyTree) -> tuple[PyTree, PyTree, jax.A
   """
   x0, x1 = tm.tree_wide(displacement), tm.tree_wide(g_k)
   theta, s0, s1, g_norm = plane_scalars(x0, x1)
-  return tm.tree_scale(s0, x0), tm.tree_scale(s1, x1), theta, g_norm
+  return s0.apply_tree(x0), s1.apply_tree(x1), theta, g_norm.value
 
 
 def adaptive_xsam_plane(
@@ -185,9 +190,9 @@ def adaptive_xsam_plane(
   """
   bases, theta, (s0, s1), tg_norm = _adaptive_bases(trace)
   p0, p1 = bases.probe()
-  probe_pair = (tm.tree_scale(s0, p0), tm.tree_scale(s1, p1))
-  output_pair = (tm.tree_scale(s0, bases.x0), tm.tree_scale(s1, bases.x1))
-  return probe_pair, output_pair, theta, tg_norm
+  probe_pair = (s0.apply_tree(p0), s1.apply_tree(p1))
+  output_pair = (s0.apply_tree(bases.x0), s1.apply_tree(bases.x1))
+  return probe_pair, output_pair, theta, tg_norm.value
 
 
 class _Bases(NamedTuple):
@@ -199,7 +204,7 @@ class _Bases(NamedTuple):
   probe: Callable[[], tuple[PyTree, PyTree]]
 
 
-_BasesResult = tuple[_Bases, jax.Array, tuple[jax.Array, jax.Array], jax.Array]
+_BasesResult = tuple[_Bases, jax.Array, tuple[tm.Inverse, tm.Inverse], tm.Norm]
 """``(bases, theta, (s0, s1), output scale)``."""
 
 
@@ -210,7 +215,9 @@ def _plain_bases(trace: AscentTrace) -> _BasesResult:
     theta, s0, s1, g_norm = plane_scalars(x0, x1)
   else:  # K = 1: d_1 = c u, so v0 = (c / (|d_1| + eps)) u; d_1 is never formed.
     x0 = tm.tree_wide(trace.first_direction)
-    theta, s0, s1, g_norm = plane_scalars(x0, x1, s0=trace.displacement_scale / (trace.displacement_norm + tm.EPS))
+    assert trace.first_norm is not None  # set with displacement_scale; c = displacement_scale / first_norm.scale
+    s0 = tm.Inverse(trace.first_norm.inv_scale, trace.displacement_scale / (trace.displacement_norm + tm.EPS))
+    theta, s0, s1, g_norm = plane_scalars(x0, x1, s0=s0)
   return _Bases(x0, x1, lambda: (x0, x1)), theta, (s0, s1), g_norm
 
 
@@ -222,6 +229,31 @@ def _adaptive_bases(trace: AscentTrace) -> _BasesResult:
   # Probes at w + rho_max T v: T v0 = s0 T^2 c_K, T v1 = s1 T^2 g_K.
   probe = lambda: (times_t(times_t(c_k)), times_t(times_t(g_k)))
   return _Bases(c_k, g_k, probe), theta, (s0, s1), tg_norm
+
+
+def _combine(
+  x0: PyTree,
+  x1: PyTree,
+  a: jax.Array,
+  b: jax.Array,
+  pow2: tuple[jax.Array, jax.Array] | None = None,
+  out: jax.Array | None = None,
+) -> PyTree:
+  """``out * ((x0 p0) a + (x1 p1) b)`` leaf by leaf, in that order.
+
+  ``p0``, ``p1`` (``pow2``) and ``out`` are powers of two, 1 unless a norm
+  is beyond float32's range: applied in this order no intermediate
+  overflows or flushes to zero wherever the result is representable. When
+  they are omitted this is ``a x0 + b x1``.
+  """
+
+  def leaf(u: jax.Array, v: jax.Array) -> jax.Array:
+    if pow2 is not None:
+      u, v = u * pow2[0].astype(u.dtype), v * pow2[1].astype(v.dtype)
+    r = a.astype(u.dtype) * u + b.astype(v.dtype) * v
+    return r if out is None else r * out.astype(r.dtype)
+
+  return jax.tree.map(leaf, x0, x1)
 
 
 def probe_losses(
@@ -271,12 +303,14 @@ def _probe_combinations(
   *,
   batch_size: int | None,
   axis_name: AxisName | None,
+  pow2: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
-  """Losses ``L(w + rho_max (a_i x0 + b_i x1))``, batched over the coefficient arrays."""
+  """Losses ``L(w + rho_max (a_i p0 x0 + b_i p1 x1))``, batched over the coefficient arrays
+  (``pow2 = (p0, p1)``, default ``(1, 1)``; see :func:`_combine`)."""
 
   def one(coefs: tuple[jax.Array, jax.Array]) -> jax.Array:
     a, b = coefs
-    return loss_fn(tm.tree_add_to_params(params, tm.tree_lincomb(a, x0, b, x1), rho_max))
+    return loss_fn(tm.tree_add_to_params(params, _combine(x0, x1, a, b, pow2), rho_max))
 
   losses = map_batched(one, (coef_a, coef_b), batch_size)
   if axis_name is not None:
@@ -489,6 +523,9 @@ def xsam(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
     :class:`XSAMState`; call ``update(grads, state, params, loss_fn=loss_fn)``.
+    ``params`` and ``grads`` need real floating-point leaves (a Python
+    float is taken as a 0-d array); integer, bool or complex leaves raise a
+    ``ValueError`` naming the leaf.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, xsam_jax
@@ -524,13 +561,10 @@ def xsam(
     Kwon et al., ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant
     Learning of Deep Neural Networks, https://arxiv.org/abs/2102.11600, 2021.
   """
-  validation.check_positive("rho", rho)
   validation.check_positive("rho_max", rho_max)
-  num_steps = validation.check_static_int("num_steps", num_steps)
   alpha_grid = validation.check_grid("alphas", alphas)
   validation.check_finite("alpha_init", alpha_init)
   validation.check_period("alpha_update_period", alpha_update_period)
-  validation.check_nonnegative("eta", eta)
   if alpha_refinement not in ALPHA_REFINEMENTS:
     raise ValueError(f"`alpha_refinement` must be one of {ALPHA_REFINEMENTS}, got {alpha_refinement!r}.")
   if alpha_refinement is not None and not np.all(np.diff(alpha_grid) > 0):
@@ -555,11 +589,19 @@ def xsam(
       max_loss=zero,
     )
 
+  def check_state(state: XSAMState) -> None:
+    if isinstance(state, XSAMState) and state.probe_losses.shape != (n,):
+      raise ValueError(
+        f"xsam.update: the state's probe_losses has shape {state.probe_losses.shape}, but this "
+        f"xsam's `alphas` grid has {n} points: the state was made by an xsam with a different "
+        "`alphas` grid. Build xsam with that grid, or re-create the state with `tx.init(params)`."
+      )
+
   def rule(trace: AscentTrace, state: XSAMState, params: PyTree, loss_fn: LossFn) -> tuple[PyTree, XSAMState]:
     # v0 = s0 x0, v1 = s1 x1 are never formed: s0, s1 go into the scalar
     # coefficients, so a non-probe step reads x0 and x1 twice (cosine, output).
     bases, theta, (s0, s1), out_scale = (_adaptive_bases if adaptive else _plain_bases)(trace)
-    g_norm = tm.tree_norm(trace.grads[-1]) if adaptive else out_scale
+    g_norm = tm.tree_norm(trace.grads[-1]) if adaptive else out_scale.value
     alpha, losses, max_loss = state.alpha, state.probe_losses, state.max_loss
     if alpha_update_period is not None:
       grid = jnp.asarray(alpha_grid, theta.dtype)
@@ -572,9 +614,10 @@ def xsam(
           params,
           p0,
           p1,
-          coef_a * s0,
-          coef_b * s1,
+          coef_a * s0.mant,
+          coef_b * s1.mant,
           rho_max,
+          pow2=(s0.pow2, s1.pow2),
           batch_size=resolve_probe_batch_size(probe_batch_size),
           axis_name=axis_name,
         )
@@ -587,7 +630,10 @@ def xsam(
       probe_now = state.count % alpha_update_period == 0
       alpha, losses, max_loss = jax.lax.cond(probe_now, do_probe, keep, None)
     coef_a, coef_b = slerp_coefficients(alpha.astype(theta.dtype), theta)
-    output = tm.tree_lincomb(out_scale * coef_a * s0, bases.x0, out_scale * coef_b * s1, bases.x1)
+    # |g_K| (a v0 + b v1) = scale * ((r a s0) x0 + (r b s1) x1) for |g_K| = scale * r: finite
+    # whenever the output is, even if |g_K| itself exceeds float32 (scale is 1 unless it does).
+    a, b = out_scale.r * coef_a * s0.mant, out_scale.r * coef_b * s1.mant
+    output = _combine(bases.x0, bases.x1, a, b, (s0.pow2, s1.pow2), out_scale.scale)
     theta_f32, g_norm_f32 = theta.astype(jnp.float32), g_norm.astype(jnp.float32)
     if m_sharpness:
       theta_f32, g_norm_f32 = collectives.replica_mean((theta_f32, g_norm_f32), axis_name)
@@ -611,4 +657,5 @@ def xsam(
     eta=eta,
     adaptive_mask=adaptive_mask,
     m_sharpness=m_sharpness,
+    check_state=check_state,
   )
