@@ -201,7 +201,9 @@ def tree_norm_parts(tree: PyTree) -> Norm:
   in_range = jnp.isfinite(ssq) & (ssq > info.tiny * max(size, 1) * 1e8)
 
   def fast(_: None) -> Norm:
-    return Norm(one, jnp.sqrt(ssq))
+    # 1 exactly (ssq is finite here), typed like ssq: under shard_map both branches must agree
+    # on whether the result varies across devices.
+    return Norm(one + 0.0 * ssq, jnp.sqrt(ssq))
 
   def rescaled(_: None) -> Norm:
     m = jnp.max(jnp.stack([jnp.max(jnp.abs(v), initial=0.0) for v in leaves]))
