@@ -8,6 +8,13 @@ import numpy as np
 
 from tests import reference
 
+# Rounding steps (tests/tolerances.py) of mlp_problem, with M the size of its loss (~1-4): one loss or
+# gradient chains reductions of length 3, 5, 2 and 16 (the mean), tanh (4) and a few elementwise ops,
+# under 32 steps, on residuals y - t that cancel operands up to ~2x their size: 64. A norm or dot
+# product over its 32 parameters is 32 steps.
+LOSS_OPS = 64
+NUM_PARAMS = 32
+
 
 def mlp_data(seed=0, n=16, din=3, dh=5, dout=2):
   """Random data and params (numpy float64) for the reference MLP."""

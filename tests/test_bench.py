@@ -2,13 +2,14 @@
 
 import json
 
-import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import xsam_jax
 from experiments import bench
+from tests.tolerances import f32_bound, f32_rtol
 
 
 def test_bench_quick_report(tmp_path):
@@ -28,15 +29,21 @@ def test_bench_quick_report(tmp_path):
 
 
 def test_plane_floor_outputs_sam_and_reads_both_gradients():
-  """The yardstick's output is SAM's g_1 exactly, but its compiled step still reads g_0."""
+  """The yardstick's output is SAM's g_1 (g_1 + 0 * <g_0, g_1> g_0), but its compiled step still reads g_0."""
   params = {"w": jnp.array([1.0, -2.0, 0.5]), "b": jnp.array(0.3)}
   loss_fn = lambda p: jnp.sum(p["w"] ** 4) + p["b"] * jnp.sum(p["w"]) + p["b"] ** 2
   g = jax.grad(loss_fn)(params)
   floor, sam = bench.plane_floor(0.1), xsam_jax.sam(0.1)
   u_floor, s_floor = jax.jit(lambda s: floor.update(g, s, params, loss_fn=loss_fn))(floor.init(params))
   u_sam, s_sam = sam.update(g, sam.init(params), params, loss_fn=loss_fn)
-  chex.assert_trees_all_equal(u_floor, u_sam)
-  assert float(s_floor.grad_norm) == float(s_sam.grad_norm)
+  # g_1 + 0 * (...) = g_1 exactly in each program, but one is jitted and one runs op by op, and XLA does
+  # not promise equal bits across programs (fusion, FMA contraction): |g_0| (4 steps) and the ascent
+  # point (3) move g_1 = 4 w^3 + b by ~3x their relative error, plus its own 4 steps: under 16 at max |g_1|.
+  n_ops = 16
+  tol = f32_bound(*jax.tree.leaves(u_sam), n_ops=n_ops)
+  for a, b in zip(jax.tree.leaves(u_floor), jax.tree.leaves(u_sam), strict=True):
+    np.testing.assert_allclose(a, b, rtol=0, atol=tol)
+  np.testing.assert_allclose(float(s_floor.grad_norm), float(s_sam.grad_norm), rtol=f32_rtol(n_ops + 4))
   # The g_0 term is not folded away: the output depends on the state's zero.
   u_one, _ = floor.update(g, s_floor._replace(zero=jnp.ones([], jnp.float32)), params, loss_fn=loss_fn)
   assert not jnp.allclose(u_one["w"], u_sam["w"])

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import xsam_jax
 from tests import problems
+from tests.tolerances import f32_bound, f32_rtol
 
 
 def _one_update(tx, params, loss_fn):
@@ -23,8 +24,11 @@ def test_fixed_alpha_one_is_sam():
       xsam_jax.xsam(0.3, 0.6, num_steps=k, alpha_update_period=None, alpha_init=1.0), params, loss_fn
     )
     out_s, _ = _one_update(xsam_jax.sam(0.3, num_steps=k), params, loss_fn)
+    # The ascent point may be formed differently (with K = 1 XSAM never forms d_1): the gradient there
+    # and norms over the parameters; errors scale with the largest gradient entry, not each entry.
+    tol = f32_bound(*jax.tree.leaves(out_s), n_ops=2 * problems.LOSS_OPS + 3 * problems.NUM_PARAMS)
     for a, b in zip(jax.tree.leaves(out_x), jax.tree.leaves(out_s), strict=True):
-      np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+      np.testing.assert_allclose(a, b, rtol=0, atol=tol)
 
 
 def test_k1_alpha0_is_g0_direction_with_g1_scale():
@@ -36,9 +40,11 @@ def test_k1_alpha0_is_g0_direction_with_g1_scale():
   w1 = jax.tree.map(lambda w, g: w + rho * g / n0, params, g0)
   g1 = jax.grad(loss_fn)(w1)
   n1 = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g1)))
+  # g_0 times scalars (no cancellation: relative bounds); |g_1| from the two ascent points' gradients and norms.
+  n1_rtol = f32_rtol(problems.LOSS_OPS + problems.NUM_PARAMS)
   for o, g in zip(jax.tree.leaves(out), jax.tree.leaves(g0), strict=True):
-    np.testing.assert_allclose(o, g * (n1 / n0), rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(state.grad_norm, n1, rtol=1e-6)
+    np.testing.assert_allclose(o, g * (n1 / n0), rtol=n1_rtol + f32_rtol(problems.NUM_PARAMS + 4))
+  np.testing.assert_allclose(state.grad_norm, n1, rtol=n1_rtol)
 
 
 def test_sam_k1_is_gradient_at_normalized_ascent_point():
@@ -48,8 +54,11 @@ def test_sam_k1_is_gradient_at_normalized_ascent_point():
   g0 = jax.grad(loss_fn)(params)
   n0 = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g0)))
   expected = jax.grad(loss_fn)(jax.tree.map(lambda w, g: w + rho * g / n0, params, g0))
+  # The ascent point written another way (|g_0| and 3 ops), then the gradient there: errors scale with
+  # the largest gradient entry (each entry sums terms over examples and weights).
+  tol = f32_bound(*jax.tree.leaves(expected), n_ops=problems.LOSS_OPS + problems.NUM_PARAMS + 4)
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(expected), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(a, b, rtol=0, atol=tol)
 
 
 def _unit(rng, n):
@@ -85,5 +94,6 @@ def test_slerp_endpoints(theta):
 def test_slerp_degenerate_falls_back_to_v1():
   for theta in (0.0, 1e-10, np.pi, np.pi - 1e-10):
     a, b = xsam_jax.slerp_coefficients(jnp.asarray([0.0, 0.5, 2.0]), jnp.float32(theta))
+    # The fallback returns the constants (0, 1): exact is the contract.
     np.testing.assert_array_equal(np.asarray(a), 0.0)
     np.testing.assert_array_equal(np.asarray(b), 1.0)

@@ -11,6 +11,7 @@ import xsam_jax
 from tests import problems
 from tests.test_axis_name import _loss_on
 from tests.test_probes import _CountingLoss
+from tests.tolerances import assert_argmax_lead, f32_bound, f32_rtol
 from xsam_jax._src import sharpness
 from xsam_jax._src.eigen_sam import eigen_sam, power_iteration
 from xsam_jax._src.multistep import lsam, msam
@@ -18,15 +19,27 @@ from xsam_jax._src.vasso import vasso
 
 WEIGHTS_ONLY = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
 
+# Rounding steps (tests/tolerances.py) of an output or a few training steps of these methods on
+# problems.mlp_problem, computed along two code paths: up to 3 gradients and 3 norms over the parameters.
+SAM_OPS = 3 * problems.LOSS_OPS + 3 * problems.NUM_PARAMS
+
 
 def _one_update(tx, params, loss_fn, state=None):
   state = tx.init(params) if state is None else state
   return jax.jit(lambda s: tx.update(jax.grad(loss_fn)(params), s, params, loss_fn=loss_fn))(state)
 
 
-def _assert_trees_close(a, b, rtol=2e-5, atol=1e-6):
+def _assert_trees_close(a, b, n_ops=SAM_OPS):
+  """Equal up to n_ops rounding steps of the tree's largest element: every element shares its operands
+  (gradients are sums over all examples and weights, the norms run over all parameters)."""
+  tol = f32_bound(*jax.tree.leaves(b), n_ops=n_ops)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=tol)
+
+
+def _assert_trees_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def _flat(tree):
@@ -44,7 +57,8 @@ def test_k1_msam_and_lsam_are_sam():
   for tx in (msam(0.3, num_steps=1), lsam(0.3, num_steps=1)):
     out, state = _one_update(tx, params, loss_fn)
     _assert_trees_close(out, sam_out)
-    np.testing.assert_allclose(state.cosine, 1.0, atol=1e-6)
+    # cos(g_1, g_1) from two normalizations and a dot product over the parameters.
+    np.testing.assert_allclose(state.cosine, 1.0, atol=f32_bound(1.0, n_ops=3 * problems.NUM_PARAMS))
 
 
 def test_k1_lsam_plus_is_xsam_alpha0():
@@ -53,6 +67,8 @@ def test_k1_lsam_plus_is_xsam_alpha0():
   out_l, _ = _one_update(lsam(0.3, num_steps=1, plus=True), params, loss_fn)
   out_x, _ = _one_update(xsam_jax.xsam(0.3, 0.6, alpha_update_period=None, alpha_init=0.0), params, loss_fn)
   _assert_trees_close(out_l, out_x)
+  # out_l is g_0 times scalars: elementwise errors of a few eps tilt it by an angle phi ~ 1e-6, and
+  # 1 - cos = phi^2 / 2 ~ 1e-12 (float64 cosine): atol 1e-6 has a wide margin.
   np.testing.assert_allclose(_cosine(out_l, jax.grad(loss_fn)(params)), 1.0, atol=1e-6)
 
 
@@ -82,6 +98,7 @@ def test_zero_combined_direction_gives_a_finite_zero_output():
   params = {"w": jnp.array([0.5])}
   loss_fn = lambda p: -0.5 * jnp.sum(p["w"] ** 2)
   out, state = _one_update(msam(1.0, num_steps=1, plus=True), params, loss_fn)
+  # Exact: every intermediate (0.5, 1, -0.5, the norm 0.5) is a float32 number, so g_1 + g_0 = 0 bit for bit.
   np.testing.assert_array_equal(np.asarray(out["w"]), 0.0)
   assert np.isfinite(float(state.grad_norm))
   assert float(state.grad_norm) > 0
@@ -93,13 +110,17 @@ def test_zero_combined_direction_gives_a_finite_zero_output():
 def test_xsam_asam_with_an_all_false_mask_is_plain_xsam():
   params, loss_fn = problems.mlp_problem(seed=34)
   none = lambda p: jax.tree.map(lambda _: False, p)
-  plain = xsam_jax.xsam(0.3, 0.6, num_steps=2, alpha_update_period=1)
-  masked = xsam_jax.xsam(0.3, 0.6, num_steps=2, alpha_update_period=1, adaptive=True, adaptive_mask=none)
+  # rho_max = 1.0: a clear probe winner (with 0.6 the best alpha led by 3e-5, within rounding of the losses).
+  plain = xsam_jax.xsam(0.3, 1.0, num_steps=2, alpha_update_period=1)
+  masked = xsam_jax.xsam(0.3, 1.0, num_steps=2, alpha_update_period=1, adaptive=True, adaptive_mask=none)
   out_p, s_p = _one_update(plain, params, loss_fn)
   out_m, s_m = _one_update(masked, params, loss_fn)
   _assert_trees_close(out_m, out_p)
-  assert float(s_m.alpha) == float(s_p.alpha)
-  np.testing.assert_allclose(s_m.probe_losses, s_p.probe_losses, rtol=1e-6)
+  # A probe loss: 2 ascent gradients, g_K and the loss, and norms, the cosine and the probe point.
+  probe_tol = f32_bound(s_p.probe_losses, n_ops=4 * problems.LOSS_OPS + 5 * problems.NUM_PARAMS)
+  np.testing.assert_allclose(s_m.probe_losses, s_p.probe_losses, rtol=0, atol=probe_tol)
+  assert_argmax_lead(s_p.probe_losses, probe_tol)
+  assert float(s_m.alpha) == float(s_p.alpha)  # the same grid point, not a near-tie (checked above)
 
 
 def test_xsam_asam_alpha1_is_asam_and_alpha0_is_the_g0_direction():
@@ -111,7 +132,7 @@ def test_xsam_asam_alpha1_is_asam_and_alpha0_is_the_g0_direction():
   )
   _assert_trees_close(out_1, asam_out)
   out_0, _ = _one_update(xsam_jax.xsam(0.5, 1.0, alpha_init=0.0, **kw), params, loss_fn)
-  np.testing.assert_allclose(_cosine(out_0, jax.grad(loss_fn)(params)), 1.0, atol=1e-6)
+  np.testing.assert_allclose(_cosine(out_0, jax.grad(loss_fn)(params)), 1.0, atol=1e-6)  # 1 - cos: 2nd order
 
 
 def test_xsam_asam_probe_at_alpha0_is_the_ascent_point():
@@ -122,7 +143,9 @@ def test_xsam_asam_probe_at_alpha0_is_the_ascent_point():
   _, state = _one_update(tx, params, loss_fn)
   trace = xsam_jax.ascent(loss_fn, params, jax.grad(loss_fn)(params), rho=rho, num_steps=1, adaptive=True)
   expected = loss_fn(jax.tree.map(jnp.add, params, trace.displacement))
-  np.testing.assert_allclose(state.probe_losses[0], expected, rtol=1e-5)
+  # Two programs: g_0, T and |T g_0| to the point, then the loss; the probe side renormalizes (|T c_1|).
+  tol = f32_bound(expected, n_ops=2 * problems.LOSS_OPS + 2 * problems.NUM_PARAMS)
+  np.testing.assert_allclose(state.probe_losses[0], expected, rtol=0, atol=tol)
 
 
 def test_adaptive_xsam_plane_is_the_plane_in_rescaled_coordinates():
@@ -135,21 +158,30 @@ def test_adaptive_xsam_plane_is_the_plane_in_rescaled_coordinates():
   tc, tg = t * _flat(trace.gradient_displacement), t * _flat(trace.grads[-1])
   v0, v1 = tc / np.linalg.norm(tc), tg / np.linalg.norm(tg)
   for got, want in ((p0, t * v0), (p1, t * v1), (o0, v0 / t), (o1, v1 / t)):
+    # Elementwise products of the trace's own float32 values and one norm: relative error < 36 eps < 1e-5.
     np.testing.assert_allclose(_flat(got), want, rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(float(theta), np.arccos(np.clip(v0 @ v1, -1.0, 1.0)), atol=1e-5)  # float32 arccos
-  np.testing.assert_allclose(float(tg_norm), np.linalg.norm(tg), rtol=1e-6)
+  # float32 cosine (norms and a dot product over the parameters); arccos divides its error by sin(theta).
+  theta_tol = f32_bound(1.0, n_ops=3 * problems.NUM_PARAMS) / np.sin(float(theta))
+  np.testing.assert_allclose(float(theta), np.arccos(np.clip(v0 @ v1, -1.0, 1.0)), atol=theta_tol)
+  np.testing.assert_allclose(float(tg_norm), np.linalg.norm(tg), rtol=f32_rtol(problems.NUM_PARAMS + 2))  # T g, norm
   alpha = 0.7
   tx = xsam_jax.xsam(0.5, 1.0, num_steps=2, alpha_init=alpha, alpha_update_period=None, adaptive=True, eta=0.02)
   out, _ = _one_update(tx, params, loss_fn)
   a, b = xsam_jax.slerp_coefficients(jnp.float32(alpha), theta)
-  np.testing.assert_allclose(_flat(out), float(tg_norm) * (float(a) * _flat(o0) + float(b) * _flat(o1)), rtol=1e-5)
+  # Its own (jitted) ascent, then the output; a o0 + b o1 can cancel: the bound is on |a o0| + |b o1|.
+  terms = float(tg_norm) * (abs(float(a)) * np.abs(_flat(o0)) + abs(float(b)) * np.abs(_flat(o1)))
+  tol = f32_bound(terms, n_ops=3 * problems.LOSS_OPS + 4 * problems.NUM_PARAMS)
+  np.testing.assert_allclose(
+    _flat(out), float(tg_norm) * (float(a) * _flat(o0) + float(b) * _flat(o1)), rtol=0, atol=tol
+  )
 
 
 def test_adaptive_mask_callable_equals_pytree():
   params, loss_fn = problems.mlp_problem(seed=37)
   out_c, _ = _one_update(lsam(0.5, num_steps=2, adaptive=True, adaptive_mask=WEIGHTS_ONLY), params, loss_fn)
   out_t, _ = _one_update(lsam(0.5, num_steps=2, adaptive=True, adaptive_mask=WEIGHTS_ONLY(params)), params, loss_fn)
-  _assert_trees_close(out_c, out_t, rtol=0, atol=0)
+  # The callable is resolved to the same pytree of Python bools at trace time: one program, so bitwise equal.
+  _assert_trees_equal(out_c, out_t)
 
 
 # --- VaSSO -------------------------------------------------------------------
@@ -242,7 +274,7 @@ def test_eigen_sam_refreshes_only_on_schedule():
     jax.effects_barrier()
     refreshed.append(counting.calls > 1)  # the ascent evaluates the loss once; a refresh, once per HVP
     if not refreshed[-1]:
-      _assert_trees_close(new_state.eigvec, state.eigvec, rtol=0, atol=0)
+      _assert_trees_equal(new_state.eigvec, state.eigvec)  # carried over unchanged: bitwise is the contract
     state = new_state
   assert refreshed == [c % 3 == 0 for c in range(7)]
 
@@ -267,7 +299,10 @@ def test_eigen_sam_correction_lowers_the_component_along_v():
   sam_out, _ = _one_update(xsam_jax.sam(0.2), params, loss_fn)
   v = _flat(state.eigvec)
   c_sam, c_out = _cosine(sam_out, state.eigvec), (_flat(out) @ v) / np.linalg.norm(_flat(out))
-  np.testing.assert_allclose(c_sam, float(state.cosine), atol=1e-5)
+  # cos(g_1, v): SAM's g_1 from another program (2 gradients, |g_0|), then 2 norms and a dot product.
+  np.testing.assert_allclose(
+    c_sam, float(state.cosine), atol=f32_bound(1.0, n_ops=2 * problems.LOSS_OPS + 3 * problems.NUM_PARAMS)
+  )
   assert c_out < c_sam
   np.testing.assert_allclose(np.linalg.norm(_flat(out)), float(state.grad_norm), rtol=1e-5)
 
@@ -308,7 +343,7 @@ def test_replicas_agree_with_global_batch(make):
   for _ in range(3):
     p_g, s_g = step_g(p_g, s_g, x, t)
     p_r, s_r = step_r(p_r, s_r, *shards)
-  _assert_trees_close(p_r, replicate(p_g), rtol=2e-5, atol=2e-6)
+  _assert_trees_close(p_r, replicate(p_g))
 
 
 # --- validation --------------------------------------------------------------

@@ -13,7 +13,14 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import xsam_jax
+from tests.tolerances import assert_argmax_lead, f32_bound, f32_rtol
 from xsam_jax import sharpness
+
+# Rounding steps (tests/tolerances.py) of the tiny MLP, with M the size of its loss (~1.5): one loss
+# or gradient chains reductions of length 3, 8, 2 and 24 (the mean), tanh, exp and log, on logits up
+# to ~5, about 50 steps at M (64 with slack); a norm or dot product over its 50 parameters is 50.
+MLP_LOSS_OPS = 64
+MLP_PARAMS = 50
 
 
 def _quadratic(eigs, seed=0):
@@ -107,15 +114,17 @@ def test_dense_fallback_for_small_problems():
   eigs = np.array([3.0, -5.0, 2.0, 1.0, 0.5, 0.0, -1.0, 0.2])
   loss_fn = lambda p: 0.5 * jnp.sum(jnp.asarray(eigs, p.dtype) * p**2)
   out = sharpness.hessian_eigenpairs(loss_fn, jnp.ones(8), k=3)  # 5 * 3 >= 8: dense path
-  np.testing.assert_allclose(out.eigenvalues, [3.0, 2.0, 1.0], rtol=1e-6)
+  # eigh is backward stable: eigenvalues within ~n eps |H| (n = 8), eigenvectors within that over the gap.
+  tol, gap = f32_bound(eigs, n_ops=8), 1.0
+  np.testing.assert_allclose(out.eigenvalues, [3.0, 2.0, 1.0], rtol=0, atol=tol)
   assert int(out.num_iterations) == 0
-  np.testing.assert_allclose(np.abs(out.eigenvectors[0]), np.eye(8)[0], atol=1e-6)
+  np.testing.assert_allclose(np.abs(out.eigenvectors[0]), np.eye(8)[0], atol=tol / gap)
 
 
 def test_zero_hessian_gives_zeros_without_nan():
   loss_fn = lambda p: jnp.sum(jnp.arange(30.0) * p)
   lam = sharpness.hessian_eigenvalues(loss_fn, jnp.ones(30), k=2, max_iters=20)
-  np.testing.assert_allclose(lam, 0.0, atol=1e-6)
+  np.testing.assert_allclose(lam, 0.0, atol=1e-6)  # H = 0 exactly (a linear loss): any tiny atol
 
 
 def test_tiny_mlp_against_dense_eigh_float64():
@@ -134,7 +143,8 @@ def test_tiny_mlp_float32_default_close_to_float64_and_deterministic():
   assert lam.dtype == jnp.float32
   np.testing.assert_allclose(lam, dense[:2], rtol=1e-3)
   again = sharpness.hessian_eigenvalues(loss32, params32, k=2, key=jax.random.key(0))
-  np.testing.assert_array_equal(lam, again)  # the default key is key(0): deterministic
+  # The default key is key(0): the same program on the same inputs, so bitwise equal is the contract.
+  np.testing.assert_array_equal(lam, again)
 
 
 def test_eigen_arguments_validated():
@@ -187,7 +197,7 @@ def test_other_normalizations():
   unit = sharpness.random_direction(key, params, normalization="unit", vector_leaves="normalize")
   np.testing.assert_allclose(xsam_jax._src.tree_math.tree_norm(unit), 1.0, rtol=1e-5)
   elem = sharpness.normalize_direction(jax.tree.map(jnp.ones_like, params), params, normalization="element")
-  np.testing.assert_allclose(elem["conv"]["kernel"], jnp.abs(params["conv"]["kernel"]))
+  np.testing.assert_array_equal(elem["conv"]["kernel"], jnp.abs(params["conv"]["kernel"]))  # 1 * |w|: exact
   with pytest.raises(ValueError, match="normalization"):
     sharpness.random_direction(key, params, normalization="bogus")
   with pytest.raises(ValueError, match="vector_leaves"):
@@ -219,12 +229,15 @@ def test_average_sharpness_deterministic_and_batched():
   b = sharpness.average_sharpness(loss_fn, params, key, **kw)
   c = sharpness.average_sharpness(loss_fn, params, key, batch_size=3, **kw)
   other = sharpness.average_sharpness(loss_fn, params, jax.random.key(8), **kw)
-  assert float(a) == float(b)
-  np.testing.assert_allclose(c, a, rtol=1e-5)
-  assert float(other) != float(a)
   losses = sharpness.perturbed_losses(loss_fn, params, key, **kw)
   assert losses.shape == (8,)
-  np.testing.assert_allclose(jnp.mean(losses) - loss_fn(params), a, rtol=1e-6)
+  assert float(a) == float(b)  # the same programs on the same inputs: bitwise equal is the contract
+  # a = mean(L(w + rho d_i)) - L(w) ~ 0.02 keeps the absolute error of the losses (~1.5) it subtracts.
+  # vmap vs lax.map: each loss and its direction (normal sample, filter norm, scaling: < 24 steps), the mean (8).
+  np.testing.assert_allclose(c, a, rtol=0, atol=f32_bound(losses, n_ops=MLP_LOSS_OPS + 24 + 8))
+  assert float(other) != float(a)
+  # Only L(w) differs: op by op here, jitted inside average_sharpness.
+  np.testing.assert_allclose(jnp.mean(losses) - loss_fn(params), a, rtol=0, atol=f32_bound(losses, n_ops=MLP_LOSS_OPS))
 
 
 @pytest.mark.parametrize("normalization", ["unit", "element"])
@@ -270,9 +283,11 @@ def test_loss_surface_closed_form_quadratic():
     loss_fn, {"v": jnp.asarray(w, jnp.float32)}, {"v": jnp.asarray(d1)}, {"v": jnp.asarray(d2)}, xs=xs, ys=ys
   )
   assert surf.losses.shape == (3, 5)
+  grid_points = []
   for i, y in enumerate(ys):
     for j, x in enumerate(xs):
       v = w + x * d1 + y * d2
+      grid_points.append(v)
       np.testing.assert_allclose(surf.losses[i, j], 0.5 * v @ amat @ v + b @ v, rtol=1e-4, atol=1e-4)
   chunked = sharpness.loss_surface(
     loss_fn,
@@ -283,37 +298,55 @@ def test_loss_surface_closed_form_quadratic():
     ys=ys,
     batch_size=4,
   )
-  np.testing.assert_allclose(chunked.losses, surf.losses, rtol=1e-6)
+  # lax.map vs vmap: v = w + x d1 + y d2 (4 steps), A v and v . (A v) (4 each), b . v (4), 2 more; errors
+  # relative to the sum of |terms| (the quadratic in |v|, |A|, |b|), not to the loss, which cancels.
+  terms = max(0.5 * np.abs(v) @ np.abs(amat) @ np.abs(v) + np.abs(b) @ np.abs(v) for v in grid_points)
+  np.testing.assert_allclose(chunked.losses, surf.losses, rtol=0, atol=f32_bound(terms, n_ops=18))
 
 
 def test_random_plane_surface_is_centred():
   loss_fn, params = _tiny_mlp(jnp.float32)
   d1, d2 = sharpness.random_plane(jax.random.key(0), params)
   surf = sharpness.loss_surface(loss_fn, params, d1, d2, xs=[-0.5, 0.0, 0.5], ys=[0.0, 0.3])
-  np.testing.assert_allclose(surf.losses[0, 1], loss_fn(params), rtol=1e-6)
+  # w + 0 d1 + 0 d2 = w exactly; the loss is one program vmapped under jit there, op by op here.
+  np.testing.assert_allclose(
+    surf.losses[0, 1], loss_fn(params), rtol=0, atol=f32_bound(loss_fn(params), n_ops=MLP_LOSS_OPS)
+  )
 
 
 def test_xsam_directions_agree_with_the_optimizer():
   loss_fn, params = _tiny_mlp(jnp.float32)
-  rho, rho_max = 0.2, 0.5
+  # Radii with a clear probe winner (alpha = 0.8) and theta ~ 0.39: at rho = 0.2, rho_max = 0.5 the
+  # winner led by 7e-7, a few ulps of the losses, so which alpha won was decided by rounding.
+  rho, rho_max = 2.0, 4.0
   plane = sharpness.xsam_directions(loss_fn, params, rho=rho, rho_max=rho_max)
   tx = xsam_jax.xsam(rho=rho, rho_max=rho_max, alpha_update_period=1)
   grads = jax.grad(loss_fn)(params)
   out, state = jax.jit(lambda g, st, p: tx.update(g, st, p, loss_fn=loss_fn))(grads, tx.init(params), params)
-  np.testing.assert_allclose(plane.alpha, state.alpha)
-  np.testing.assert_allclose(plane.theta, state.theta, rtol=1e-4)
-  np.testing.assert_allclose(plane.probe_losses, state.probe_losses, rtol=1e-5)
+  # Two programs compute the same thing. A probe loss chains g_0, g_1 and the loss (3 MLP chains) and
+  # norms |g_0|, |g_1|, the cosine and the probe point (4 over the parameters).
+  probe_tol = f32_bound(state.probe_losses, n_ops=3 * MLP_LOSS_OPS + 4 * MLP_PARAMS)
+  np.testing.assert_allclose(plane.probe_losses, state.probe_losses, rtol=0, atol=probe_tol)
+  assert_argmax_lead(state.probe_losses, probe_tol)
+  assert float(plane.alpha) == float(state.alpha)  # the same grid point, not a near-tie (checked above)
+  # Unit in-plane quantities (cos theta, e2, coordinates) come from the two gradients and their
+  # norms; e2 = (v1 - cos theta v0) / sin theta divides their error by sin theta.
+  sin_t = float(np.sin(state.theta))
+  plane_tol = f32_bound(1.0, n_ops=2 * (MLP_LOSS_OPS + MLP_PARAMS)) / sin_t
+  np.testing.assert_allclose(plane.theta, state.theta, rtol=0, atol=plane_tol)
   tree_math = xsam_jax._src.tree_math
   # e1, e2 orthonormal; XSAM's output is |g_K| v(alpha) = |g_K| (x e1 + y e2).
-  np.testing.assert_allclose(tree_math.tree_vdot(plane.e1, plane.e2), 0.0, atol=1e-5)
-  np.testing.assert_allclose(tree_math.tree_norm(plane.e2), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(tree_math.tree_vdot(plane.e1, plane.e2), 0.0, atol=plane_tol)
+  # e2 is normalized by one norm over the parameters and measured by another.
+  np.testing.assert_allclose(tree_math.tree_norm(plane.e2), 1.0, rtol=f32_rtol(2 * MLP_PARAMS))
   x, y = plane.xsam_xy
   expected = tree_math.tree_lincomb(state.grad_norm * x, plane.e1, state.grad_norm * y, plane.e2)
   for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(expected), strict=True):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(plane.sgd_xy, [1.0, 0.0], atol=1e-5)  # K = 1: v0 is the g_0 direction
-  np.testing.assert_allclose(plane.sam_xy, [np.cos(plane.theta), np.sin(plane.theta)], atol=1e-6)
-  np.testing.assert_allclose(plane.ascent_xy, [rho, 0.0], atol=1e-6)
+    # (x, y) and e1, e2 each within plane_tol; theta's error rotates v(alpha) by alpha times it.
+    np.testing.assert_allclose(got, want, rtol=0, atol=float(state.grad_norm) * (2 + float(state.alpha)) * plane_tol)
+  np.testing.assert_allclose(plane.sgd_xy, [1.0, 0.0], atol=plane_tol)  # K = 1: v0 is the g_0 direction
+  np.testing.assert_allclose(plane.sam_xy, [np.cos(plane.theta), np.sin(plane.theta)], atol=plane_tol)
+  np.testing.assert_allclose(plane.ascent_xy, [rho, 0.0], atol=rho * plane_tol)
 
 
 def test_xsam_directions_given_alpha():
@@ -331,9 +364,11 @@ def test_xsam_directions_degenerate_plane():
   plane = sharpness.xsam_directions(loss_fn, jnp.array([1.0, 2.0, 3.0]), rho=0.1, rho_max=0.2)
   for leaf in (plane.e1, plane.e2, plane.xsam_xy, plane.sam_xy):
     assert np.all(np.isfinite(leaf))
-  np.testing.assert_allclose(jnp.vdot(plane.e1, plane.e2), 0.0, atol=1e-6)
+  # e2: a 3-element random vector, projected off e1 and normalized; the check is one more dot product.
+  np.testing.assert_allclose(jnp.vdot(plane.e1, plane.e2), 0.0, atol=f32_bound(1.0, n_ops=16))
   np.testing.assert_allclose(jnp.linalg.norm(plane.e2), 1.0, rtol=1e-5)
-  np.testing.assert_allclose(plane.xsam_xy, plane.sam_xy, atol=1e-6)
+  # Degenerate: slerp's (a, b) = (0, 1) exactly, so xsam_xy = 0 * (1, 0) + 1 * sam_xy bit for bit.
+  np.testing.assert_array_equal(plane.xsam_xy, plane.sam_xy)
 
 
 def test_plot_xsam_plane(tmp_path):
