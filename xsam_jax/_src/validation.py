@@ -209,23 +209,32 @@ def check_float_leaves(where: str, what: str, tree: PyTree) -> None:
     raise ValueError(f"{where}: {what} leaf {path} has dtype {dtype}: {why}.")
 
 
+def _mismatch_detail(
+  leaves: list[tuple[str, Any]],
+  p_leaves: list[tuple[str, Any]],
+  missing_label: str,
+  is_label: str,
+  tree: Any,
+  params: Any,
+) -> str:
+  """What differs between a tree's leaf paths and params': missing and extra paths, else both structures."""
+  missing = {p for p, _ in p_leaves} - {p for p, _ in leaves}
+  extra = {p for p, _ in leaves} - {p for p, _ in p_leaves}
+  parts = [
+    f"{missing_label}: {_path_list(missing)}" if missing else "",
+    f"not in params: {_path_list(extra)}" if extra else "",
+  ]
+  return (
+    "; ".join(p for p in parts if p)
+    or f"{is_label} {jax.tree.structure(tree)}, params are {jax.tree.structure(params)}"
+  )
+
+
 def check_updates_match_params(method: str, updates: PyTree, params: PyTree) -> None:
   """Raises a ValueError unless ``updates`` has the structure and leaf shapes of ``params``."""
   u_leaves, p_leaves = _leaves_with_paths(updates), _leaves_with_paths(params)
   if not _same_structure(updates, params):
-    missing = {p for p, _ in p_leaves} - {p for p, _ in u_leaves}
-    extra = {p for p, _ in u_leaves} - {p for p, _ in p_leaves}
-    detail = (
-      "; ".join(
-        part
-        for part in (
-          f"missing from updates: {_path_list(missing)}" if missing else "",
-          f"not in params: {_path_list(extra)}" if extra else "",
-        )
-        if part
-      )
-      or f"updates are {jax.tree.structure(updates)}, params are {jax.tree.structure(params)}"
-    )
+    detail = _mismatch_detail(u_leaves, p_leaves, "missing from updates", "updates are", updates, params)
     raise ValueError(f"{method}.update: `updates` must have the tree structure of `params` ({detail}).")
   for (path, u), (_, p) in zip(u_leaves, p_leaves, strict=True):
     if u.shape != p.shape:
@@ -257,19 +266,7 @@ def check_adaptive_mask(method: str, adaptive_mask: Any, params: PyTree) -> PyTr
     raise ValueError(f"{method}: {expected}, got None.")
   m_leaves, p_leaves = _leaves_with_paths(mask), _leaves_with_paths(params)
   if not _same_structure(mask, params):
-    missing = {p for p, _ in p_leaves} - {p for p, _ in m_leaves}
-    extra = {p for p, _ in m_leaves} - {p for p, _ in p_leaves}
-    detail = (
-      "; ".join(
-        part
-        for part in (
-          f"missing: {_path_list(missing)}" if missing else "",
-          f"not in params: {_path_list(extra)}" if extra else "",
-        )
-        if part
-      )
-      or f"the mask is {jax.tree.structure(mask)}, params are {jax.tree.structure(params)}"
-    )
+    detail = _mismatch_detail(m_leaves, p_leaves, "missing", "the mask is", mask, params)
     raise ValueError(f"{method}: {expected} ({detail}).")
   flags = []
   for path, m in m_leaves:
