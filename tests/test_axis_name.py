@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import xsam_jax
 from tests import problems
@@ -79,3 +80,54 @@ def test_replicas_agree_with_global_batch(make):
       np.testing.assert_allclose(leaf_r[i], leaf_g, rtol=0, atol=tol)
   if hasattr(s_g[0], "alpha"):  # the same grid point, not a near-tie (checked above)
     np.testing.assert_array_equal(np.asarray(s_r[0].alpha), float(s_g[0].alpha))
+
+
+def _shard_map_step(tx, pmean_loss, pcast):
+  """One update inside ``jax.shard_map`` (check_vma on) on a 1-device mesh, without ``axis_name``."""
+  mesh = jax.make_mesh((1,), ("data",))
+  problem, params = problems.mlp_data(seed=21)
+  params = jax.device_put(
+    jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params), jax.sharding.NamedSharding(mesh, P())
+  )
+  data = [jnp.asarray(a, jnp.float32) for a in (problem.x, problem.t)]
+  x, t = jax.device_put(data, jax.sharding.NamedSharding(mesh, P("data")))
+
+  def step(p, x, t):
+    loss = _loss_on(x, t)
+    loss_fn = (lambda q: jax.lax.pmean(loss(q), "data")) if pmean_loss else loss
+    g = jax.grad(loss_fn)(jax.lax.pcast(p, "data", to="varying") if pcast else p)
+    u, _ = tx.update(g, tx.init(p), p, loss_fn=loss_fn)
+    return jax.tree.map(lambda v: jax.lax.pmean(v, "data"), u)
+
+  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P()))(params, x, t)
+
+
+@pytest.mark.parametrize("method", ["sam", "xsam"])
+@pytest.mark.parametrize(
+  ("pmean_loss", "pcast", "match"),
+  [
+    (False, False, r"`loss_fn` returns a loss that varies over the mesh axes \['data'\].*axis_name='data'"),
+    (False, True, r"gradient at \['b1'\] varies over the mesh axes \['data'\].*axis_name='data'"),
+  ],
+)
+def test_per_replica_values_without_axis_name_are_an_error(method, pmean_loss, pcast, match):
+  """Data parallelism under shard_map without axis_name: each replica would perturb with its own
+  gradient and the replicas drift apart; with vma types this is visible at trace time."""
+  tx = xsam_jax.sam(0.1) if method == "sam" else xsam_jax.xsam(0.1, 0.2, alpha_update_period=2)
+  with pytest.raises(ValueError, match=match):
+    _shard_map_step(tx, pmean_loss, pcast)
+
+
+def test_global_loss_under_shard_map_needs_no_axis_name():
+  """A loss averaged over the axis inside loss_fn is the global loss: no axis_name is needed, and the
+  update equals the plain one (one device: the same computation)."""
+  tx = xsam_jax.sam(0.1)
+  u = _shard_map_step(tx, pmean_loss=True, pcast=False)
+  problem, params = problems.mlp_data(seed=21)
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+  loss_fn = _loss_on(jnp.asarray(problem.x, jnp.float32), jnp.asarray(problem.t, jnp.float32))
+  expected, _ = tx.update(jax.grad(loss_fn)(params), tx.init(params), params, loss_fn=loss_fn)
+  # Two programs (shard_map and plain jit): 2 gradients and 2 norms over the parameters.
+  tol = f32_bound(*jax.tree.leaves(expected), n_ops=2 * problems.LOSS_OPS + 2 * problems.NUM_PARAMS)
+  for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=tol)

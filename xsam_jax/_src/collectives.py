@@ -96,13 +96,17 @@ def gradient_sync(
     ``g`` itself.
 
   Raises:
-    ValueError: (from ``sync``, at trace time) with ``per_replica`` under
+    ValueError: (from ``sync``, at trace time) without ``axis_name`` inside
+      ``shard_map(check_vma=True)``, when a gradient leaf varies over a mesh
+      axis that its parameter does not vary over, or ``loss_fn`` does (each
+      replica would perturb with its own gradient: data parallelism needs
+      ``axis_name``, see :func:`_check_not_per_replica`); with ``per_replica`` under
       ``shard_map(check_vma=True)``, when ``loss_fn`` is already averaged
       over the axis or ``g`` was summed over the replicas by JAX (taken with
       respect to invariant params): neither carries a replica's own gradient.
   """
   if axis_name is None:
-    return lambda g: g
+    return lambda g: _check_not_per_replica(g, params, loss_fn)
   axes = axis_tuple(axis_name)
   tracked = tracked_axes(axes)
   loss_varying: frozenset[Any] = frozenset()
@@ -144,6 +148,41 @@ def gradient_sync(
     return x
 
   return lambda g: jax.tree.map(leaf_sync, g)
+
+
+def _check_not_per_replica(g: PyTree, params: PyTree, loss_fn: LossFn) -> PyTree:
+  """Returns ``g``; raises if, without ``axis_name``, it is visibly a replica's own gradient.
+
+  Outside ``shard_map`` (or with ``check_vma=False``, or under ``pmap``) no
+  value carries a varying type and nothing can be checked: there a missing
+  ``axis_name`` is silent, as the README says. Inside ``shard_map`` with
+  ``check_vma=True`` a gradient that varies over an axis its parameter does
+  not (replicated params, per-shard gradients), or a loss that varies over a
+  mesh axis (each replica's own batch), means every replica would ascend on
+  its own shard: the replicas' updates would differ and their parameters
+  drift apart. Model-parallel shards (params and gradients varying over the
+  same axis, an invariant loss) pass.
+  """
+  tracked = tracked_axes(jax.sharding.get_abstract_mesh().manual_axes)
+  if not tracked:
+    return g
+  for (path, x), p in zip(jax.tree_util.tree_flatten_with_path(g)[0], jax.tree.leaves(params), strict=True):
+    extra = (varying_axes(x) - varying_axes(p)) & tracked
+    if extra:
+      raise ValueError(
+        f"the gradient at {jax.tree_util.keystr(path) or 'the root'} varies over the mesh axes {sorted(extra)} "
+        "but its parameter does not: each replica holds its own gradient. For data parallelism pass "
+        f"`axis_name={sorted(extra)[0]!r}` to the transformation (or `m_sharpness=True` with it for per-replica "
+        "perturbations on purpose)."
+      )
+  loss_axes = varying_axes(jax.eval_shape(loss_fn, params)) & tracked
+  if loss_axes:
+    raise ValueError(
+      f"`loss_fn` returns a loss that varies over the mesh axes {sorted(loss_axes)}: each replica's own loss. "
+      f"For data parallelism pass `axis_name={sorted(loss_axes)[0]!r}` to the transformation, or return "
+      "`jax.lax.pmean(loss, axis)` from `loss_fn`."
+    )
+  return g
 
 
 def replica_mean(tree: PyTree, axis_name: AxisName | None) -> PyTree:
