@@ -65,6 +65,7 @@ def test_docs_build_without_warnings_and_document_every_public_symbol(tmp_path, 
     "api/building-blocks",
     "api/sharpness",
     "api/testfns",
+    "api/flax",
   ):
     assert (out / f"{page}.html").is_file(), page
   html = "".join(p.read_text() for p in (out / "api").glob("*.html"))
