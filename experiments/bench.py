@@ -9,11 +9,15 @@ All variants are compiled first, then timed round-robin in one process
 Writes ``<out>/bench.json`` and prints a table. Peak memory is XLA's own
 estimate of each compiled step (``compiled.memory_analysis()``: arguments +
 outputs + temporaries), which, unlike a process's RSS, is per executable.
+Each model's ``microbatched`` entry compares, compiled but not run, the
+memory of the full batch's ``value_and_grad`` (and SAM step) with
+``xsam_jax.microbatched(loss, 8)``'s.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -65,16 +69,19 @@ def _classification(batch, image, seed, init, apply):
   """``(params, loss_of)`` for a random batch of ``batch`` images ``image x image x 3`` with 10 labels.
 
   ``init(x) -> params`` and ``apply(params, x) -> logits`` adapt the model's API.
+  ``loss_of`` is ``functools.partial(loss, batch={"x": x, "y": y})`` for
+  ``loss(params, batch)``, the mean cross-entropy (:func:`bench_microbatched`
+  reads ``loss_of.func`` and ``loss_of.keywords["batch"]``).
   """
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=(batch, image, image, 3)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 10, size=batch))
   params = init(x)
 
-  def loss_of(p, xb=x, yb=y):
-    return optax.softmax_cross_entropy_with_integer_labels(apply(p, xb), yb).mean()
+  def loss(p, batch):
+    return optax.softmax_cross_entropy_with_integer_labels(apply(p, batch["x"]), batch["y"]).mean()
 
-  return params, loss_of
+  return params, functools.partial(loss, batch={"x": x, "y": y})
 
 
 def _problem(model, batch, image, seed=0):
@@ -190,15 +197,80 @@ def _variants(loss_of, probe_batch_size):
   }
 
 
+def _memory(compiled: Any) -> dict[str, int] | None:
+  """XLA's memory estimate of a compiled executable, in bytes (None where the backend gives none).
+
+  ``peak_bytes`` is arguments + outputs + temporaries.
+  """
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  sizes = {
+    f"{name}_bytes": int(getattr(mem, f"{name}_size_in_bytes")) for name in ("argument", "output", "temp", "alias")
+  }
+  sizes["peak_bytes"] = sizes["argument_bytes"] + sizes["output_bytes"] + sizes["temp_bytes"]
+  return sizes
+
+
 def _compile(fn, *args):
   t0 = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
   seconds = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  peak = None
-  if mem is not None:
-    peak = int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes)
-  return compiled, seconds, peak
+  mem = _memory(compiled)
+  return compiled, seconds, None if mem is None else mem["peak_bytes"]
+
+
+MICROBATCHES = 8
+"""``k`` of :func:`bench_microbatched`."""
+
+
+def bench_microbatched(params, loss_of, num_microbatches=MICROBATCHES):
+  """Memory of the full batch against ``xsam_jax.microbatched(loss, k)``: compiled, never run.
+
+  For ``k = 1`` (the plain full-batch call) and ``k = num_microbatches``,
+  XLA's memory estimate (:func:`_memory`) and the compile time of two
+  jitted functions: ``value_and_grad`` of the loss, and a whole SAM step
+  (``value_and_grad``, then ``sam`` with the micro-batched ``loss_fn``, then
+  the base optimizer). ``temp_bytes`` holds the activations.
+
+  Args:
+    params: the model's parameters.
+    loss_of: ``functools.partial(loss, batch=batch)`` (see :func:`_classification`).
+    num_microbatches: ``k``, dividing the batch size.
+
+  Returns:
+    ``{"value_and_grad": {"k=1": {...}, "k=8": {...}, "temp_ratio": t8 / t1}, "sam_step": {...}}``.
+  """
+  loss, batch = loss_of.func, loss_of.keywords["batch"]
+  tx = optax.chain(xsam_jax.sam(RHO), *_base())
+  state = tx.init(params)
+
+  def sam_step(loss_mb):
+    def step(params, state, batch):
+      value, grads = jax.value_and_grad(loss_mb)(params, batch)
+      updates, state = tx.update(grads, state, params, loss_fn=functools.partial(loss_mb, batch=batch))
+      return optax.apply_updates(params, updates), state, value
+
+    return step, (params, state, batch)
+
+  cases = {
+    "value_and_grad": lambda loss_mb: (jax.value_and_grad(loss_mb), (params, batch)),
+    "sam_step": sam_step,
+  }
+  out: dict[str, dict[str, Any]] = {}
+  for name, make in cases.items():
+    rows: dict[str, Any] = {}
+    for k in (1, num_microbatches):
+      fn, args = make(xsam_jax.microbatched(loss, k))
+      t0 = time.perf_counter()
+      compiled = jax.jit(fn).lower(*args).compile()
+      rows[f"k={k}"] = {"compile_s": time.perf_counter() - t0, **(_memory(compiled) or {})}
+    full, micro = rows["k=1"], rows[f"k={num_microbatches}"]
+    if "temp_bytes" in full and "temp_bytes" in micro:
+      rows["temp_ratio"] = micro["temp_bytes"] / max(full["temp_bytes"], 1)
+      rows["peak_ratio"] = micro["peak_bytes"] / max(full["peak_bytes"], 1)
+    out[name] = rows
+  return out
 
 
 def _time_round_robin(calls: dict, repeats: int) -> dict:
@@ -342,7 +414,13 @@ def main(argv=None):
     print(f"[bench] {key}: {n_params} params, batch {batch} of {image}x{image}x3", flush=True)
     probes = bench_probes(params, loss_of, repeats, chunk_sizes=(1, 3, 7))
     steps = bench_steps(params, loss_of, repeats, probe_batch_size="auto", compile_repeats=compile_repeats)
-    report["models"][key] = {"params": n_params, "steps": steps, "probes": probes, "ratios": ratios(steps, probes)}
+    report["models"][key] = {
+      "params": n_params,
+      "steps": steps,
+      "probes": probes,
+      "ratios": ratios(steps, probes),
+      "microbatched": bench_microbatched(params, loss_of),
+    }
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "bench.json").write_text(json.dumps(report, indent=2))
@@ -362,6 +440,15 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"  {name:<28}{1e3 * v['median_s']:>12.2f}{v['compile_s']:>12.2f}{peak:>10}")
     for name, r in m["ratios"].items():
       lines.append(f"  ratio {name}: {r:.3f}")
+    for name, rows in m.get("microbatched", {}).items():
+      for k, v in rows.items():
+        if isinstance(v, dict) and "temp_bytes" in v:
+          lines.append(
+            f"  microbatched {name} {k}: temp {v['temp_bytes'] / 2**20:.1f} MB, "
+            f"peak {v['peak_bytes'] / 2**20:.1f} MB, compile {v['compile_s']:.2f} s"
+          )
+      if "temp_ratio" in rows:
+        lines.append(f"  microbatched {name} temp ratio k={MICROBATCHES}/k=1: {rows['temp_ratio']:.3f}")
   return "\n".join(lines)
 
 

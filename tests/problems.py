@@ -26,17 +26,22 @@ def mlp_data(seed=0, n=16, din=3, dh=5, dout=2):
   return reference.MLP(x, t, shapes), params
 
 
+def mlp_batch_loss(p, batch):
+  """The reference MLP's loss ``loss(params, batch)``: the mean over the examples of ``batch = {"x", "t"}``."""
+  h = jnp.tanh(batch["x"] @ p["w1"] + p["b1"][None, :])
+  y = h @ p["w2"] + p["b2"][None, :]
+  return 0.5 * jnp.mean(jnp.sum((y - batch["t"]) ** 2, axis=1))
+
+
+def mlp_batch(problem, dtype=jnp.float32):
+  """A reference MLP problem's data as the batch ``{"x": (n, din), "t": (n, dout)}`` of :func:`mlp_batch_loss`."""
+  return {"x": jnp.asarray(problem.x, dtype), "t": jnp.asarray(problem.t, dtype)}
+
+
 def mlp_loss_fn(problem, dtype=jnp.float32):
   """The JAX loss of a reference MLP problem, as a function of a params dict."""
-  x = jnp.asarray(problem.x, dtype)
-  t = jnp.asarray(problem.t, dtype)
-
-  def loss_fn(p):
-    h = jnp.tanh(x @ p["w1"] + p["b1"][None, :])
-    y = h @ p["w2"] + p["b2"][None, :]
-    return 0.5 * jnp.mean(jnp.sum((y - t) ** 2, axis=1))
-
-  return loss_fn
+  batch = mlp_batch(problem, dtype)
+  return lambda p: mlp_batch_loss(p, batch)
 
 
 def mlp_problem(seed=0, dtype=jnp.float32):

@@ -26,6 +26,14 @@ def test_bench_quick_report(tmp_path):
       assert v["compile_s"] > 0
   assert all(r > 0 for r in m["ratios"].values())
   assert "ratio sam/sgd" in bench.format_table(report)
+  assert set(m["microbatched"]) == {"value_and_grad", "sam_step"}
+  for rows in m["microbatched"].values():
+    assert {"k=1", f"k={bench.MICROBATCHES}"} <= set(rows)
+    if rows["k=1"].get("temp_bytes") is not None:  # backends without a memory analysis give only compile_s
+      assert rows["temp_ratio"] > 0
+      assert rows["k=1"]["peak_bytes"] >= rows["k=1"]["temp_bytes"]
+  assert on_disk["models"]["mlp"]["microbatched"] == m["microbatched"]
+  assert "microbatched value_and_grad temp ratio" in bench.format_table(report)
 
 
 def test_plane_floor_outputs_sam_and_reads_both_gradients():

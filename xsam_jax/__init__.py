@@ -9,6 +9,7 @@ from xsam_jax._src.eigen_sam import EigenSAMState as EigenSAMState
 from xsam_jax._src.eigen_sam import eigen_sam as eigen_sam
 from xsam_jax._src.eigen_sam import initial_eigvec as initial_eigvec
 from xsam_jax._src.eigen_sam import power_iteration as power_iteration
+from xsam_jax._src.microbatch import microbatched as microbatched
 from xsam_jax._src.multistep import MultiStepSAMState as MultiStepSAMState
 from xsam_jax._src.multistep import lsam as lsam
 from xsam_jax._src.multistep import msam as msam
@@ -39,6 +40,7 @@ __all__ = (
   "eigen_sam",
   "initial_eigvec",
   "lsam",
+  "microbatched",
   "msam",
   "power_iteration",
   "probe_losses",

@@ -54,9 +54,11 @@ def sharpness_aware_transform(
       array; may be traced).
     num_steps: number of ascent steps K, a Python int >= 1.
     init_fn: ``params -> state``; the state is a NamedTuple with a ``count``.
-    rule: ``(trace, state, params, loss_fn) -> (output, new_state)``; the
-      output is any pytree matching params (any float dtype); this factory
-      casts it to the params' dtypes and advances ``count``.
+    rule: ``(trace, state, params, loss_fn) -> (output, new_state)``, where
+      ``loss_fn`` returns the scalar loss (a ``(loss, aux)`` pair's ``aux``
+      already dropped); the output is any pytree matching params (any float
+      dtype); this factory casts it to the params' dtypes and advances
+      ``count``.
     axis_name: collective axis for data parallelism (see :func:`ascent`).
     adaptive, eta, adaptive_mask: ASAM options (see :func:`ascent`):
       ``adaptive`` a bool, ``eta`` a finite real scalar >= 0,
@@ -80,7 +82,15 @@ def sharpness_aware_transform(
 
   Returns:
     The transformation. Its ``update(updates, state, params, *, loss_fn,
-    **extra_args)`` ignores unknown extra args. ``params`` and ``updates``
+    probe_loss_fn=None, **extra_args)`` ignores unknown extra args.
+    ``probe_loss_fn``, if given, is what the rule receives as its
+    ``loss_fn``: the loss for evaluations other than the ascent gradients
+    (XSAM's probe losses, EigenSAM's Hessian-vector products), e.g. the same
+    loss computed in float32 for a bfloat16 model; the ascent always uses
+    ``loss_fn``. ``loss_fn(params)`` returns
+    the scalar loss or a ``(loss, aux)`` pair, whose ``aux`` is ignored
+    (anything else is a ``ValueError`` when the update is traced; the
+    ascent, the probes and the rule all see the scalar loss). ``params`` and ``updates``
     must be trees of one structure whose leaves are real floating-point
     arrays (Python and NumPy scalars are taken as 0-d arrays); integer,
     bool, complex or otherwise non-float leaves, a state made for other
@@ -114,7 +124,12 @@ def sharpness_aware_transform(
     validation.check_float_leaves(f"{method}.init", "params", params)
     return init_fn(params)
 
-  def core(updates: optax.Updates, state: Any, params: optax.Params, loss_fn: LossFn) -> tuple[optax.Updates, Any]:
+  def core(
+    updates: optax.Updates, state: Any, params: optax.Params, loss_fn: LossFn, probe_loss_fn: LossFn | None
+  ) -> tuple[optax.Updates, Any]:
+    # Wrapped here, under the eager cache, whose key stays the caller's loss_fn.
+    loss_fn = validation.scalar_loss(f"{method}.update", loss_fn)
+    rule_loss_fn = loss_fn if probe_loss_fn is None else validation.scalar_loss(f"{method}.update", probe_loss_fn)
     validation.check_float_leaves(f"{method}.update", "params", params)
     validation.check_float_leaves(f"{method}.update", "updates", updates)
     validation.check_updates_match_params(method, updates, params)
@@ -136,7 +151,7 @@ def sharpness_aware_transform(
       first_direction=None if first_direction is None else (lambda g0: first_direction(g0, state)),
       m_sharpness=m_sharpness,
     )
-    output, new_state = rule(trace, state, params, loss_fn)
+    output, new_state = rule(trace, state, params, rule_loss_fn)
     if m_sharpness:
       output = collectives.replica_mean(output, axis_name)
     new_state = new_state._replace(count=optax.safe_increment(state.count))
@@ -150,16 +165,20 @@ def sharpness_aware_transform(
     params: optax.Params | None = None,
     *,
     loss_fn: LossFn | None = None,
+    probe_loss_fn: LossFn | None = None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, Any]:
     del extra_args
     validation.check_call(method, params, loss_fn)
     assert loss_fn is not None  # for the type checker: check_call raised otherwise
+    if probe_loss_fn is not None and not callable(probe_loss_fn):
+      got = type(probe_loss_fn).__name__
+      raise ValueError(f"{method}.update: `probe_loss_fn` must be callable or None, got {got}.")
     params = validation.as_array_leaves(method, "params", params)
     updates = validation.as_array_leaves(method, "updates", updates)
-    if _is_traced((updates, state, params, loss_fn)):
-      return core(updates, state, params, loss_fn)
-    return eager(updates, state, params, loss_fn)
+    if _is_traced((updates, state, params, loss_fn, probe_loss_fn)):
+      return core(updates, state, params, loss_fn, probe_loss_fn)
+    return eager(updates, state, params, loss_fn, probe_loss_fn)
 
   return optax.GradientTransformationExtraArgs(init, update_fn)
 
@@ -175,7 +194,7 @@ def _is_traced(tree: Any) -> bool:
 
 
 class _EagerCache:
-  """``core`` compiled with ``jax.jit``, one compiled function per ``loss_fn``.
+  """``core`` compiled with ``jax.jit``, one compiled function per ``loss_fn`` (and ``probe_loss_fn``).
 
   ``loss_fn`` is a Python callable, so it cannot be a traced argument: each
   compiled function closes over one. It is looked up by ``hash``/``==``
@@ -195,8 +214,8 @@ class _EagerCache:
   def __init__(self, method: str, core: Callable[..., tuple[optax.Updates, Any]]) -> None:
     self._method = method
     self._core = core
-    # key -> (the loss_fn an id-keyed entry was made for, or None; the jitted update)
-    self._entries: collections.OrderedDict[tuple[str, Any], tuple[Any, Callable[..., Any]]] = collections.OrderedDict()
+    # key -> (the (loss_fn, probe_loss_fn) an id-keyed entry was made for, or Nones; the jitted update)
+    self._entries: collections.OrderedDict[tuple[Any, ...], tuple[Any, Callable[..., Any]]] = collections.OrderedDict()
     self._lock = threading.Lock()
 
   @staticmethod
@@ -217,18 +236,26 @@ class _EagerCache:
       return ("id", id(loss_fn)), [], lambda _: loss_fn
     return ("callable", loss_fn), [], lambda _: loss_fn
 
-  def __call__(self, updates: optax.Updates, state: Any, params: optax.Params, loss_fn: LossFn) -> Any:
-    key, leaves, rebuild = self._split(loss_fn)
+  def __call__(
+    self, updates: optax.Updates, state: Any, params: optax.Params, loss_fn: LossFn, probe_loss_fn: LossFn | None
+  ) -> Any:
+    fns = (loss_fn, probe_loss_fn)
+    parts = [self._split(f) if f is not None else (("none",), [], lambda _: None) for f in fns]
+    key = tuple(k for k, _, _ in parts)
+    leaves = [x for _, xs, _ in parts for x in xs]
+    n0 = len(parts[0][1])
+    rebuild0, rebuild1 = parts[0][2], parts[1][2]
+    by_id = any(k[0] == "id" for k in key)
     with self._lock:
       entry = self._entries.get(key)
-      if entry is None or (key[0] == "id" and entry[0] is not loss_fn):
+      if entry is None or (by_id and any(a is not b for a, b in zip(entry[0], fns, strict=True))):
         core = self._core
 
         def run(updates: optax.Updates, state: Any, params: optax.Params, loss_leaves: list[Any]) -> Any:
-          return core(updates, state, params, rebuild(loss_leaves))
+          return core(updates, state, params, rebuild0(loss_leaves[:n0]), rebuild1(loss_leaves[n0:]))
 
         run.__name__ = run.__qualname__ = f"{self._method}_update"  # names it in jax.log_compiles
-        entry = (loss_fn if key[0] == "id" else None, jax.jit(run))
+        entry = (fns if by_id else (None, None), jax.jit(run))
         self._entries[key] = entry
         while len(self._entries) > self.SIZE:
           self._entries.popitem(last=False)

@@ -1,7 +1,8 @@
 """Sharpness toolkit: Hessian spectra, average sharpness and loss surfaces.
 
 Three ways to look at how sharp a minimum is, all working on pytrees of
-parameters and a scalar ``loss_fn(params)``:
+parameters and a scalar ``loss_fn(params)`` (or a ``(loss, aux)`` pair, whose
+``aux`` is ignored):
 
 * the top eigenvalues (and eigenvectors) of the Hessian, from
   forward-over-reverse Hessian-vector products and JAX's maintained LOBPCG
@@ -84,6 +85,7 @@ def hessian_vector_product(loss_fn: LossFn, params: PyTree, vector: PyTree) -> P
     Computation 1994.
   """
   vector = tm.tree_cast_like(vector, params)
+  loss_fn = validation.scalar_loss("hessian_vector_product", loss_fn)
   return jax.jvp(jax.grad(loss_fn), (params,), (vector,))[1]
 
 
@@ -116,7 +118,7 @@ def _flat_hessian(loss_fn: LossFn, params: PyTree) -> tuple[FlatOperator, jax.Ar
     ``flat_params``.
   """
   flat, unravel = ravel_pytree(tm.tree_wide(params))
-  _, grad_lin = jax.linearize(jax.grad(loss_fn), params)
+  _, grad_lin = jax.linearize(jax.grad(validation.scalar_loss("hessian_eigenpairs", loss_fn)), params)
 
   def matvec(x: jax.Array) -> jax.Array:
     hv = grad_lin(tm.tree_cast_like(unravel(x), params))
@@ -525,9 +527,11 @@ def _perturbed_losses(
   vector_leaves: str,
   batch_size: int | None,
 ) -> jax.Array:
+  scalar = validation.scalar_loss("perturbed_losses", loss_fn)
+
   def one(k: jax.Array) -> jax.Array:
     d = _random_direction(k, params, normalization=normalization, vector_leaves=vector_leaves)
-    return loss_fn(tm.tree_add_to_params(params, d, rho))
+    return scalar(tm.tree_add_to_params(params, d, rho))
 
   return map_batched(one, jax.random.split(key, num_directions), batch_size)
 
@@ -592,8 +596,13 @@ def average_sharpness(
     vector_leaves=vector_leaves,
     batch_size=batch_size,
   )
-  base = jax.jit(loss_fn)(params)
+  base = _loss_value(loss_fn, params)
   return jnp.mean(losses) - base.astype(losses.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn",))
+def _loss_value(loss_fn: LossFn, params: PyTree) -> jax.Array:
+  return validation.scalar_loss("average_sharpness", loss_fn)(params)
 
 
 # ---------------------------------------------------------------------------
@@ -669,9 +678,10 @@ def _surface_losses(
   loss_fn: LossFn, params: PyTree, direction1: PyTree, direction2: PyTree, points: jax.Array, *, batch_size: int | None
 ) -> jax.Array:
   d1, d2 = tm.tree_wide(direction1), tm.tree_wide(direction2)
+  scalar = validation.scalar_loss("loss_surface", loss_fn)
 
   def one(xy: jax.Array) -> jax.Array:
-    return loss_fn(tm.tree_add_to_params(params, tm.tree_lincomb(xy[0], d1, xy[1], d2)))
+    return scalar(tm.tree_add_to_params(params, tm.tree_lincomb(xy[0], d1, xy[1], d2)))
 
   return map_batched(one, points, batch_size)
 
@@ -764,6 +774,7 @@ def _xsam_directions(
   probe: bool,
   probe_batch_size: int | None,
 ) -> tuple[Any, ...]:
+  loss_fn = validation.scalar_loss("xsam_directions", loss_fn)
   if g0 is None:
     g0 = jax.grad(loss_fn)(params)
   trace = ascent_lib.ascent(loss_fn, params, g0, rho=rho, num_steps=num_steps)

@@ -92,13 +92,16 @@ def check_bool(name: str, value: Any) -> bool:
   return bool(value)
 
 
-def check_static_int(name: str, value: Any, minimum: int = 1) -> int:
-  """Checks a static Python int >= minimum (not traced: it sets loop length)."""
+def check_static_int(name: str, value: Any, minimum: int = 1, *, inject_hint: bool = True) -> int:
+  """Checks a static Python int >= minimum (not traced: it sets loop length).
+
+  ``inject_hint``: the message for a non-int says how to keep the argument
+  static under ``optax.inject_hyperparams`` (for a transformation's
+  arguments; off for other functions).
+  """
   if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
-    raise ValueError(
-      f"`{name}` must be a Python int >= {minimum}, got {value!r}. (With "
-      f"optax.inject_hyperparams, list it in static_args=('{name}',).)"
-    )
+    hint = f" (With optax.inject_hyperparams, list it in static_args=('{name}',).)" if inject_hint else ""
+    raise ValueError(f"`{name}` must be a Python int >= {minimum}, got {value!r}.{hint}")
   if int(value) < minimum:
     raise ValueError(f"`{name}` must be an int >= {minimum}, got {int(value)}.")
   return int(value)
@@ -146,6 +149,76 @@ def check_call(method: str, params: Any, loss_fn: Any) -> None:
     )
   if not callable(loss_fn):
     raise ValueError(f"{method}.update: `loss_fn` must be callable, got {type(loss_fn).__name__}.")
+
+
+def _describe_output(out: Any) -> str:
+  """What a loss function returned, for an error message."""
+  if hasattr(out, "shape") and hasattr(out, "dtype"):
+    return f"an array of shape {tuple(out.shape)} and dtype {out.dtype}"
+  if isinstance(out, (tuple, list)):
+    kind = type(out).__name__
+    if len(out) == 2:
+      return f"a {kind} whose first element is {_describe_output(out[0])}"
+    return f"a {kind} of length {len(out)}"
+  return f"a {type(out).__name__}"
+
+
+def _is_scalar_loss(out: Any) -> bool:
+  return (
+    hasattr(out, "shape")
+    and hasattr(out, "dtype")
+    and tuple(out.shape) == ()
+    and bool(jnp.issubdtype(out.dtype, jnp.floating))
+  )
+
+
+def check_loss_output(where: str, name: str, out: Any) -> bool:
+  """Checks what a loss function returned: a scalar, or a ``(loss, aux)`` pair.
+
+  A trace-time check (on shapes and dtypes only; ``jax.eval_shape`` output
+  works too), so it costs nothing when the compiled step runs.
+
+  Args:
+    where: the call, for the message (e.g. ``"sam.update"``).
+    name: the loss function's argument name, for the message (``"loss_fn"``).
+    out: what it returned.
+
+  Returns:
+    False for a 0-d real floating-point array, True for a tuple or list of
+    length 2 whose first element is one (``aux``, the second, is anything).
+
+  Raises:
+    ValueError: anything else (a vector, an integer loss, a dict, ...),
+      naming ``name`` and the shape and dtype it returned.
+  """
+  if _is_scalar_loss(out):
+    return False
+  if isinstance(out, (tuple, list)) and len(out) == 2 and _is_scalar_loss(out[0]):
+    return True
+  raise ValueError(
+    f"{where}: `{name}` must return the scalar loss (a 0-d floating-point array, e.g. the mean over "
+    f"the batch) or a `(loss, aux)` pair whose first element is one; it returned "
+    f"{_describe_output(out)}."
+  )
+
+
+def scalar_loss(where: str, loss_fn: Callable[[Any], Any]) -> Callable[[Any], jax.Array]:
+  """``loss_fn`` made to return only its scalar loss: a ``(loss, aux)`` pair's ``aux`` is dropped.
+
+  Args:
+    where: the call, for the message (e.g. ``"sam.update"``).
+    loss_fn: ``params -> scalar`` or ``params -> (scalar, aux)``.
+
+  Returns:
+    ``params -> scalar``; each call checks (at trace time) what ``loss_fn``
+    returned with :func:`check_loss_output`, raising its ``ValueError``.
+  """
+
+  def scalar(params: Any) -> jax.Array:
+    out = loss_fn(params)
+    return out[0] if check_loss_output(where, "loss_fn", out) else out
+
+  return scalar
 
 
 def _leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:

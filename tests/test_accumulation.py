@@ -1,0 +1,152 @@
+"""Gradient accumulation: what optax.MultiSteps does with a sharpness-aware transformation (as
+docs/accumulation.md describes it), and xsam_jax.microbatched, which gives the full-batch update."""
+
+import functools
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import xsam_jax
+from tests import problems
+from tests.tolerances import assert_argmax_lead, f32_bound, f64_bound
+from xsam_jax._src.microbatch import split_batch
+
+K = 2  # micro-batches
+# Rounding steps (tests/tolerances.py) of one update along two code paths, as in tests/test_battery.py.
+STEP_OPS = 10 * problems.LOSS_OPS + 10 * problems.NUM_PARAMS
+PROBE_OPS = 5 * problems.LOSS_OPS + 5 * problems.NUM_PARAMS
+
+INNER = {
+  "sam": lambda: xsam_jax.sam(0.1),
+  "xsam": lambda: xsam_jax.xsam(0.1, 0.2, alpha_update_period=1, probe_batch_size=1),
+}
+
+
+def _problem(dtype=jnp.float32):
+  problem, params = problems.mlp_data(3, n=16)
+  batch = problems.mlp_batch(problem, dtype)
+  micro = split_batch(batch, K)
+  micro_batches = [jax.tree.map(lambda x, i=i: x[i], micro) for i in range(K)]
+  return jax.tree.map(lambda a: jnp.asarray(a, dtype), params), batch, micro_batches
+
+
+def _loss_fn(batch):
+  return functools.partial(problems.mlp_batch_loss, batch=batch)
+
+
+def _assert_close(a, b, tol):
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0, atol=tol), a, b)
+
+
+def _max_diff(a, b):
+  return max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_multisteps_runs_the_inner_update_on_every_micro_step_and_discards_it():
+  """On a non-final micro-step the whole inner update runs (XSAM: 1 ascent + 21 probe losses), then its
+  output is zeroed and its state dropped."""
+  params, _, micro = _problem()
+  evaluations = []
+
+  def counted(p, b):
+    jax.debug.callback(lambda: evaluations.append(1))
+    return problems.mlp_batch_loss(p, b)
+
+  tx = optax.MultiSteps(INNER["xsam"](), every_k_schedule=K)
+
+  @jax.jit
+  def step(params, state, b):
+    g = jax.grad(problems.mlp_batch_loss)(params, b)
+    return tx.update(g, state, params, loss_fn=functools.partial(counted, b=b))
+
+  state0 = tx.init(params)
+  u, state = step(params, state0, micro[0])
+  jax.block_until_ready(u)
+  assert len(evaluations) == 1 + len(xsam_jax.DEFAULT_ALPHAS)
+  assert all(not np.any(x) for x in jax.tree.leaves(u))
+  jax.tree.map(np.testing.assert_array_equal, state.inner_opt_state, state0.inner_opt_state)
+  assert int(state.mini_step) == 1
+  u, state = step(params, state, micro[1])
+  jax.block_until_ready(u)
+  assert len(evaluations) == 2 * (1 + len(xsam_jax.DEFAULT_ALPHAS))
+  assert int(state.inner_opt_state.count) == 1
+  assert int(state.mini_step) == 0
+
+
+@pytest.mark.parametrize("name", sorted(INNER))
+def test_multisteps_update_is_the_mean_gradient_with_the_last_loss_fn(name):
+  """The k-th micro-step's update is the inner update of the mean g_0 with the k-th micro-batch's
+  loss_fn; the exact full-batch update (microbatched loss_fn) is far from it."""
+  params, batch, micro = _problem()
+  tx = optax.MultiSteps(INNER[name](), every_k_schedule=K)
+  step = jax.jit(
+    lambda p, s, b: tx.update(jax.grad(problems.mlp_batch_loss)(p, b), s, p, loss_fn=_loss_fn(b)),
+  )
+  state = tx.init(params)
+  for b in micro:
+    u, state = step(params, state, b)
+
+  inner = INNER[name]()
+  grads = [jax.grad(problems.mlp_batch_loss)(params, b) for b in micro]
+  mean_g = jax.tree.map(lambda *g: sum(g) / K, *grads)
+  u_last, s_last = jax.jit(lambda g: inner.update(g, inner.init(params), params, loss_fn=_loss_fn(micro[-1])))(mean_g)
+  tol = f32_bound(*jax.tree.leaves(u_last), n_ops=STEP_OPS)
+  _assert_close(u, u_last, tol)
+  if name == "xsam":
+    assert_argmax_lead(s_last.probe_losses, f32_bound(s_last.probe_losses, n_ops=PROBE_OPS))
+    assert state.inner_opt_state.alpha == s_last.alpha
+
+  loss_mb = xsam_jax.microbatched(problems.mlp_batch_loss, K)
+  loss_fn = functools.partial(loss_mb, batch=batch)
+  u_full, _ = jax.jit(lambda p: inner.update(jax.grad(loss_fn)(p), inner.init(p), p, loss_fn=loss_fn))(params)
+  # Not a rounding difference: ~30% of the update's largest entry on this problem.
+  assert _max_diff(u, u_full) > 1e3 * tol
+
+
+@pytest.mark.parametrize("name", sorted(INNER))
+def test_microbatched_update_is_the_full_batch_update_in_float64(name):
+  with jax.enable_x64(True):
+    params, batch, _ = _problem(jnp.float64)
+    loss_mb = xsam_jax.microbatched(problems.mlp_batch_loss, K)
+
+    def update(loss, p):
+      tx = INNER[name]()
+      return tx.update(jax.grad(loss)(p, batch), tx.init(p), p, loss_fn=functools.partial(loss, batch=batch))
+
+    u_mb, s_mb = jax.jit(functools.partial(update, loss_mb))(params)
+    u_full, s_full = jax.jit(functools.partial(update, problems.mlp_batch_loss))(params)
+    assert jax.tree.leaves(u_mb)[0].dtype == jnp.float64
+    if name == "xsam":
+      assert_argmax_lead(s_full.probe_losses, f64_bound(s_full.probe_losses, n_ops=PROBE_OPS))
+      assert s_mb.alpha == s_full.alpha
+    _assert_close(u_mb, u_full, f64_bound(*jax.tree.leaves(u_full), n_ops=STEP_OPS))
+
+
+# The guide's example: a loss chaining a 16-, a 64- and a 10-long dot product, tanh, log-softmax (2 x 4
+# steps) and a 256-example mean, under 400 steps; norms and dot products over its 1664 parameters. One
+# SAM step along two code paths: 2 gradients, a norm, and the base optimizer.
+GUIDE_LOSS_OPS, GUIDE_PARAMS = 400, 1664
+
+
+def test_the_guide_runs_and_is_the_full_batch_step():
+  """docs/accumulation.md's example runs as written, and its step is the plain full-batch step."""
+  guide = Path(__file__).resolve().parents[1] / "docs" / "accumulation.md"
+  (block,) = re.findall(r"```python\n(.*?)```", guide.read_text(), flags=re.S)
+  setup, _ = block.split("loss_mb = ")
+  scope: dict = {"__name__": "__guide__"}
+  exec(compile(block, "docs/accumulation.md", "exec"), scope)
+  plain: dict = {"__name__": "__guide__"}
+  exec(compile(setup, "docs/accumulation.md (setup)", "exec"), plain)
+  loss, batch, tx, params = plain["loss"], plain["batch"], plain["tx"], plain["params"]
+  value, grads = jax.value_and_grad(loss)(params, batch)
+  updates, _ = tx.update(grads, plain["opt_state"], params, loss_fn=functools.partial(loss, batch=batch))
+  assert int(scope["opt_state"][0].count) == 1
+  step_ops = 3 * GUIDE_LOSS_OPS + 3 * GUIDE_PARAMS
+  tol = f32_bound(*jax.tree.leaves(updates), n_ops=step_ops) + f32_bound(*jax.tree.leaves(params), n_ops=2)
+  _assert_close(scope["params"], optax.apply_updates(params, updates), tol)
+  np.testing.assert_allclose(scope["value"], value, rtol=0, atol=f32_bound(value, n_ops=GUIDE_LOSS_OPS))
