@@ -3,8 +3,9 @@ probed loss maximum on a great circle of the (d_K, g_K) plane."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -318,6 +319,18 @@ def _probe_combinations(
   return losses
 
 
+def _warn_if_low_precision(dtype: Any) -> None:
+  """Warns (at trace time) when probe losses come out in a float narrower than float32."""
+  if jnp.dtype(dtype).itemsize < 4:
+    warnings.warn(
+      f"xsam: the probe losses are {jnp.dtype(dtype).name}, whose rounding (~{float(jnp.finfo(dtype).eps):.0e} "
+      "relative) is as large as the differences between probes: alpha would follow rounding noise. Pass "
+      "`probe_loss_fn=` to `update`, the same loss reduced in float32 (e.g. the model run in float32, or at "
+      "least `jnp.mean(loss_per_example.astype(jnp.float32))`).",
+      stacklevel=2,
+    )
+
+
 def resolve_probe_batch_size(probe_batch_size: int | str | None) -> int | None:
   """Resolves ``"auto"``: sequential (1) on CPU, one full ``vmap`` (None) elsewhere."""
   if isinstance(probe_batch_size, str):
@@ -525,7 +538,12 @@ def xsam(
     :class:`XSAMState`; call ``update(grads, state, params, loss_fn=loss_fn)``.
     ``params`` and ``grads`` need real floating-point leaves (a Python
     float is taken as a 0-d array); integer, bool or complex leaves raise a
-    ``ValueError`` naming the leaf.
+    ``ValueError`` naming the leaf. ``loss_fn`` may return ``(loss, aux)``
+    (``aux`` is ignored). Mixed precision: probes compare losses that differ
+    by ~1e-4 relative, below bfloat16's rounding; ``update(...,
+    probe_loss_fn=f)`` evaluates the probes with ``f`` (e.g. the model run in
+    float32 on the same batch) while the ascent uses ``loss_fn``. Probe
+    losses narrower than float32 trigger a warning when traced.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, xsam_jax
@@ -621,6 +639,7 @@ def xsam(
           batch_size=resolve_probe_batch_size(probe_batch_size),
           axis_name=axis_name,
         )
+        _warn_if_low_precision(new.dtype)
         new_alpha, new_max = select_alpha(new, grid, state.alpha, refine=alpha_refinement)
         return new_alpha, new.astype(jnp.float32), new_max.astype(jnp.float32)
 
