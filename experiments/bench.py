@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 import xsam_jax
+from experiments import bench_wide
 from xsam_jax._src import base as base_lib
 from xsam_jax._src import tree_math as tm
 from xsam_jax._src.xsam import resolve_probe_batch_size
@@ -382,6 +383,9 @@ def main(argv=None):
   ap.add_argument(
     "--compile-repeats", type=int, default=None, help="fresh compilations per step variant [3, or 1 with --quick]"
   )
+  ap.add_argument(
+    "--wide", action=argparse.BooleanOptionalAction, default=True, help="compile times on wide trees [on]"
+  )
   ap.add_argument("--out", default="results/bench")
   ap.add_argument(
     "--models", default=None, help="comma-separated subset of mlp, cnn, resnet18 [mlp,cnn; +resnet18 off CPU]"
@@ -421,6 +425,8 @@ def main(argv=None):
       "ratios": ratios(steps, probes),
       "microbatched": bench_microbatched(params, loss_of),
     }
+  if args.wide:
+    report["wide"] = bench_wide.run(args.quick, compile_repeats)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "bench.json").write_text(json.dumps(report, indent=2))
@@ -449,6 +455,8 @@ def format_table(report: dict[str, Any]) -> str:
           )
       if "temp_ratio" in rows:
         lines.append(f"  microbatched {name} temp ratio k={MICROBATCHES}/k=1: {rows['temp_ratio']:.3f}")
+  if "wide" in report:
+    lines.extend(bench_wide.format_rows(report["wide"]))
   return "\n".join(lines)
 
 

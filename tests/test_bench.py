@@ -34,6 +34,31 @@ def test_bench_quick_report(tmp_path):
       assert rows["k=1"]["peak_bytes"] >= rows["k=1"]["temp_bytes"]
   assert on_disk["models"]["mlp"]["microbatched"] == m["microbatched"]
   assert "microbatched value_and_grad temp ratio" in bench.format_table(report)
+  wide = report["wide"]
+  assert set(wide["chain"]) == {"10", "20"}
+  assert wide["transformer"]["leaves"] == 1 + 2 * 12
+  for e in [*wide["chain"].values(), wide["transformer"]]:
+    assert set(e["compile_s"]) == {"sgd", "hand_sam", "sam", "xsam"}
+    assert all(v > 0 for v in e["compile_s"].values())
+    assert e["sam_over_hand"] == e["compile_s"]["sam"] / e["compile_s"]["hand_sam"]
+  assert wide["chain_growth"]["leaf_ratio"] == 2.0
+  assert "compile time on wide trees" in bench.format_table(report)
+
+
+def test_wide_hand_sam_is_sam():
+  """The bench's hand-written SAM step is the library's sam (same maths), on the transformer-shaped tree."""
+  from experiments import bench_wide
+
+  params, loss_of = bench_wide.transformer_problem(blocks=1, width=4)
+  _, hand = bench_wide.hand_sam_step(loss_of)
+  tx, lib = bench_wide.variants(loss_of)["sam"]
+  p_hand, _, _ = jax.jit(hand)(params, bench_wide._base().init(params))
+  p_lib, _, _ = jax.jit(lib)(params, tx.init(params))
+  # Two programs: 2 gradients (a loss of ~100 rounding steps on this tiny model) and a norm over the
+  # parameters, moved by lr 0.05.
+  n = sum(x.size for x in jax.tree.leaves(params))
+  for a, b in zip(jax.tree.leaves(p_hand), jax.tree.leaves(p_lib), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=f32_bound(b, n_ops=2 * 100 + n + 2))
 
 
 def test_plane_floor_outputs_sam_and_reads_both_gradients():
