@@ -35,13 +35,13 @@ def test_bench_quick_report(tmp_path):
   assert on_disk["models"]["mlp"]["microbatched"] == m["microbatched"]
   assert "microbatched value_and_grad temp ratio" in bench.format_table(report)
   wide = report["wide"]
-  assert set(wide["chain"]) == {"10", "20"}
+  assert set(wide["flat"]) == {"10", "20"}
   assert wide["transformer"]["leaves"] == 1 + 2 * 12
-  for e in [*wide["chain"].values(), wide["transformer"]]:
+  for e in [*wide["flat"].values(), wide["transformer"]]:
     assert set(e["compile_s"]) == {"sgd", "hand_sam", "sam", "xsam"}
     assert all(v > 0 for v in e["compile_s"].values())
     assert e["sam_over_hand"] == e["compile_s"]["sam"] / e["compile_s"]["hand_sam"]
-  assert wide["chain_growth"]["leaf_ratio"] == 2.0
+  assert wide["flat_growth"]["leaf_ratio"] == 2.0
   assert "compile time on wide trees" in bench.format_table(report)
 
 
@@ -97,3 +97,12 @@ def test_bench_quick_resnet18(tmp_path):
   m = report["models"]["resnet18"]
   assert m["params"] > 11_000_000
   assert all(v["median_s"] > 0 for v in m["steps"].values())
+
+
+def test_bench_wide_compile_repeats_is_validated(capsys):
+  from experiments import bench_wide
+
+  with pytest.raises(SystemExit) as info:
+    bench_wide.main(["--compile-repeats", "0"])
+  assert info.value.code == 2
+  assert "--compile-repeats: must be an integer >= 1" in capsys.readouterr().err
