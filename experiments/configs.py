@@ -134,7 +134,7 @@ class TrainConfig:
 def default_config() -> TrainConfig:
   """The default study: 1-D CNN on MNIST-1D, 60 epochs, batch 100.
 
-  Scaled-down paper settings (ALGORITHM.md): SGD momentum 0.9, lr 0.05 with a
+  Scaled-down paper settings (docs/algorithm.md): SGD momentum 0.9, lr 0.05 with a
   cosine schedule, weight decay 5e-4, rho 0.1, rho_max = 2 rho, alpha
   probed once per epoch (40 steps).
   """

@@ -1,5 +1,5 @@
 """An independent float64 reference of the SAM family, written from
-../shared/ALGORITHM.md in plain numpy on flat vectors.
+docs/algorithm.md in plain numpy on flat vectors.
 
 It shares no code with xsam_jax: the MLP's gradient is hand-derived
 backpropagation, the ascent, plane, slerp and alpha search are written out
@@ -138,7 +138,7 @@ def train(
 
 
 # ---------------------------------------------------------------------------
-# The SAM family beyond SAM and XSAM (ALGORITHM.md "Multi-step relatives",
+# The SAM family beyond SAM and XSAM (docs/algorithm.md "Relatives",
 # "Adaptive neighbourhoods"; VaSSO; the eigenvector-corrected SAM).
 # ---------------------------------------------------------------------------
 

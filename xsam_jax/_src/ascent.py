@@ -1,6 +1,6 @@
 """The normalized multi-step ascent shared by every sharpness-aware method.
 
-ALGORITHM.md, "Ascent": with ``d_0 = 0`` and ``g_0`` the incoming gradient,
+docs/algorithm.md, "The ascent": with ``d_0 = 0`` and ``g_0`` the incoming gradient,
 
     d_{k+1} = d_k + (rho / K) * g_k / (|g_k| + eps)
     g_{k+1} = grad L(w + d_{k+1}),          k = 0 .. K-1.

@@ -822,7 +822,7 @@ def xsam_directions(
 ) -> XSAMPlane:
   r"""Recomputes XSAM's plane, ``v0``, ``v1`` and its chosen direction at ``params``.
 
-  Runs exactly what one :func:`xsam_jax.xsam` update does (ALGORITHM.md):
+  Runs exactly what one :func:`xsam_jax.xsam` update does (docs/algorithm.md):
   the ``K``-step ascent (``xsam_jax.ascent``) to ``w + d_K``,
   ``v0, v1, theta = xsam_jax.xsam_plane(d_K, g_K)``, and (unless ``alpha``
   is given) the probes :math:`L(w + \rho_{max} v(\alpha_i))` and their first

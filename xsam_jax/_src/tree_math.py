@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from xsam_jax._src.types import PyTree, Scalar
 
 EPS = 1e-12
-"""Guard added to every norm that divides (ALGORITHM.md: ``eps = 1e-12``).
+"""Guard added to every norm that divides (docs/algorithm.md: ``eps = 1e-12``).
 
 Kept exactly as in the authors' code, so results agree with it to rounding.
 A consequence: for gradients whose global norm is far below 1e-12 the guard
