@@ -33,7 +33,6 @@ import numpy as np
 import optax
 
 import xsam_jax
-from experiments import bench_wide
 from xsam_jax._src import base as base_lib
 from xsam_jax._src import tree_math as tm
 from xsam_jax._src.xsam import resolve_probe_batch_size
@@ -128,11 +127,14 @@ def _base():
   return [optax.add_decayed_weights(WD), optax.sgd(LR, momentum=0.9)]
 
 
-def _step(
+def make_step(
   tx: optax.GradientTransformationExtraArgs,
   loss_of: Callable[[Any], jax.Array],
   extra: Callable[[Callable[[Any], jax.Array]], dict[str, Any]] | None = None,
 ) -> Callable[[Any, Any], tuple[Any, Any, jax.Array]]:
+  """A training step ``(params, state) -> (params, state, loss)``: ``tx.update`` with ``loss_fn=loss_of``,
+  or with the keyword arguments ``extra(loss_of)`` returns (``{}`` for a plain optimizer)."""
+
   def step(params, state):
     loss, g = jax.value_and_grad(loss_of)(params)
     kwargs = extra(loss_of) if extra else {"loss_fn": loss_of}
@@ -189,12 +191,12 @@ def _variants(loss_of, probe_batch_size):
   )
   grad_fn = lambda lo: {"grad_fn": jax.grad(lambda p, _: lo(p))}
   return {
-    "sgd": (optax.chain(*_base()), _step(optax.chain(*_base()), loss_of, lambda lo: {})),
-    "sam": (sam, _step(sam, loss_of)),
-    "plane_floor": (floor, _step(floor, loss_of)),
-    "xsam_nonprobe": (xs_never, _step(xs_never, loss_of)),
-    "xsam_probe": (xs_probe, _step(xs_probe, loss_of)),
-    "optax_contrib_sam": (contrib, _step(contrib, loss_of, grad_fn)),
+    "sgd": (optax.chain(*_base()), make_step(optax.chain(*_base()), loss_of, lambda lo: {})),
+    "sam": (sam, make_step(sam, loss_of)),
+    "plane_floor": (floor, make_step(floor, loss_of)),
+    "xsam_nonprobe": (xs_never, make_step(xs_never, loss_of)),
+    "xsam_probe": (xs_probe, make_step(xs_probe, loss_of)),
+    "optax_contrib_sam": (contrib, make_step(contrib, loss_of, grad_fn)),
   }
 
 
@@ -426,6 +428,8 @@ def main(argv=None):
       "microbatched": bench_microbatched(params, loss_of),
     }
   if args.wide:
+    from experiments import bench_wide  # imports this module's make_step
+
     report["wide"] = bench_wide.run(args.quick, compile_repeats)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -456,6 +460,8 @@ def format_table(report: dict[str, Any]) -> str:
       if "temp_ratio" in rows:
         lines.append(f"  microbatched {name} temp ratio k={MICROBATCHES}/k=1: {rows['temp_ratio']:.3f}")
   if "wide" in report:
+    from experiments import bench_wide
+
     lines.extend(bench_wide.format_rows(report["wide"]))
   return "\n".join(lines)
 

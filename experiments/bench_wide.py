@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 import xsam_jax
+from experiments.bench import make_step
 
 RHO, RHO_MAX, LR = 0.05, 0.1, 0.05
 BLOCK_LEAVES = ("ln1", "wq", "wk", "wv", "wo", "bo", "ln2", "w1", "b1", "w2", "b2", "gate")
@@ -117,27 +118,16 @@ def hand_sam_step(loss_of: Callable[[Any], jax.Array]) -> tuple[optax.GradientTr
   return base, step
 
 
-def _library_step(
-  tx: optax.GradientTransformationExtraArgs, loss_of: Callable[[Any], jax.Array], sharpness_aware: bool
-) -> Callable[..., Any]:
-  def step(params: Any, state: Any) -> Any:
-    loss, g0 = jax.value_and_grad(loss_of)(params)
-    updates, state = tx.update(g0, state, params, **({"loss_fn": loss_of} if sharpness_aware else {}))
-    return optax.apply_updates(params, updates), state, loss
-
-  return step
-
-
 def variants(loss_of: Callable[[Any], jax.Array]) -> dict[str, tuple[Any, Callable[..., Any]]]:
   """Variant name -> (transformation, step)."""
   sam = optax.chain(xsam_jax.sam(RHO), _base())
   xsam = optax.chain(xsam_jax.xsam(RHO, RHO_MAX, alpha_update_period=1, probe_batch_size=1), _base())
-  sgd = optax.with_extra_args_support(_base())
+  sgd = optax.chain(_base())
   return {
-    "sgd": (sgd, _library_step(sgd, loss_of, sharpness_aware=False)),
+    "sgd": (sgd, make_step(sgd, loss_of, lambda _: {})),
     "hand_sam": hand_sam_step(loss_of),
-    "sam": (sam, _library_step(sam, loss_of, sharpness_aware=True)),
-    "xsam": (xsam, _library_step(xsam, loss_of, sharpness_aware=True)),
+    "sam": (sam, make_step(sam, loss_of)),
+    "xsam": (xsam, make_step(xsam, loss_of)),
   }
 
 

@@ -183,7 +183,11 @@ def global_batch(*process_rows):
 # ----------------------------------------------------------------------------
 # The checks.
 
-from tolerances import assert_argmax_lead, f32_bound  # tests/tolerances.py: tests/ is sys.path[0] in this script
+from tolerances import (  # tests/tolerances.py: tests/ is sys.path[0] in this script
+  assert_argmax_lead,
+  assert_trees_close,
+  f32_bound,
+)
 
 N_STEPS = 4
 GLOBAL_BATCH = 64
@@ -278,13 +282,6 @@ def assert_replicas_identical(tree, stacked=False):
   return rows[0]
 
 
-def assert_close(a, b, n_ops):
-  """Within ``n_ops`` rounding steps of the largest entry of ``b``: every entry shares its operands
-  (gradients sum over the whole batch, the norms run over all parameters)."""
-  tol = f32_bound(*jax.tree.leaves(b), n_ops=n_ops)
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0, atol=tol), a, b)
-
-
 def sa_state(opt_state):
   """The sharpness-aware transformation's own state inside the chain."""
   return opt_state[0]
@@ -306,8 +303,8 @@ def check_matches_reference(name, params, opt_state, stacked=False):
   p = assert_replicas_identical(params, stacked)
   s = assert_replicas_identical(opt_state, stacked)
   p_ref, s_ref = reference(name)
-  assert_close(p, p_ref, PARAMS_OPS)
-  assert_close(s, s_ref, STEP_OPS)
+  assert_trees_close(p, p_ref, PARAMS_OPS)
+  assert_trees_close(s, s_ref, STEP_OPS)
   if hasattr(sa_state(s_ref), "alpha"):  # a grid point; no near-tie in the reference (train_single_device)
     np.testing.assert_array_equal(sa_state(s).alpha, sa_state(s_ref).alpha)
 
@@ -349,9 +346,9 @@ def evidence_shard_map_grad_of_replicated_params_is_summed():
     )(params, x, y)
 
   summed = grads(True, False)
-  assert_close(summed, jax.tree.map(lambda g: n * g, g_global), LOSS_OPS)  # one gradient, other reductions
-  assert_close(grads(True, True), g_global, LOSS_OPS)
-  assert_close(grads(False, False), g_global, LOSS_OPS)
+  assert_trees_close(summed, jax.tree.map(lambda g: n * g, g_global), LOSS_OPS)  # one gradient, other reductions
+  assert_trees_close(grads(True, True), g_global, LOSS_OPS)
+  assert_trees_close(grads(False, False), g_global, LOSS_OPS)
   ratio = float(jnp.linalg.norm(summed["w1"]) / jnp.linalg.norm(g_global["w1"]))
   print(f"   shard_map(check_vma=True): |grad wrt P() params| / |global grad| = {ratio:.4f} on {n} devices")
 
@@ -503,8 +500,8 @@ def m_sharpness_shard_map(name):
     p = assert_replicas_identical(p)
     s = assert_replicas_identical(s)
     p_pmap, s_pmap = _m_sharpness_pmap(name)
-    assert_close(p, p_pmap, PARAMS_OPS)
-    assert_close(s, s_pmap, STEP_OPS)
+    assert_trees_close(p, p_pmap, PARAMS_OPS)
+    assert_trees_close(s, s_pmap, STEP_OPS)
     if hasattr(sa_state(s), "alpha"):  # a grid point: the same when the last round has a clear winner
       losses = sa_state(s_pmap).probe_losses
       assert_argmax_lead(losses, f32_bound(losses, n_ops=STEP_OPS))

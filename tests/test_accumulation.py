@@ -13,7 +13,7 @@ import pytest
 
 import xsam_jax
 from tests import problems
-from tests.tolerances import assert_argmax_lead, f32_bound, f64_bound
+from tests.tolerances import assert_argmax_lead, assert_trees_within, f32_bound, f64_bound
 from xsam_jax._src.microbatch import split_batch
 
 K = 2  # micro-batches
@@ -37,10 +37,6 @@ def _problem(dtype=jnp.float32):
 
 def _loss_fn(batch):
   return functools.partial(problems.mlp_batch_loss, batch=batch)
-
-
-def _assert_close(a, b, tol):
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0, atol=tol), a, b)
 
 
 def _max_diff(a, b):
@@ -96,7 +92,7 @@ def test_multisteps_update_is_the_mean_gradient_with_the_last_loss_fn(name):
   mean_g = jax.tree.map(lambda *g: sum(g) / K, *grads)
   u_last, s_last = jax.jit(lambda g: inner.update(g, inner.init(params), params, loss_fn=_loss_fn(micro[-1])))(mean_g)
   tol = f32_bound(*jax.tree.leaves(u_last), n_ops=STEP_OPS)
-  _assert_close(u, u_last, tol)
+  assert_trees_within(u, u_last, tol)
   if name == "xsam":
     assert_argmax_lead(s_last.probe_losses, f32_bound(s_last.probe_losses, n_ops=PROBE_OPS))
     assert state.inner_opt_state.alpha == s_last.alpha
@@ -124,7 +120,7 @@ def test_microbatched_update_is_the_full_batch_update_in_float64(name):
     if name == "xsam":
       assert_argmax_lead(s_full.probe_losses, f64_bound(s_full.probe_losses, n_ops=PROBE_OPS))
       assert s_mb.alpha == s_full.alpha
-    _assert_close(u_mb, u_full, f64_bound(*jax.tree.leaves(u_full), n_ops=STEP_OPS))
+    assert_trees_within(u_mb, u_full, f64_bound(*jax.tree.leaves(u_full), n_ops=STEP_OPS))
 
 
 # The guide's example: a loss chaining a 16-, a 64- and a 10-long dot product, tanh, log-softmax (2 x 4
@@ -148,5 +144,5 @@ def test_the_guide_runs_and_is_the_full_batch_step():
   assert int(scope["opt_state"][0].count) == 1
   step_ops = 3 * GUIDE_LOSS_OPS + 3 * GUIDE_PARAMS
   tol = f32_bound(*jax.tree.leaves(updates), n_ops=step_ops) + f32_bound(*jax.tree.leaves(params), n_ops=2)
-  _assert_close(scope["params"], optax.apply_updates(params, updates), tol)
+  assert_trees_within(scope["params"], optax.apply_updates(params, updates), tol)
   np.testing.assert_allclose(scope["value"], value, rtol=0, atol=f32_bound(value, n_ops=GUIDE_LOSS_OPS))

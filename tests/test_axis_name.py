@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 import xsam_jax
 from tests import problems
-from tests.tolerances import assert_argmax_lead, f32_bound
+from tests.tolerances import assert_argmax_lead, assert_trees_close, f32_bound
 
 N_REPLICAS = 4
 
@@ -128,6 +128,4 @@ def test_global_loss_under_shard_map_needs_no_axis_name():
   loss_fn = _loss_on(jnp.asarray(problem.x, jnp.float32), jnp.asarray(problem.t, jnp.float32))
   expected, _ = tx.update(jax.grad(loss_fn)(params), tx.init(params), params, loss_fn=loss_fn)
   # Two programs (shard_map and plain jit): 2 gradients and 2 norms over the parameters.
-  tol = f32_bound(*jax.tree.leaves(expected), n_ops=2 * problems.LOSS_OPS + 2 * problems.NUM_PARAMS)
-  for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(expected), strict=True):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=tol)
+  assert_trees_close(u, expected, 2 * problems.LOSS_OPS + 2 * problems.NUM_PARAMS)

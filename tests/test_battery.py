@@ -9,7 +9,7 @@ import pytest
 
 from tests import problems
 from tests.registry import CASES, INJECT
-from tests.tolerances import assert_argmax_lead, f32_bound
+from tests.tolerances import assert_argmax_lead, assert_trees_close, f32_bound
 
 NAMES = sorted(CASES)
 
@@ -19,13 +19,6 @@ NAMES = sorted(CASES)
 STEP_OPS = 10 * problems.LOSS_OPS + 10 * problems.NUM_PARAMS
 # Of an XSAM probe loss: up to 4 ascent gradients (K = 3) and the probe, and 5 norms or dot products.
 PROBE_OPS = 5 * problems.LOSS_OPS + 5 * problems.NUM_PARAMS
-
-
-def _assert_close(a, b, n_ops):
-  """Within ``n_ops`` rounding steps of the largest entry of ``b``: every entry shares its operands
-  (gradients sum over the whole batch, the norms run over all parameters)."""
-  tol = f32_bound(*jax.tree.leaves(b), n_ops=n_ops)
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0, atol=tol), a, b)
 
 
 def _probe_states(state):
@@ -84,8 +77,8 @@ def test_jit_equals_nojit(name):
   # lr = 0.05 and summed by momentum 0.9 (weights 1 + 1.9 + 2.71 < 6): under 0.3 STEP_OPS, plus a
   # rounding of the params per step. Probe rounds must have a clear winner (no near-tie).
   _assert_no_near_tie(s_jit)
-  _assert_close(p_eager, p_jit, 0.3 * STEP_OPS + 3)
-  _assert_close(s_eager, s_jit, STEP_OPS)
+  assert_trees_close(p_eager, p_jit, 0.3 * STEP_OPS + 3)
+  assert_trees_close(s_eager, s_jit, STEP_OPS)
   for a, b in zip(_probe_states(s_eager), _probe_states(s_jit), strict=True):
     np.testing.assert_array_equal(np.asarray(a.alpha), np.asarray(b.alpha))
 
@@ -339,7 +332,7 @@ def test_multisteps_calls_the_inner_transform_once_per_k(name):
   u_direct, s_direct = direct.update(mean_g, direct.init(params), params, loss_fn=loss_fn)
   # MultiSteps averages the k gradients itself (another rounding order than mean_g): one update apart.
   _assert_no_near_tie(s_direct)
-  _assert_close(u, u_direct, STEP_OPS)
+  assert_trees_close(u, u_direct, STEP_OPS)
 
 
 @pytest.mark.parametrize("name", sorted(INJECT))
@@ -357,7 +350,7 @@ def test_inject_hyperparams(name):
     # Two programs (hyperparameters traced from the state vs constants): one update apart, and the
     # same alpha when the probe round has a clear winner (checked).
     _assert_no_near_tie(s_p)
-    _assert_close(u_i, u_p, STEP_OPS)
+    assert_trees_close(u_i, u_p, STEP_OPS)
   # A hyperparameter changed in the state takes effect without re-building.
   first = next(iter(k for k in kwargs if k not in static))
   s_i.hyperparams[first] = s_i.hyperparams[first] * 2

@@ -11,7 +11,7 @@ import xsam_jax
 from tests import problems
 from tests.test_axis_name import _loss_on
 from tests.test_probes import _CountingLoss
-from tests.tolerances import assert_argmax_lead, f32_bound, f32_rtol
+from tests.tolerances import assert_argmax_lead, assert_trees_close, f32_bound, f32_rtol
 from xsam_jax._src import sharpness
 from xsam_jax._src.eigen_sam import eigen_sam, power_iteration
 from xsam_jax._src.multistep import lsam, msam
@@ -27,14 +27,6 @@ SAM_OPS = 3 * problems.LOSS_OPS + 3 * problems.NUM_PARAMS
 def _one_update(tx, params, loss_fn, state=None):
   state = tx.init(params) if state is None else state
   return jax.jit(lambda s: tx.update(jax.grad(loss_fn)(params), s, params, loss_fn=loss_fn))(state)
-
-
-def _assert_trees_close(a, b, n_ops=SAM_OPS):
-  """Equal up to n_ops rounding steps of the tree's largest element: every element shares its operands
-  (gradients are sums over all examples and weights, the norms run over all parameters)."""
-  tol = f32_bound(*jax.tree.leaves(b), n_ops=n_ops)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=tol)
 
 
 def _assert_trees_equal(a, b):
@@ -56,7 +48,7 @@ def test_k1_msam_and_lsam_are_sam():
   sam_out, _ = _one_update(xsam_jax.sam(0.3), params, loss_fn)
   for tx in (msam(0.3, num_steps=1), lsam(0.3, num_steps=1)):
     out, state = _one_update(tx, params, loss_fn)
-    _assert_trees_close(out, sam_out)
+    assert_trees_close(out, sam_out, SAM_OPS)
     # cos(g_1, g_1) from two normalizations and a dot product over the parameters.
     np.testing.assert_allclose(state.cosine, 1.0, atol=f32_bound(1.0, n_ops=3 * problems.NUM_PARAMS))
 
@@ -66,7 +58,7 @@ def test_k1_lsam_plus_is_xsam_alpha0():
   params, loss_fn = problems.mlp_problem(seed=32)
   out_l, _ = _one_update(lsam(0.3, num_steps=1, plus=True), params, loss_fn)
   out_x, _ = _one_update(xsam_jax.xsam(0.3, 0.6, alpha_update_period=None, alpha_init=0.0), params, loss_fn)
-  _assert_trees_close(out_l, out_x)
+  assert_trees_close(out_l, out_x, SAM_OPS)
   # out_l is g_0 times scalars: elementwise errors of a few eps tilt it by an angle phi ~ 1e-6, and
   # 1 - cos = phi^2 / 2 ~ 1e-12 (float64 cosine): atol 1e-6 has a wide margin.
   np.testing.assert_allclose(_cosine(out_l, jax.grad(loss_fn)(params)), 1.0, atol=1e-6)
@@ -115,7 +107,7 @@ def test_xsam_asam_with_an_all_false_mask_is_plain_xsam():
   masked = xsam_jax.xsam(0.3, 1.0, num_steps=2, alpha_update_period=1, adaptive=True, adaptive_mask=none)
   out_p, s_p = _one_update(plain, params, loss_fn)
   out_m, s_m = _one_update(masked, params, loss_fn)
-  _assert_trees_close(out_m, out_p)
+  assert_trees_close(out_m, out_p, SAM_OPS)
   # A probe loss: 2 ascent gradients, g_K and the loss, and norms, the cosine and the probe point.
   probe_tol = f32_bound(s_p.probe_losses, n_ops=4 * problems.LOSS_OPS + 5 * problems.NUM_PARAMS)
   np.testing.assert_allclose(s_m.probe_losses, s_p.probe_losses, rtol=0, atol=probe_tol)
@@ -130,7 +122,7 @@ def test_xsam_asam_alpha1_is_asam_and_alpha0_is_the_g0_direction():
   asam_out, _ = _one_update(
     xsam_jax.sam(0.5, num_steps=2, adaptive=True, eta=0.02, adaptive_mask=WEIGHTS_ONLY), params, loss_fn
   )
-  _assert_trees_close(out_1, asam_out)
+  assert_trees_close(out_1, asam_out, SAM_OPS)
   out_0, _ = _one_update(xsam_jax.xsam(0.5, 1.0, alpha_init=0.0, **kw), params, loss_fn)
   np.testing.assert_allclose(_cosine(out_0, jax.grad(loss_fn)(params)), 1.0, atol=1e-6)  # 1 - cos: 2nd order
 
@@ -205,11 +197,11 @@ def test_vasso_theta1_is_sam_and_its_first_step_is_sam():
   params, loss_fn = problems.mlp_problem(seed=38)
   p_sam, _ = _trajectory(xsam_jax.sam(0.3), params, loss_fn, 3)
   p_v1, _ = _trajectory(vasso(0.3, theta=1.0), params, loss_fn, 3)
-  _assert_trees_close(p_v1, p_sam)
+  assert_trees_close(p_v1, p_sam, SAM_OPS)
   p_sam1, _ = _trajectory(xsam_jax.sam(0.3), params, loss_fn, 1)
   p_v, s_v = _trajectory(vasso(0.3, theta=0.4), params, loss_fn, 1)
-  _assert_trees_close(p_v, p_sam1)
-  _assert_trees_close(s_v[0].ema, jax.grad(loss_fn)(params))
+  assert_trees_close(p_v, p_sam1, SAM_OPS)
+  assert_trees_close(s_v[0].ema, jax.grad(loss_fn)(params), SAM_OPS)
 
 
 def test_vasso_ema_follows_the_recursion():
@@ -221,7 +213,7 @@ def test_vasso_ema_follows_the_recursion():
     g = jax.grad(loss_fn)(p)
     _, state = tx.update(g, state, p, loss_fn=loss_fn)
     ema = g if ema is None else jax.tree.map(lambda e, x: (1 - theta) * e + theta * x, ema, g)
-    _assert_trees_close(state.ema, ema)
+    assert_trees_close(state.ema, ema, SAM_OPS)
 
 
 # --- eigenvector-corrected SAM ----------------------------------------------
@@ -283,14 +275,14 @@ def test_eigen_sam_alpha0_is_sam_and_zero_curvature_stays_sam():
   params, loss_fn = problems.mlp_problem(seed=41)
   sam_out, _ = _one_update(xsam_jax.sam(0.2), params, loss_fn)
   out, state = _one_update(eigen_sam(0.2, alpha=0.0), params, loss_fn)
-  _assert_trees_close(out, sam_out)
+  assert_trees_close(out, sam_out, SAM_OPS)
   assert bool(state.has_eigvec)
   # A linear loss has H = 0: no eigenvector is found and the output is SAM's.
   lin = {"w": jnp.array([1.0, -2.0, 0.5])}
   lin_loss = lambda p: jnp.sum(jnp.array([0.3, -1.0, 2.0]) * p["w"])
   out, state = _one_update(eigen_sam(0.2, alpha=1.0), lin, lin_loss)
   assert not bool(state.has_eigvec)
-  _assert_trees_close(out, jax.grad(lin_loss)(lin))
+  assert_trees_close(out, jax.grad(lin_loss)(lin), SAM_OPS)
 
 
 def test_eigen_sam_correction_lowers_the_component_along_v():
@@ -343,7 +335,7 @@ def test_replicas_agree_with_global_batch(make):
   for _ in range(3):
     p_g, s_g = step_g(p_g, s_g, x, t)
     p_r, s_r = step_r(p_r, s_r, *shards)
-  _assert_trees_close(p_r, replicate(p_g))
+  assert_trees_close(p_r, replicate(p_g), SAM_OPS)
 
 
 # --- validation --------------------------------------------------------------

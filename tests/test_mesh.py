@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from tests.test_multidevice import _env
+from tests.test_multidevice import ROOT, _env
 from tests.tolerances import assert_argmax_lead, f32_bound
 
 SCRIPT = "tests/mesh_checks.py"
@@ -29,8 +29,6 @@ def _step_ops(num_params):
 
 
 def _run(check, devices):
-  from tests.test_multidevice import ROOT
-
   proc = subprocess.run(
     [sys.executable, SCRIPT, check],
     check=False,

@@ -1,11 +1,9 @@
 """xsam_jax.microbatched: the full batch's loss and gradient, one micro-batch's activations."""
 
 import functools
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +13,8 @@ import pytest
 import xsam_jax
 from tests import problems
 from tests.registry import CASES
-from tests.tolerances import assert_argmax_lead, f32_bound
+from tests.test_multidevice import ROOT, _env
+from tests.tolerances import assert_argmax_lead, assert_trees_within, f32_bound
 
 N = 16  # examples in problems.mlp_data's batch
 # Rounding steps (tests/tolerances.py) of one update of any registered method along two code paths (as in
@@ -30,10 +29,6 @@ def _problem(seed=0):
   return jax.tree.map(jnp.asarray, params), problems.mlp_batch(problem)
 
 
-def _assert_close(a, b, tol):
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0, atol=tol), a, b)
-
-
 @pytest.mark.parametrize("k", [1, 2, 4, 8, 16])
 def test_value_and_grad_equal_the_full_batch(k, maybe_jit):
   params, batch = _problem()
@@ -45,7 +40,7 @@ def test_value_and_grad_equal_the_full_batch(k, maybe_jit):
   np.testing.assert_allclose(value, full_value, rtol=0, atol=f32_bound(full_value, n_ops=problems.LOSS_OPS))
   one = lambda p, x, t: problems.mlp_batch_loss(p, {"x": x[None], "t": t[None]})
   per_example = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, batch["x"], batch["t"])
-  _assert_close(grads, full_grads, f32_bound(*jax.tree.leaves(per_example), n_ops=problems.LOSS_OPS))
+  assert_trees_within(grads, full_grads, f32_bound(*jax.tree.leaves(per_example), n_ops=problems.LOSS_OPS))
 
 
 def test_one_microbatch_calls_loss_on_the_whole_batch():
@@ -74,7 +69,7 @@ def test_microbatches_are_strided_and_aux_is_stacked():
     np.testing.assert_array_equal(aux["count"], np.full(k, N // k))
     plain_value, plain_grads = jax.value_and_grad(xsam_jax.microbatched(problems.mlp_batch_loss, k))(params, batch)
     assert value == plain_value  # the same program, with one more output
-    _assert_close(grads, plain_grads, 0.0)
+    assert_trees_within(grads, plain_grads, 0.0)
 
 
 @pytest.mark.parametrize("k", [1, 4])
@@ -112,7 +107,7 @@ def test_updates_with_a_microbatched_loss_fn_equal_the_full_batch(name):
   for s in (s_mb, s_full):
     if hasattr(s, "probe_losses") and np.any(np.asarray(s.probe_losses) != 0):  # zeros: no probe round
       assert_argmax_lead(s.probe_losses, f32_bound(s.probe_losses, n_ops=PROBE_OPS))
-  _assert_close(u_mb, u_full, f32_bound(*jax.tree.leaves(u_full), n_ops=STEP_OPS))
+  assert_trees_within(u_mb, u_full, f32_bound(*jax.tree.leaves(u_full), n_ops=STEP_OPS))
   if hasattr(s_full, "alpha"):
     assert s_mb.alpha == s_full.alpha
 
@@ -148,11 +143,8 @@ def test_strided_microbatches_keep_a_sharded_batch_in_place():
   """8 CPU devices, the batch sharded along its examples: equal to one device, and the compiled step moves
   no batch data between devices (each micro-batch has its slice on every device); jax starts with the
   device count, hence a subprocess."""
-  root = Path(__file__).resolve().parents[1]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
   proc = subprocess.run(
-    [sys.executable, "-c", SHARDED], cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False
+    [sys.executable, "-c", SHARDED], cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600, check=False
   )
   assert "SHARDED OK" in proc.stdout, (proc.stdout + proc.stderr)[-5000:]
 

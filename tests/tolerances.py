@@ -30,6 +30,7 @@ while the bugs the tests guard against (a wrong direction, scale or grid
 point) move results by 1e-3 or more.
 """
 
+import jax
 import numpy as np
 
 EPS32 = float(np.finfo(np.float32).eps)  # 2**-23 ~ 1.19e-7
@@ -70,3 +71,17 @@ def assert_argmax_lead(losses, bound):
   assert losses.size >= 2, losses
   lead = losses[-1] - losses[-2]
   assert lead > 2 * bound, f"probe losses nearly tie: lead {lead:.3g} <= 2 * rounding bound {bound:.3g}"
+
+
+def assert_trees_within(a, b, atol):
+  """Every leaf of ``a`` within ``atol`` (absolute) of the matching leaf of ``b``; the trees have one structure."""
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0, atol=atol), a, b)
+
+
+def assert_trees_close(a, b, n_ops):
+  """Within ``n_ops`` float32 rounding steps of the largest entry of ``b`` (:func:`f32_bound`).
+
+  For results whose every entry shares its operands (gradients sum over the
+  whole batch, norms run over all parameters), so one bound serves the tree.
+  """
+  assert_trees_within(a, b, f32_bound(*jax.tree.leaves(b), n_ops=n_ops))

@@ -169,11 +169,8 @@ def sharpness_aware_transform(
     **extra_args: Any,
   ) -> tuple[optax.Updates, Any]:
     del extra_args
-    validation.check_call(method, params, loss_fn)
+    validation.check_call(method, params, loss_fn, probe_loss_fn)
     assert loss_fn is not None  # for the type checker: check_call raised otherwise
-    if probe_loss_fn is not None and not callable(probe_loss_fn):
-      got = type(probe_loss_fn).__name__
-      raise ValueError(f"{method}.update: `probe_loss_fn` must be callable or None, got {got}.")
     params = validation.as_array_leaves(method, "params", params)
     updates = validation.as_array_leaves(method, "updates", updates)
     if _is_traced((updates, state, params, loss_fn, probe_loss_fn)):
@@ -219,7 +216,7 @@ class _EagerCache:
     self._lock = threading.Lock()
 
   @staticmethod
-  def _split(loss_fn: LossFn) -> tuple[tuple[str, Any], list[Any], Callable[[list[Any]], LossFn]]:
+  def _split(loss_fn: LossFn | None) -> tuple[tuple[str, Any], list[Any], Callable[[list[Any]], LossFn | None]]:
     """``(key, traced leaves, rebuild)`` with ``rebuild(leaves)`` the loss to call."""
     if isinstance(loss_fn, jax.tree_util.Partial):
       leaves, treedef = jax.tree.flatten(loss_fn)
@@ -240,7 +237,7 @@ class _EagerCache:
     self, updates: optax.Updates, state: Any, params: optax.Params, loss_fn: LossFn, probe_loss_fn: LossFn | None
   ) -> Any:
     fns = (loss_fn, probe_loss_fn)
-    parts = [self._split(f) if f is not None else (("none",), [], lambda _: None) for f in fns]
+    parts = [self._split(f) for f in fns]  # None (no probe_loss_fn) is hashable: its own key
     key = tuple(k for k, _, _ in parts)
     leaves = [x for _, xs, _ in parts for x in xs]
     n0 = len(parts[0][1])

@@ -106,7 +106,7 @@ def gradient_sync(
       respect to invariant params): neither carries a replica's own gradient.
   """
   if axis_name is None:
-    return lambda g: _check_not_per_replica(g, params, loss_fn)
+    return _check_not_per_replica(loss_fn, params)
   axes = axis_tuple(axis_name)
   tracked = tracked_axes(axes)
   loss_varying: frozenset[Any] = frozenset()
@@ -150,8 +150,8 @@ def gradient_sync(
   return lambda g: jax.tree.map(leaf_sync, g)
 
 
-def _check_not_per_replica(g: PyTree, params: PyTree, loss_fn: LossFn) -> PyTree:
-  """Returns ``g``; raises if, without ``axis_name``, it is visibly a replica's own gradient.
+def _check_not_per_replica(loss_fn: LossFn, params: PyTree) -> Callable[[PyTree], PyTree]:
+  """Without ``axis_name``: ``sync(g)`` returns ``g``, raising if it is visibly a replica's own gradient.
 
   Outside ``shard_map`` (or with ``check_vma=False``, or under ``pmap``) no
   value carries a varying type and nothing can be checked: there a missing
@@ -161,28 +161,33 @@ def _check_not_per_replica(g: PyTree, params: PyTree, loss_fn: LossFn) -> PyTree
   mesh axis (each replica's own batch), means every replica would ascend on
   its own shard: the replicas' updates would differ and their parameters
   drift apart. Model-parallel shards (params and gradients varying over the
-  same axis, an invariant loss) pass.
+  same axis, an invariant loss) pass. ``loss_fn`` is traced (``jax.eval_shape``)
+  once, here, and only inside such a ``shard_map``.
   """
   tracked = tracked_axes(jax.sharding.get_abstract_mesh().manual_axes)
   if not tracked:
-    return g
-  for (path, x), p in zip(jax.tree_util.tree_flatten_with_path(g)[0], jax.tree.leaves(params), strict=True):
-    extra = (varying_axes(x) - varying_axes(p)) & tracked
-    if extra:
-      raise ValueError(
-        f"the gradient at {jax.tree_util.keystr(path) or 'the root'} varies over the mesh axes {sorted(extra)} "
-        "but its parameter does not: each replica holds its own gradient. For data parallelism pass "
-        f"`axis_name={sorted(extra)[0]!r}` to the transformation (or `m_sharpness=True` with it for per-replica "
-        "perturbations on purpose)."
-      )
+    return lambda g: g
   loss_axes = varying_axes(jax.eval_shape(loss_fn, params)) & tracked
-  if loss_axes:
-    raise ValueError(
-      f"`loss_fn` returns a loss that varies over the mesh axes {sorted(loss_axes)}: each replica's own loss. "
-      f"For data parallelism pass `axis_name={sorted(loss_axes)[0]!r}` to the transformation, or return "
-      "`jax.lax.pmean(loss, axis)` from `loss_fn`."
-    )
-  return g
+
+  def check(g: PyTree) -> PyTree:
+    for (path, x), p in zip(jax.tree_util.tree_flatten_with_path(g)[0], jax.tree.leaves(params), strict=True):
+      extra = (varying_axes(x) - varying_axes(p)) & tracked
+      if extra:
+        raise ValueError(
+          f"the gradient at {jax.tree_util.keystr(path) or 'the root'} varies over the mesh axes {sorted(extra)} "
+          "but its parameter does not: each replica holds its own gradient. For data parallelism pass "
+          f"`axis_name={sorted(extra)[0]!r}` to the transformation (or `m_sharpness=True` with it for per-replica "
+          "perturbations on purpose)."
+        )
+    if loss_axes:
+      raise ValueError(
+        f"`loss_fn` returns a loss that varies over the mesh axes {sorted(loss_axes)}: each replica's own loss. "
+        f"For data parallelism pass `axis_name={sorted(loss_axes)[0]!r}` to the transformation, or return "
+        "`jax.lax.pmean(loss, axis)` from `loss_fn`."
+      )
+    return g
+
+  return check
 
 
 def replica_mean(tree: PyTree, axis_name: AxisName | None) -> PyTree:

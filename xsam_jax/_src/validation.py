@@ -137,8 +137,8 @@ def check_grid(name: str, values: Any) -> np.ndarray:
   return arr
 
 
-def check_call(method: str, params: Any, loss_fn: Any) -> None:
-  """Raises a ValueError explaining the calling convention when args are missing."""
+def check_call(method: str, params: Any, loss_fn: Any, probe_loss_fn: Any = None) -> None:
+  """Raises a ValueError explaining the calling convention when args are missing or not callable."""
   missing = [n for n, v in (("params", params), ("loss_fn", loss_fn)) if v is None]
   if missing:
     raise ValueError(
@@ -149,6 +149,9 @@ def check_call(method: str, params: Any, loss_fn: Any) -> None:
     )
   if not callable(loss_fn):
     raise ValueError(f"{method}.update: `loss_fn` must be callable, got {type(loss_fn).__name__}.")
+  if probe_loss_fn is not None and not callable(probe_loss_fn):
+    got = type(probe_loss_fn).__name__
+    raise ValueError(f"{method}.update: `probe_loss_fn` must be callable or None, got {got}.")
 
 
 def _describe_output(out: Any) -> str:
