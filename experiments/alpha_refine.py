@@ -4,7 +4,7 @@
     python -m experiments.alpha_refine --quick    # tiny subset, 2 epochs, 1 seed (used by the tests)
 
 Two measurements on real XSAM training runs (the main job's configuration,
-``experiments.configs.default_config``; alpha probed once per epoch):
+``TrainConfig.default()``; alpha probed once per epoch):
 
 1. Alpha error, offline. XSAM is trained with the paper's grid
    (0.0, 0.1, ..., 2.0); at every probe round the 21 probe losses are
@@ -23,7 +23,7 @@ Writes ``<output-dir>/alpha_refine.json`` and prints two Markdown tables.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -37,7 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import xsam_jax
-from experiments import configs, study
+from experiments import config, study
+from experiments.config import setting
+from experiments.configs import TrainConfig
 from xsam_jax._src.xsam import select_alpha
 
 GRID21 = tuple(xsam_jax.DEFAULT_ALPHAS)
@@ -51,6 +53,21 @@ TRAINED = {
   "grid5+parabola": (GRID21[::5], "parabola"),
 }
 """Variants trained end to end: name -> (alphas, alpha_refinement)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AlphaRefineConfig(config.StudyConfig):
+  """The study's settings: the main job's training runs, some seeds."""
+
+  seeds: int = setting(3, "seeds per trained variant", low=1)
+  train: TrainConfig = setting(  # noqa: RUF009  (a frozen dataclass: immutable)
+    TrainConfig.default(), "the training runs' configuration (method: xsam)", flag=None
+  )
+
+  @classmethod
+  def quick(cls) -> AlphaRefineConfig:
+    """The main job's quick configuration for 2 epochs (2 probe rounds), 1 seed."""
+    return cls(seeds=1, train=TrainConfig.quick().replace(epochs=2))
 
 
 def choose(losses: np.ndarray, grid: Sequence[float], refine: str | None) -> float:
@@ -90,12 +107,12 @@ def alpha_errors(rounds: Sequence[Sequence[float]]) -> dict:
   return out
 
 
-def run(base: configs.TrainConfig, seeds: Sequence[int], progress: bool) -> dict:
-  """Trains every variant of :data:`TRAINED` and measures the alpha errors."""
+def run(c: AlphaRefineConfig, progress: bool) -> dict:
+  """Trains every variant of :data:`TRAINED` (seeds ``0 .. c.seeds - 1``) and measures the alpha errors."""
   results = {}
   for name, (alphas, refine) in TRAINED.items():
-    cfg = base.replace(alphas=alphas, alpha_refinement=refine)
-    res = study.run_study(cfg, ["xsam"], seeds, workdir=None, progress=progress)["methods"]["xsam"]
+    cfg = c.train.replace(alphas=alphas, alpha_refinement=refine)
+    res = study.run_study(cfg, ["xsam"], range(c.seeds), workdir=None, progress=progress)["methods"]["xsam"]
     alpha_hist = [h["alpha"] for h in res["histories"]]
     results[name] = {
       "alphas": list(alphas or GRID21),
@@ -140,23 +157,28 @@ def format_tables(report: dict) -> str:
   return "\n".join(lines)
 
 
+COMMAND = config.Command(
+  AlphaRefineConfig,
+  prog="python -m experiments.alpha_refine",
+  description=__doc__.splitlines()[0],
+  quick_help="tiny subset, 2 epochs, 1 seed",
+  out=("results/alpha_refine", "runs/alpha_refine_quick"),
+  out_flag="--output-dir",
+  extra={"--no-progress": {"action": "store_true", "help": "hide progress bars"}},
+)
+"""The command line: ``--quick``, a flag per :class:`AlphaRefineConfig` field, ``--output-dir``, ``--no-progress``."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--quick", action="store_true", help="tiny subset, 2 epochs, 1 seed")
-  ap.add_argument("--seeds", type=int, default=None, help="number of seeds [3, or 1 with --quick]")
-  ap.add_argument("--output-dir", default=None, help="[results/alpha_refine, or runs/alpha_refine_quick with --quick]")
-  ap.add_argument("--no-progress", action="store_true")
-  args = ap.parse_args(argv)
-  base = configs.quick_config().replace(epochs=2) if args.quick else configs.default_config()
-  seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
-  out_dir = Path(args.output_dir or ("runs/alpha_refine_quick" if args.quick else "results/alpha_refine"))
+  c, args, command = COMMAND.parse(argv)
+  out_dir = Path(args.output_dir)
   t0 = time.perf_counter()
-  report = run(base, seeds, progress=not args.no_progress)
+  report = run(c, progress=not args.no_progress)
   report.update(
     date=datetime.date.today().isoformat(),
-    command="python -m experiments.alpha_refine" + (" --quick" if args.quick else ""),
+    command=command,
     machine=f"{platform.machine()}, {jax.default_backend()}, {jax.device_count()} device(s)",
-    seeds=seeds,
+    seeds=list(range(c.seeds)),
     wall_time_s=time.perf_counter() - t0,
   )
   out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,115 +16,58 @@ memory of the full batch's ``value_and_grad`` (and SAM step) with
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import functools
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 import xsam_jax
+from experiments import bench_report, config
+from experiments.bench_models import MODELS, default_models, problems
+from experiments.config import setting
 from xsam_jax._src import base as base_lib
 from xsam_jax._src import tree_math as tm
 from xsam_jax._src.xsam import resolve_probe_batch_size
 
-RHO, RHO_MAX, LR, WD = 0.05, 0.1, 0.05, 5e-4
+MICROBATCHES = 8
+"""``k`` of :func:`bench_microbatched`."""
 
 
-class MLP(nn.Module):
-  width: int = 256
+@dataclasses.dataclass(frozen=True)
+class BenchConfig(config.StudyConfig):
+  """What the bench times (the full bench; :meth:`quick` is the tests' tiny one)."""
 
-  @nn.compact
-  def __call__(self, x):
-    x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(self.width)(x))
-    x = nn.relu(nn.Dense(self.width)(x))
-    return nn.Dense(10)(x)
+  rho: float = setting(0.05, "SAM / XSAM ascent radius", low=0, low_open=True)
+  rho_max: float = setting(0.1, "XSAM probe radius", low=0, low_open=True)
+  learning_rate: float = setting(0.05, "learning rate of the base SGD (momentum 0.9)", flag="lr", low=0, low_open=True)
+  weight_decay: float = setting(5e-4, "decoupled weight decay of the base optimizer", low=0)
+  batch: int = setting(128, f"batch size (a multiple of {MICROBATCHES} for the microbatched entry)", low=1)
+  image: int = setting(32, "image side: the inputs are image x image x 3", low=1)
+  mlp_width: int = setting(256, "hidden width of the MLP", low=1)
+  cnn_width: int = setting(32, "channels of the small CNN's first layer", low=1)
+  models: tuple[str, ...] | None = setting(None, "models to bench [none: mlp,cnn; +resnet18 off CPU]", choices=MODELS)
+  repeats: int = setting(15, "timed round-robin rounds", low=1)
+  compile_repeats: int = setting(3, "fresh compilations per step variant", low=1)
+  probe_chunks: tuple[int, ...] = setting((1, 3, 7), "lax.map batch sizes of the probe strategies", low=1)
+  wide: bool = setting(True, "compile times on wide trees (experiments.bench_wide)")
+  controls: bool = setting(True, "epoch times of cheap SAM and LookSAM (experiments.bench_controls)")
+  probe_memory: bool = setting(True, "peak memory of memory-aware probes (experiments.bench_probe_memory)")
 
-
-class SmallCNN(nn.Module):
-  """Four 3x3 convs (one at full resolution, three with stride 2), ~0.39M params."""
-
-  width: int = 32
-
-  @nn.compact
-  def __call__(self, x):
-    w = self.width
-    x = nn.relu(nn.Conv(w, (3, 3))(x))
-    for mult in (2, 4, 8):
-      x = nn.relu(nn.Conv(w * mult, (3, 3), strides=(2, 2))(x))
-    return nn.Dense(10)(x.mean(axis=(1, 2)))
-
-
-def _classification(batch, image, seed, init, apply):
-  """``(params, loss_of)`` for a random batch of ``batch`` images ``image x image x 3`` with 10 labels.
-
-  ``init(x) -> params`` and ``apply(params, x) -> logits`` adapt the model's API.
-  ``loss_of`` is ``functools.partial(loss, batch={"x": x, "y": y})`` for
-  ``loss(params, batch)``, the mean cross-entropy (:func:`bench_microbatched`
-  reads ``loss_of.func`` and ``loss_of.keywords["batch"]``).
-  """
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.normal(size=(batch, image, image, 3)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, 10, size=batch))
-  params = init(x)
-
-  def loss(p, batch):
-    return optax.softmax_cross_entropy_with_integer_labels(apply(p, batch["x"]), batch["y"]).mean()
-
-  return params, functools.partial(loss, batch={"x": x, "y": y})
+  @classmethod
+  def quick(cls) -> BenchConfig:
+    """Tiny shapes (batch 16 of 8x8x3, narrow models) and few repeats."""
+    return cls(batch=16, image=8, mlp_width=64, cnn_width=8, repeats=3, compile_repeats=1)
 
 
-def _problem(model, batch, image, seed=0):
-  """A Linen model's ``(params, loss_of)``."""
-  return _classification(
-    batch,
-    image,
-    seed,
-    lambda x: model.init(jax.random.key(seed), x)["params"],
-    lambda p, x: model.apply({"params": p}, x),
-  )
-
-
-def _resnet18_problem(batch, image, seed=0):
-  """ResNet-18 (``experiments.models``, Flax NNX, BatchNorm in training mode) as ``(params, loss_of)``."""
-  from flax import nnx
-
-  from experiments import models
-
-  graphdef, params, *rest = nnx.split(models.ResNet18(3, 10, rngs=nnx.Rngs(seed)), nnx.Param, ...)
-
-  def apply(p, x):
-    return nnx.merge(graphdef, p, *rest, copy=True)(x, train=True)  # batch statistics; their update is dropped
-
-  return _classification(batch, image, seed, lambda x: params, apply)
-
-
-def problems(quick: bool) -> dict[str, Callable[[int, int], tuple[Any, Callable[[Any], jax.Array]]]]:
-  """Model name -> ``(batch, image) -> (params, loss_of)``."""
-  return {
-    "mlp": lambda b, i: _problem(MLP(64 if quick else 256), b, i),
-    "cnn": lambda b, i: _problem(SmallCNN(8 if quick else 32), b, i),
-    "resnet18": _resnet18_problem,
-  }
-
-
-def default_models() -> str:
-  """``mlp,cnn``, plus ``resnet18`` on an accelerator (too slow to time on a CPU)."""
-  return "mlp,cnn" if jax.default_backend() == "cpu" else "mlp,cnn,resnet18"
-
-
-def _base():
-  return [optax.add_decayed_weights(WD), optax.sgd(LR, momentum=0.9)]
+def _base(c: BenchConfig) -> list[optax.GradientTransformation]:
+  return [optax.add_decayed_weights(c.weight_decay), optax.sgd(c.learning_rate, momentum=0.9)]
 
 
 def make_step(
@@ -177,21 +120,24 @@ def plane_floor(rho: float) -> optax.GradientTransformationExtraArgs:
   return base_lib.sharpness_aware_transform("plane_floor", rho=rho, num_steps=1, init_fn=init_fn, rule=rule)
 
 
-def _variants(loss_of, probe_batch_size):
-  sam = optax.chain(xsam_jax.sam(RHO), *_base())
-  floor = optax.chain(plane_floor(RHO), *_base())
+def _variants(
+  loss_of: Callable[[Any], jax.Array], c: BenchConfig, probe_batch_size: int | str | None
+) -> dict[str, tuple[Any, Callable[..., Any]]]:
+  base = _base(c)
+  sam = optax.chain(xsam_jax.sam(c.rho), *base)
+  floor = optax.chain(plane_floor(c.rho), *base)
   xs_probe = optax.chain(
-    xsam_jax.xsam(RHO, RHO_MAX, alpha_update_period=1, probe_batch_size=probe_batch_size), *_base()
+    xsam_jax.xsam(c.rho, c.rho_max, alpha_update_period=1, probe_batch_size=probe_batch_size), *base
   )
   xs_never = optax.chain(
-    xsam_jax.xsam(RHO, RHO_MAX, alpha_update_period=10**9, probe_batch_size=probe_batch_size), *_base()
+    xsam_jax.xsam(c.rho, c.rho_max, alpha_update_period=10**9, probe_batch_size=probe_batch_size), *base
   )
   contrib = optax.contrib.sam(
-    optax.chain(*_base()), optax.chain(optax.contrib.normalize(), optax.sgd(RHO)), sync_period=2, opaque_mode=True
+    optax.chain(*base), optax.chain(optax.contrib.normalize(), optax.sgd(c.rho)), sync_period=2, opaque_mode=True
   )
   grad_fn = lambda lo: {"grad_fn": jax.grad(lambda p, _: lo(p))}
   return {
-    "sgd": (optax.chain(*_base()), make_step(optax.chain(*_base()), loss_of, lambda lo: {})),
+    "sgd": (optax.chain(*base), make_step(optax.chain(*base), loss_of, lambda lo: {})),
     "sam": (sam, make_step(sam, loss_of)),
     "plane_floor": (floor, make_step(floor, loss_of)),
     "xsam_nonprobe": (xs_never, make_step(xs_never, loss_of)),
@@ -223,11 +169,9 @@ def _compile(fn, *args):
   return compiled, seconds, None if mem is None else mem["peak_bytes"]
 
 
-MICROBATCHES = 8
-"""``k`` of :func:`bench_microbatched`."""
-
-
-def bench_microbatched(params, loss_of, num_microbatches=MICROBATCHES):
+def bench_microbatched(
+  params: Any, loss_of: Any, c: BenchConfig, num_microbatches: int = MICROBATCHES
+) -> dict[str, dict[str, Any]]:
   """Memory of the full batch against ``xsam_jax.microbatched(loss, k)``: compiled, never run.
 
   For ``k = 1`` (the plain full-batch call) and ``k = num_microbatches``,
@@ -245,7 +189,7 @@ def bench_microbatched(params, loss_of, num_microbatches=MICROBATCHES):
     ``{"value_and_grad": {"k=1": {...}, "k=8": {...}, "temp_ratio": t8 / t1}, "sam_step": {...}}``.
   """
   loss, batch = loss_of.func, loss_of.keywords["batch"]
-  tx = optax.chain(xsam_jax.sam(RHO), *_base())
+  tx = optax.chain(xsam_jax.sam(c.rho), *_base(c))
   state = tx.init(params)
 
   def sam_step(loss_mb):
@@ -286,23 +230,25 @@ def _time_round_robin(calls: dict, repeats: int) -> dict:
   return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_steps(params, loss_of, repeats, probe_batch_size, compile_repeats=3):
-  """Step times (medians over ``repeats`` round-robin rounds) and compile times.
+def bench_steps(
+  params: Any, loss_of: Callable[[Any], jax.Array], c: BenchConfig, probe_batch_size: int | str | None = "auto"
+) -> dict[str, dict[str, Any]]:
+  """Step times (medians over ``c.repeats`` round-robin rounds) and compile times.
 
-  Compile times are medians over ``compile_repeats`` fresh compilations per
+  Compile times are medians over ``c.compile_repeats`` fresh compilations per
   variant, also taken round-robin, so that XLA's one-off warm-up and the
   machine's load do not fall on one variant.
   """
   out: dict[str, dict[str, Any]] = {}
   calls: dict[str, Callable[..., Any]] = {}
   jobs = {}
-  for name, (tx, step) in _variants(loss_of, probe_batch_size).items():
+  for name, (tx, step) in _variants(loss_of, c, probe_batch_size).items():
     state = tx.init(params)
     if name == "xsam_nonprobe":  # count=1: the call does not probe
       state = (state[0]._replace(count=jnp.ones([], jnp.int32)), *state[1:])
     jobs[name] = (step, state)
   compile_s: dict[str, list[float]] = {name: [] for name in jobs}
-  for _ in range(compile_repeats):
+  for _ in range(c.compile_repeats):
     for name, (step, state) in jobs.items():
       jax.clear_caches()  # else the repeat is a cache hit, not a compilation
       compiled, secs, peak = _compile(step, params, state)
@@ -312,30 +258,30 @@ def bench_steps(params, loss_of, repeats, probe_batch_size, compile_repeats=3):
   for name, call in calls.items():
     jax.block_until_ready(call())  # warm-up run
     out[name]["compile_s"] = statistics.median(compile_s[name])
-  medians = _time_round_robin(calls, repeats)
+  medians = _time_round_robin(calls, c.repeats)
   for name, entry in out.items():
     entry["median_s"] = medians[name]
   return out
 
 
-def bench_probes(params, loss_of, repeats, chunk_sizes):
-  """One probe round (21 forwards) with every strategy, timed side by side."""
+def bench_probes(params: Any, loss_of: Callable[[Any], jax.Array], c: BenchConfig) -> dict[str, dict[str, Any]]:
+  """One probe round (21 forwards) with every strategy (full vmap, ``lax.map`` of ``c.probe_chunks``, a loop)."""
   g0 = jax.grad(loss_of)(params)
-  trace = xsam_jax.ascent(loss_of, params, g0, rho=RHO, num_steps=1)
+  trace = xsam_jax.ascent(loss_of, params, g0, rho=c.rho, num_steps=1)
   v0, v1, theta, _ = xsam_jax.xsam_plane(trace.displacement, trace.grads[-1])
   alphas = jnp.asarray(xsam_jax.DEFAULT_ALPHAS, jnp.float32)
   out: dict[str, dict[str, Any]] = {}
   calls: dict[str, Callable[..., Any]] = {}
-  strategies = {"vmap": None, **{f"lax.map(batch_size={b})": b for b in chunk_sizes}}
+  strategies = {"vmap": None, **{f"lax.map(batch_size={b})": b for b in c.probe_chunks}}
   for name, bs in strategies.items():
-    fn = lambda p, bs=bs: xsam_jax.probe_losses(loss_of, p, v0, v1, theta, alphas, RHO_MAX, batch_size=bs)
+    fn = lambda p, bs=bs: xsam_jax.probe_losses(loss_of, p, v0, v1, theta, alphas, c.rho_max, batch_size=bs)
     compiled, secs, peak = _compile(fn, params)
     jax.block_until_ready(compiled(params))
     calls[name] = lambda c=compiled: c(params)
     out[name] = {"compile_s": secs, "peak_bytes": peak}
 
   def one_probe(p, a, b):
-    return loss_of(jax.tree.map(lambda w, x, y: w + RHO_MAX * (a * x + b * y), p, v0, v1))
+    return loss_of(jax.tree.map(lambda w, x, y: w + c.rho_max * (a * x + b * y), p, v0, v1))
 
   compiled, secs, peak = _compile(one_probe, params, jnp.float32(0), jnp.float32(1))
   coefs = [xsam_jax.slerp_coefficients(a, theta) for a in alphas]
@@ -346,7 +292,7 @@ def bench_probes(params, loss_of, repeats, chunk_sizes):
   jax.block_until_ready(loop())
   calls["python loop"] = loop
   out["python loop"] = {"compile_s": secs, "peak_bytes": peak}
-  medians = _time_round_robin(calls, repeats)
+  medians = _time_round_robin(calls, c.repeats)
   for name, entry in out.items():
     entry["median_s"] = medians[name]
   return out
@@ -378,64 +324,58 @@ def ratios(steps, probes, period=100):
   }
 
 
+COMMAND = config.Command(
+  BenchConfig,
+  prog="python -m experiments.bench",
+  description=__doc__ or "",
+  quick_help="tiny shapes and few repeats",
+  out=("results/bench", "results/bench"),
+)
+"""``python -m experiments.bench``'s command line: ``--quick``, a flag per :class:`BenchConfig` field, ``--out``."""
+
+
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--quick", action="store_true", help="tiny shapes and few repeats")
-  ap.add_argument("--repeats", type=int, default=None, help="timed rounds [15, or 3 with --quick]")
-  ap.add_argument(
-    "--compile-repeats", type=int, default=None, help="fresh compilations per step variant [3, or 1 with --quick]"
-  )
-  ap.add_argument(
-    "--wide", action=argparse.BooleanOptionalAction, default=True, help="compile times on wide trees [on]"
-  )
-  ap.add_argument("--out", default="results/bench")
-  ap.add_argument(
-    "--models", default=None, help="comma-separated subset of mlp, cnn, resnet18 [mlp,cnn; +resnet18 off CPU]"
-  )
-  args = ap.parse_args(argv)
-  batch, image = (16, 8) if args.quick else (128, 32)
-  repeats = args.repeats or (3 if args.quick else 15)
-  compile_repeats = args.compile_repeats or (1 if args.quick else 3)
-  builders = problems(args.quick)
-  names = (args.models or default_models()).split(",")
-  unknown = sorted(set(names) - set(builders))
-  if unknown:
-    ap.error(f"argument --models: unknown {unknown}; choose from {sorted(builders)}")
-  device = jax.devices()[0]
+  c, args, _ = COMMAND.parse(argv)
+  builders = problems(c.mlp_width, c.cnn_width)
   report: dict[str, Any] = {
-    "date": time.strftime("%Y-%m-%d"),
-    "device": f"{device.platform}: {getattr(device, 'device_kind', '')}",
-    "host": f"{platform.machine()}, {jax.device_count()} device(s), {__import__('os').cpu_count()} CPU cores",
-    "jax": jax.__version__,
-    "optax": optax.__version__,
-    "batch": batch,
-    "image": f"{image}x{image}x3",
-    "repeats": repeats,
-    "compile_repeats": compile_repeats,
+    **bench_report.header(),
+    "batch": c.batch,
+    "image": f"{c.image}x{c.image}x3",
+    "repeats": c.repeats,
+    "compile_repeats": c.compile_repeats,
     "models": {},
   }
-  for key in names:
-    params, loss_of = builders[key](batch, image)
+  for key in c.models or default_models():
+    params, loss_of = builders[key](c.batch, c.image)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    print(f"[bench] {key}: {n_params} params, batch {batch} of {image}x{image}x3", flush=True)
-    probes = bench_probes(params, loss_of, repeats, chunk_sizes=(1, 3, 7))
-    steps = bench_steps(params, loss_of, repeats, probe_batch_size="auto", compile_repeats=compile_repeats)
+    print(f"[bench] {key}: {n_params} params, batch {c.batch} of {c.image}x{c.image}x3", flush=True)
+    probes = bench_probes(params, loss_of, c)
+    steps = bench_steps(params, loss_of, c)
     report["models"][key] = {
       "params": n_params,
       "steps": steps,
       "probes": probes,
       "ratios": ratios(steps, probes),
-      "microbatched": bench_microbatched(params, loss_of),
+      "microbatched": bench_microbatched(params, loss_of, c),
     }
-  if args.wide:
+  if c.wide:
     from experiments import bench_wide  # imports this module's make_step
 
-    report["wide"] = bench_wide.run(args.quick, compile_repeats)
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "bench.json").write_text(json.dumps(report, indent=2))
-  print(format_table(report))
-  print(f"[bench] wrote {out / 'bench.json'}")
+    wide = bench_wide.WideConfig.quick() if args.quick else bench_wide.WideConfig.default()
+    report["wide"] = bench_wide.run(wide.replace(compile_repeats=c.compile_repeats))
+  if c.controls:
+    from experiments import bench_controls
+
+    report["controls"] = bench_controls.run(
+      bench_controls.ControlsConfig.quick() if args.quick else bench_controls.ControlsConfig.default()
+    )
+  if c.probe_memory:
+    from experiments import bench_probe_memory
+
+    report["probe_memory"] = bench_probe_memory.run(
+      bench_probe_memory.ProbeMemoryConfig.quick() if args.quick else bench_probe_memory.ProbeMemoryConfig.default()
+    )
+  bench_report.write(args.out, "bench.json", report, format_table(report))
   return report
 
 
@@ -463,6 +403,14 @@ def format_table(report: dict[str, Any]) -> str:
     from experiments import bench_wide
 
     lines.extend(bench_wide.format_rows(report["wide"]))
+  if "controls" in report:
+    from experiments import bench_controls
+
+    lines.extend(["", bench_controls.format_table({**report, **report["controls"]})])
+  if "probe_memory" in report:
+    from experiments import bench_probe_memory
+
+    lines.extend(["", *bench_probe_memory.format_rows(report["probe_memory"])])
   return "\n".join(lines)
 
 

@@ -24,12 +24,10 @@ The issue's bar: ``sam`` at most 1.5x and ``xsam`` at most 2x ``hand_sam``.
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -38,10 +36,27 @@ import numpy as np
 import optax
 
 import xsam_jax
-from experiments.bench import make_step
+from experiments import bench_report, config
+from experiments.bench import BenchConfig, make_step
+from experiments.config import setting
 
-RHO, RHO_MAX, LR = 0.05, 0.1, 0.05
+_BENCH = BenchConfig.default()
+RHO, RHO_MAX, LR = _BENCH.rho, _BENCH.rho_max, _BENCH.learning_rate
 BLOCK_LEAVES = ("ln1", "wq", "wk", "wv", "wo", "bo", "ln2", "w1", "b1", "w2", "b2", "gate")
+
+
+@dataclasses.dataclass(frozen=True)
+class WideConfig(config.StudyConfig):
+  """The trees compiled (the full bench; :meth:`quick` is the tests' small one)."""
+
+  leaves: tuple[int, ...] = setting((100, 200, 300), "leaf counts of the flat trees", low=1)
+  blocks: int = setting(16, "residual blocks of the transformer-shaped tree (12 leaves each)", low=1)
+  compile_repeats: int = setting(3, "fresh compilations per variant", low=1)
+
+  @classmethod
+  def quick(cls) -> WideConfig:
+    """Flat trees of 10 and 20 leaves, 2 blocks."""
+    return cls(leaves=(10, 20), blocks=2)
 
 
 def flat_problem(n: int, seed: int = 0) -> tuple[dict[str, jax.Array], Callable[[Any], jax.Array]]:
@@ -153,18 +168,18 @@ def _with_ratios(seconds: dict[str, float], leaves: int) -> dict[str, Any]:
   }
 
 
-def run(quick: bool, compile_repeats: int) -> dict[str, Any]:
+def run(c: WideConfig) -> dict[str, Any]:
   """The wide-tree report: the flat tree at several leaf counts and the transformer-shaped tree."""
-  counts = (10, 20) if quick else (100, 200, 300)
+  counts = c.leaves
   out: dict[str, Any] = {"flat": {}}
   for n in counts:
     params, loss_of = flat_problem(n)
     print(f"[bench] wide flat tree: {n} leaves", flush=True)
-    out["flat"][str(n)] = _with_ratios(compile_times(params, loss_of, compile_repeats), n)
-  params, loss_of = transformer_problem(blocks=2 if quick else 16)
+    out["flat"][str(n)] = _with_ratios(compile_times(params, loss_of, c.compile_repeats), n)
+  params, loss_of = transformer_problem(blocks=c.blocks)
   leaves = len(jax.tree.leaves(params))
   print(f"[bench] wide transformer: {leaves} leaves", flush=True)
-  out["transformer"] = _with_ratios(compile_times(params, loss_of, compile_repeats), leaves)
+  out["transformer"] = _with_ratios(compile_times(params, loss_of, c.compile_repeats), leaves)
   first, last = out["flat"][str(counts[0])], out["flat"][str(counts[-1])]
   # Growth of compile time from the fewest to the most leaves, per variant, against the leaf ratio.
   out["flat_growth"] = {name: last["compile_s"][name] / first["compile_s"][name] for name in first["compile_s"]} | {
@@ -192,20 +207,21 @@ def format_rows(wide: dict[str, Any]) -> list[str]:
   return rows
 
 
+COMMAND = config.Command(
+  WideConfig,
+  prog="python -m experiments.bench_wide",
+  description=__doc__ or "",
+  quick_help="10 and 20 leaves, 2 blocks",
+  out=("results/bench", "results/bench"),
+)
+"""``python -m experiments.bench_wide``'s command line: ``--quick``, a flag per :class:`WideConfig` field, ``--out``."""
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """``python -m experiments.bench_wide [--quick] [--compile-repeats N] [--out DIR]``: writes ``wide.json``."""
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--quick", action="store_true", help="10 and 20 leaves, 2 blocks")
-  ap.add_argument("--compile-repeats", type=int, default=3, help="fresh compilations per variant [3]")
-  ap.add_argument("--out", default="results/bench")
-  args = ap.parse_args(argv)
-  if args.compile_repeats < 1:
-    ap.error("argument --compile-repeats: must be an integer >= 1")
-  report = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, **run(args.quick, args.compile_repeats)}
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "wide.json").write_text(json.dumps(report, indent=2))
-  print("\n".join(format_rows(report)))
+  c, args, _ = COMMAND.parse(argv)
+  report = {**bench_report.header(), **run(c)}
+  bench_report.write(args.out, "wide.json", report, "\n".join(format_rows(report)))
   return report
 
 

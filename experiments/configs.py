@@ -3,8 +3,9 @@
 One frozen dataclass holds every hyperparameter of one run (one method, one
 seed); the study in ``experiments.train`` varies ``method`` and ``seed``.
 Fields left as ``None`` (or ``"auto"``) are resolved from the data set and
-model by ``experiments.trainer.resolve``, so a configuration printed into the results JSON is always
-the complete one that ran.
+model by ``experiments.checks.resolve``, so a configuration printed into the results JSON is
+always the complete one that ran. Its fields, their ranges and flags are declared with
+``experiments.config.setting``.
 """
 
 from __future__ import annotations
@@ -13,94 +14,107 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable
-from typing import Any
+
+from experiments.config import StudyConfig, setting
+from experiments.models import MODELS
+
+MAX_SEED = 2**32 - 1
+"""Seeds above it would repeat others' initialisations (JAX keys take 32 bits)."""
+
+_DATA, _OPT, _RUN = "data and model", "optimization", "training run"
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(StudyConfig):
   """Hyperparameters of one training run.
 
-  Attributes:
-    dataset: ``mnist1d`` (generated locally, the default), ``digits``
-      (scikit-learn) or a tensorflow-datasets name such as ``cifar10``.
-    data_dir: cache for MNIST-1D and the tensorflow-datasets ``data_dir``.
-    model: ``mlp``, ``cnn1d``, ``cnn2d`` or ``resnet18``; None picks the
-      data set's default (``cnn1d`` for MNIST-1D, ``cnn2d`` for images).
-    width: base width (channels or hidden units) of the small models.
-    batch_norm: add BatchNorm to the MLP / 1-D CNN (the 2-D CNN and
-      ResNet-18 always have it).
-    method: optimizer name in ``experiments.methods.METHODS`` (``sgd``,
-      ``sam``, ``xsam``, ...).
-    seed: initialisation and data-order seed.
-    epochs: training epochs.
-    batch_size: training batch size (the last partial batch is dropped).
-    eval_batch_size: evaluation batch size (the last batch is padded; with
-      ``devices > 1`` rounded up to a multiple of ``devices``, the extra
-      rows being padding, so it need not divide).
-    learning_rate: peak learning rate of the cosine schedule.
-    momentum: SGD momentum.
-    weight_decay: decoupled from the loss, applied by
-      ``optax.add_decayed_weights`` before the SGD step.
-    rho: ascent radius of SAM / XSAM.
-    rho_max: XSAM's probe radius; None means ``2 * rho``.
-    num_steps: ascent steps K.
-    alpha_update_period: XSAM's probe period in steps; None means one
-      epoch (the paper's schedule).
-    probe_batch_size: XSAM probes evaluated at a time (``jax.lax.map``);
-      None evaluates all in one ``jax.vmap``. The string ``"auto"`` picks
-      None for the MLP and 1 for conv nets (vmap of convs is slow on CPU).
-    train_subset: if set, train on only the first this many examples.
-    test_subset: if set, evaluate on only the first this many examples.
-    augment: random crop (padding 4) and horizontal flip; None means on for
-      image data sets from tensorflow-datasets.
-    checkpoint_every: save a checkpoint every this many epochs; one is
-      always saved after the last epoch and when stopping early (0: only
-      then). Checkpoints need a workdir.
-    stop_after_epochs: stop this invocation after this many epochs have
-      been completed in total (simulates a preemption; resume by running
-      again). Not part of the run's identity.
-    devices: train data-parallel over the first this many of
-      ``jax.devices()``: a 1-D mesh, the batch sharded along its leading
-      axis, parameters and optimizer state replicated, the same jitted step
-      (global semantics: equal to one device up to the order of float
-      reductions). ``batch_size`` must be divisible by it. 1 (the default)
-      places nothing explicitly, exactly as before the option existed.
-    alphas: XSAM's alpha grid as a tuple of floats; None is the paper's
-      0.0, 0.1, ..., 2.0 (``xsam_jax.DEFAULT_ALPHAS``).
-    alpha_refinement: XSAM's sub-grid refinement (``None`` or
-      ``"parabola"``, see ``xsam_jax.xsam``).
+  Each field's ``help`` (``python -m experiments.train --help``) says what it
+  is and the range :class:`~experiments.config.StudyConfig` checks it against.
+  ``method`` and ``seed`` have no flag: the study sets them per run.
+  ``devices`` is checked against the machine by
+  ``experiments.checks.check_devices``: a 1-D mesh over the first N of
+  ``jax.devices()``, the batch sharded along its leading axis, parameters and
+  optimizer state replicated, the same jitted step (global semantics: equal to
+  one device up to the order of float reductions); 1 places nothing explicitly.
   """
 
-  dataset: str = "mnist1d"
-  data_dir: str = "./data_cache"
-  model: str | None = None
-  width: int = 32
-  batch_norm: bool = False
-  method: str = "sgd"
-  seed: int = 0
-  epochs: int = 60
-  batch_size: int = 100
-  eval_batch_size: int = 1000
-  learning_rate: float = 0.05
-  momentum: float = 0.9
-  weight_decay: float = 5e-4
-  rho: float = 0.1
-  rho_max: float | None = None
-  num_steps: int = 1
-  alpha_update_period: int | None = None
-  probe_batch_size: int | str | None = "auto"
-  train_subset: int | None = None
-  test_subset: int | None = None
-  augment: bool | None = None
-  checkpoint_every: int = 10
-  stop_after_epochs: int | None = None
-  devices: int = 1
-  alphas: tuple | None = None
-  alpha_refinement: str | None = None
+  dataset: str = setting(
+    "mnist1d",
+    "mnist1d (generated locally), digits (scikit-learn), or a tensorflow-datasets name (cifar10, ...)",
+    group=_DATA,
+  )
+  data_dir: str = setting("./data_cache", "MNIST-1D cache / tensorflow-datasets data_dir", group=_DATA)
+  model: str | None = setting(
+    None, "mlp, cnn1d, cnn2d, resnet18 or auto [by data set]", words={"auto": None}, choices=MODELS, group=_DATA
+  )
+  width: int = setting(32, "base width (channels or hidden units) of the small models", low=1, group=_DATA)
+  batch_norm: bool = setting(False, "BatchNorm in the MLP / 1-D CNN (the others always have it)", group=_DATA)
+  method: str = setting("sgd", "optimizer name in experiments.methods.METHODS", flag=None)
+  seed: int = setting(0, "initialisation and data-order seed", flag=None, low=0, high=MAX_SEED)
+  epochs: int = setting(60, "training epochs", low=1, group=_OPT)
+  batch_size: int = setting(100, "training batch size, at most the training examples", low=1, group=_OPT)
+  eval_batch_size: int = setting(
+    1000,
+    "evaluation batch size (the last batch is padded; with --devices N rounded up to a multiple of N)",
+    low=1,
+    group=_RUN,
+  )
+  learning_rate: float = setting(
+    0.05, "peak learning rate (cosine schedule)", flag="lr", low=0, low_open=True, group=_OPT
+  )
+  momentum: float = setting(0.9, "SGD momentum", low=0, high=1, high_open=True, group=_OPT)
+  weight_decay: float = setting(5e-4, "decoupled weight decay (optax.add_decayed_weights)", low=0, group=_OPT)
+  rho: float = setting(0.1, "ascent radius", low=0, low_open=True, group=_OPT)
+  rho_max: float | None = setting(None, "XSAM probe radius [none: 2 * rho]", low=0, low_open=True, group=_OPT)
+  num_steps: int = setting(1, "ascent steps K", low=1, group=_OPT)
+  alpha_update_period: int | None = setting(
+    None, "XSAM probe period in steps [none: one epoch, the paper's schedule]", low=1, group=_OPT
+  )
+  probe_batch_size: int | str | None = setting(
+    "auto",
+    "XSAM probes at a time (jax.lax.map); none: one jax.vmap; auto: none for the MLP, 1 for conv nets",
+    low=1,
+    words={"auto": "auto"},
+    group=_OPT,
+  )
+  train_subset: int | None = setting(None, "use the first N training examples [none: all]", low=1, group=_DATA)
+  test_subset: int | None = setting(None, "use the first N test examples [none: all]", low=1, group=_DATA)
+  augment: bool | None = setting(
+    None, "random crop (padding 4) + horizontal flip [none: on for tensorflow-datasets images]", group=_DATA
+  )
+  checkpoint_every: int = setting(
+    10, "epochs between checkpoints (one is always saved after the last epoch; 0: only then)", low=0, group=_RUN
+  )
+  stop_after_epochs: int | None = setting(
+    None, "stop after this many epochs in total (simulated preemption; re-run to resume)", low=1, group=_RUN
+  )
+  devices: int = setting(
+    1,
+    "data parallel over the first N of jax.devices(): batch sharded, params replicated "
+    "(N must divide --batch-size; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)",
+    group=_RUN,
+  )
+  alphas: tuple[float, ...] | None = setting(
+    None, "XSAM's alpha grid [none: 0.0, 0.1, ..., 2.0, xsam_jax.DEFAULT_ALPHAS]", group=_OPT
+  )
+  alpha_refinement: str | None = setting(
+    None, "XSAM's sub-grid alpha refinement (see xsam_jax.xsam)", choices=("parabola",), group=_OPT
+  )
 
-  def replace(self, **changes: Any) -> TrainConfig:
-    """A copy with ``changes`` applied."""
-    return dataclasses.replace(self, **changes)
+  @classmethod
+  def default(cls) -> TrainConfig:
+    """The default study: 1-D CNN on MNIST-1D, 60 epochs, batch 100.
+
+    Scaled-down paper settings (docs/algorithm.md): SGD momentum 0.9, lr 0.05 with a
+    cosine schedule, weight decay 5e-4, rho 0.1, rho_max = 2 rho, alpha
+    probed once per epoch (40 steps).
+    """
+    return cls()
+
+  @classmethod
+  def quick(cls) -> TrainConfig:
+    """A smoke-test configuration that runs in seconds (tiny subset, 1 epoch)."""
+    return cls(epochs=1, width=8, batch_size=32, train_subset=512, test_subset=256, checkpoint_every=1)
 
   def to_dict(self) -> dict:
     """The fields as a JSON-serialisable dict."""
@@ -129,25 +143,3 @@ class TrainConfig:
         del ident[key]
     blob = json.dumps(ident, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
-
-
-def default_config() -> TrainConfig:
-  """The default study: 1-D CNN on MNIST-1D, 60 epochs, batch 100.
-
-  Scaled-down paper settings (docs/algorithm.md): SGD momentum 0.9, lr 0.05 with a
-  cosine schedule, weight decay 5e-4, rho 0.1, rho_max = 2 rho, alpha
-  probed once per epoch (40 steps).
-  """
-  return TrainConfig()
-
-
-def quick_config() -> TrainConfig:
-  """A smoke-test configuration that runs in seconds (tiny subset, 1 epoch)."""
-  return TrainConfig(
-    epochs=1,
-    width=8,
-    batch_size=32,
-    train_subset=512,
-    test_subset=256,
-    checkpoint_every=1,
-  )

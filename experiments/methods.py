@@ -1,95 +1,131 @@
-"""The optimizers of the study, by name, and the full optax chain.
+"""The sharpness-aware methods of the studies, by name: one builder for every study.
 
-Every run uses the same chain around the method's transformation:
+:func:`build` makes a method's transformation from its name and
+hyperparameters, ``build("xsam", rho=0.1, rho_max=0.2, num_steps=2)``, and
+:func:`chain` puts it in front of a study's base optimizer; every study (the
+main job, ``experiments.toy2d``, ``experiments.sharpness_study``) builds its
+optimizers with them. The main job's chain (:func:`make_optimizer`) is
 
     optax.chain(method_tx, optax.add_decayed_weights(wd),
                 optax.sgd(cosine_schedule, momentum=0.9))
 
-``sgd`` has no ``method_tx``. :data:`METHODS` maps a name to a builder
-``config -> GradientTransformation``; a new method is one line there, plus
-the hyperparameters it reads in ``_USES`` (:func:`used_fields`: a run's
-identity includes only those). A name not in the table that ``xsam_jax``
-exports (e.g. a multi-step relative added later) is built generically as
-``xsam_jax.<name>(rho, num_steps=K)``.
+``sgd`` has no ``method_tx``. :data:`METHODS` maps a name to its
+:class:`Method`: the ``xsam_jax`` factory, the hyperparameters it reads (a
+run's identity includes only those, :func:`used_fields`) and fixed keyword
+arguments; a new method is one line there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import inspect
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import optax
 
 import xsam_jax
-from experiments.configs import TrainConfig
+
+if TYPE_CHECKING:
+  from experiments.configs import TrainConfig
 
 
-def _xsam(c: TrainConfig) -> optax.GradientTransformationExtraArgs:
-  if c.rho_max is None:
-    raise ValueError("`rho_max` is None: resolve the configuration first (trainer.resolve).")
-  return xsam_jax.xsam(
-    c.rho,
-    c.rho_max,
-    num_steps=c.num_steps,
-    alpha_update_period=c.alpha_update_period,
-    probe_batch_size=c.probe_batch_size,
-    alphas=xsam_jax.DEFAULT_ALPHAS if c.alphas is None else c.alphas,
-    alpha_refinement=c.alpha_refinement,
-  )
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """How to build one method.
 
+  Attributes:
+    factory: the ``xsam_jax`` constructor.
+    reads: the hyperparameters (of :data:`METHOD_FIELDS`) it is passed, by keyword.
+    fixed: further keyword arguments that make the variant (``plus=True``, ...).
+  """
 
-METHODS: dict[str, Callable[[TrainConfig], optax.GradientTransformation] | None] = {
-  "sgd": None,
-  "sam": lambda c: xsam_jax.sam(c.rho, num_steps=c.num_steps),
-  "xsam": _xsam,
-}
-"""Name -> builder of the sharpness-aware transformation (None: plain SGD)."""
+  factory: Callable[..., optax.GradientTransformationExtraArgs]
+  reads: tuple[str, ...]
+  fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
 
 METHOD_FIELDS = ("rho", "rho_max", "num_steps", "alpha_update_period", "probe_batch_size", "alphas", "alpha_refinement")
-"""The :class:`TrainConfig` fields read only by a method's transformation (plain SGD reads none)."""
-
-_USES: dict[str, tuple[str, ...]] = {"sgd": (), "sam": ("rho", "num_steps"), "xsam": METHOD_FIELDS}
+"""The hyperparameters a method can read (:class:`~experiments.configs.TrainConfig` fields; plain SGD reads none)."""
 
 _K = ("rho", "num_steps")
-_FAMILY = {
-  # name: (xsam_jax attribute it needs, the fields it reads, builder)
-  "asam": ("sam", _K, lambda c: xsam_jax.sam(c.rho, num_steps=c.num_steps, adaptive=True)),
-  "msam": ("msam", _K, lambda c: xsam_jax.msam(c.rho, num_steps=c.num_steps)),
-  "msam_plus": ("msam", _K, lambda c: xsam_jax.msam(c.rho, num_steps=c.num_steps, plus=True)),
-  "lsam": ("lsam", _K, lambda c: xsam_jax.lsam(c.rho, num_steps=c.num_steps)),
-  "lsam_plus": ("lsam", _K, lambda c: xsam_jax.lsam(c.rho, num_steps=c.num_steps, plus=True)),
-  "vasso": ("vasso", ("rho",), lambda c: xsam_jax.vasso(c.rho)),
+
+METHODS: dict[str, Method | None] = {
+  "sgd": None,
+  "sam": Method(xsam_jax.sam, _K),
+  "xsam": Method(xsam_jax.xsam, METHOD_FIELDS),
+  "asam": Method(xsam_jax.sam, _K, {"adaptive": True}),
+  "msam": Method(xsam_jax.msam, _K),
+  "msam_plus": Method(xsam_jax.msam, _K, {"plus": True}),
+  "lsam": Method(xsam_jax.lsam, _K),
+  "lsam_plus": Method(xsam_jax.lsam, _K, {"plus": True}),
+  "vasso": Method(xsam_jax.vasso, ("rho",)),
+  "eigen_sam": Method(xsam_jax.eigen_sam, _K),
+  # The library's defaults for the rest: alpha 0.4; gamma 0.9, coupled (the chain's SGD follows); sigma 1, lmbda 0.6;
+  # LookSAM's k 5, alpha 0.7.
+  "gsam": Method(xsam_jax.gsam, ("rho",)),
+  "wsam": Method(xsam_jax.wsam, ("rho",)),
+  "friendly_sam": Method(xsam_jax.friendly_sam, ("rho",)),
+  "looksam": Method(xsam_jax.looksam, ("rho",)),
 }
-for _name, (_needs, _fields, _build) in _FAMILY.items():
-  if hasattr(xsam_jax, _needs):
-    METHODS[_name] = _build
-    _USES[_name] = _fields
-
-# Of METHOD_FIELDS, those the generic builder passes on when the factory takes them (rho always).
-_GENERIC_FIELDS = ("num_steps", "rho_max", "alpha_update_period")
-
-
-def _generic(name: str, c: TrainConfig) -> optax.GradientTransformation:
-  factory = getattr(xsam_jax, name)
-  kwargs: dict[str, Any] = {}
-  params = inspect.signature(factory).parameters
-  for field in _GENERIC_FIELDS:
-    if field in params:
-      kwargs[field] = getattr(c, field)
-  try:
-    tx = factory(c.rho, **kwargs)
-  except TypeError as e:
-    raise ValueError(f"xsam_jax.{name} is not an optax transformation factory taking rho: {e}") from e
-  if not isinstance(tx, optax.GradientTransformation):
-    raise ValueError(f"xsam_jax.{name}(rho) returned a {type(tx).__name__}, not an optax transformation")
-  return tx
+"""Name -> how to build its sharpness-aware transformation (None: plain SGD)."""
 
 
 def is_known(name: str) -> bool:
-  """Whether :func:`method_transform` can try to build ``name``."""
-  return name in METHODS or callable(getattr(xsam_jax, name, None))
+  """Whether ``name`` is a method of :data:`METHODS`."""
+  return name in METHODS
+
+
+def _method(name: str) -> Method | None:
+  if name not in METHODS:
+    raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+  return METHODS[name]
+
+
+def build(name: str, **hyperparameters: Any) -> optax.GradientTransformationExtraArgs | None:
+  """The sharpness-aware transformation of method ``name`` (None for ``sgd``).
+
+  Args:
+    name: a key of :data:`METHODS`.
+    **hyperparameters: values of :data:`METHOD_FIELDS` (they may be traced);
+      each method takes those it reads and ignores the others, and one left
+      out gets the ``xsam_jax`` default.
+
+  Raises:
+    ValueError: for an unknown name or hyperparameter, and for values the
+      ``xsam_jax`` constructor rejects (naming the argument).
+  """
+  method = _method(name)
+  unknown = sorted(set(hyperparameters) - set(METHOD_FIELDS))
+  if unknown:
+    raise ValueError(f"unknown hyperparameters {unknown}; methods read {', '.join(METHOD_FIELDS)}")
+  if method is None:
+    return None
+  return method.factory(**method.fixed, **{k: v for k, v in hyperparameters.items() if k in method.reads})
+
+
+def chain(
+  name: str, *base: optax.GradientTransformation, **hyperparameters: Any
+) -> optax.GradientTransformationExtraArgs:
+  """``optax.chain(build(name, **hyperparameters), *base)``: the method first, on the raw gradient."""
+  return _chain(build(name, **hyperparameters), base)
+
+
+def _chain(
+  method_tx: optax.GradientTransformation | None, base: tuple[optax.GradientTransformation, ...]
+) -> optax.GradientTransformationExtraArgs:
+  return optax.chain(*([] if method_tx is None else [method_tx]), *base)
+
+
+def sgd_base(
+  learning_rate: float, momentum: float, weight_decay: float, total_steps: int
+) -> tuple[optax.GradientTransformation, ...]:
+  """The studies' base optimizer: decoupled weight decay, then SGD with momentum and a cosine schedule.
+
+  The learning rate follows ``lr * (1 + cos(pi t / T)) / 2`` over ``T = total_steps``.
+  """
+  schedule = optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
+  return optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum=momentum)
 
 
 def used_fields(name: str) -> frozenset[str]:
@@ -99,17 +135,10 @@ def used_fields(name: str) -> frozenset[str]:
   of them, so e.g. changing ``rho`` never retrains SGD.
 
   Raises:
-    ValueError: for a name :func:`is_known` does not know.
+    ValueError: for an unknown name.
   """
-  if name in _USES:
-    return frozenset(_USES[name])
-  if not is_known(name):
-    raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)} or an xsam_jax transformation")
-  try:
-    params = inspect.signature(getattr(xsam_jax, name)).parameters
-  except (TypeError, ValueError):
-    params = {}  # type: ignore[assignment]
-  return frozenset(("rho", *(f for f in _GENERIC_FIELDS if f in params)))
+  method = _method(name)
+  return frozenset(() if method is None else method.reads)
 
 
 def unused_fields(name: str) -> frozenset[str]:
@@ -117,36 +146,31 @@ def unused_fields(name: str) -> frozenset[str]:
   return frozenset(METHOD_FIELDS) - used_fields(name)
 
 
-def method_transform(config: TrainConfig) -> optax.GradientTransformation | None:
+def method_transform(config: TrainConfig) -> optax.GradientTransformationExtraArgs | None:
   """The sharpness-aware transformation of ``config.method`` (None for SGD).
 
-  The ``xsam_jax`` constructors validate their hyperparameters, so building
-  the transformation checks them (``ValueError`` naming the argument).
+  ``config.alphas`` None is the library's default grid.
 
   Raises:
-    ValueError: for a name neither in :data:`METHODS` nor in ``xsam_jax``,
-      for a name in ``xsam_jax`` that does not build an optax
-      transformation, and for hyperparameters the constructor rejects.
+    ValueError: for an unknown method, an unresolved ``rho_max`` that the
+      method reads, and hyperparameters the ``xsam_jax`` constructor
+      rejects (naming the argument).
   """
-  name = config.method
-  if name in METHODS:
-    builder = METHODS[name]
-    return None if builder is None else builder(config)
-  if is_known(name):
-    return _generic(name, config)
-  raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)} or an xsam_jax transformation")
+  if config.rho_max is None and "rho_max" in used_fields(config.method):
+    raise ValueError("`rho_max` is None: resolve the configuration first (experiments.checks.resolve).")
+  hyperparameters = {f: getattr(config, f) for f in METHOD_FIELDS if f != "alphas" or config.alphas is not None}
+  return build(config.method, **hyperparameters)
 
 
 def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
   """The full chain for ``config``, cosine-decayed over ``total_steps``.
 
-  The learning rate follows ``lr * (1 + cos(pi t / T)) / 2``. Runs that differ
-  only in fields that do not enter the optimizer (seed, data dir,
-  checkpointing) get the very same transformation object, hence an equal
+  Runs that differ only in fields that do not enter the optimizer (seed, data
+  dir, checkpointing) get the very same transformation object, hence an equal
   NNX ``GraphDef`` and one compiled train step for all seeds.
 
   Args:
-    config: a resolved :class:`TrainConfig` (``rho_max`` etc. filled in).
+    config: a resolved :class:`~experiments.configs.TrainConfig` (``rho_max`` etc. filled in).
     total_steps: number of optimizer steps of the whole run.
 
   Returns:
@@ -158,11 +182,5 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
 
 @functools.lru_cache(maxsize=32)
 def _make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-  schedule = optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1))
-  method_tx = method_transform(config)
-  parts = [] if method_tx is None else [method_tx]
-  parts += [
-    optax.add_decayed_weights(config.weight_decay),
-    optax.sgd(schedule, momentum=config.momentum),
-  ]
-  return optax.chain(*parts)
+  base = sgd_base(config.learning_rate, config.momentum, config.weight_decay, total_steps)
+  return _chain(method_transform(config), base)

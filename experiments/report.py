@@ -7,6 +7,10 @@
 - ``<method>_alpha_theta.png`` for every method that logs ``alpha`` (XSAM):
   alpha and the angle theta between v0 = d_K/|d_K| and v1 = g_K/|g_K| over
   training (the XSAM paper's Fig. 2 analogue).
+- ``sharpness.png`` when sharpness-aware methods ran: per method, the clean
+  training loss L(w) and the loss at the ascent point L(w + d_K) (every
+  method's state keeps it as ``perturbed_loss``, at no extra cost) per
+  epoch, and their difference, the sharpness the method minimizes.
 
 A diverged run (a non-finite loss at its last epoch, :func:`diverged`) is a
 result, not an error: the table says "diverged" for it and leaves it out of
@@ -30,6 +34,7 @@ import numpy as np
 
 RESULTS_FILE = "results.json"
 ACCURACY_PNG = "accuracy.png"
+SHARPNESS_PNG = "sharpness.png"
 
 
 def diverged(history: dict) -> bool:
@@ -132,6 +137,29 @@ def alpha_summary(study: dict, last: int = 10) -> str:
   return "\n".join(lines)
 
 
+def _finite_mean(values: Any) -> float:
+  """The mean of the finite values (NaN if there are none)."""
+  v = _finite(values)
+  v = v[np.isfinite(v)]
+  return float(v.mean()) if v.size else math.nan
+
+
+def sharpness_summary(study: dict) -> str:
+  """One line per method logging ``sharpness`` (L(w + d_K) - L(w), epoch means): first and last epoch, seed mean."""
+  lines = []
+  for name, entry in study["methods"].items():
+    hists = [h for h in entry["histories"] if h.get("sharpness")]
+    if not hists:
+      continue
+    first, last = (_finite_mean([h["sharpness"][i] for h in hists]) for i in (0, -1))
+    loss = _finite_mean([h["train_loss"][-1] for h in hists])
+    lines.append(
+      f"{name}: L(w + d) - L(w) {first:.4f} in the first epoch, {last:.4f} in the last "
+      f"(clean training loss {loss:.4f} there)"
+    )
+  return "\n".join(lines)
+
+
 def _machine() -> dict:
   import jax
 
@@ -161,6 +189,7 @@ def write_json(study: dict, path: str, *, command: list | None = None) -> dict:
     "table": table(study),
     "paired_differences": paired_differences(study),
     "alpha_summary": alpha_summary(study),
+    "sharpness_summary": sharpness_summary(study),
     "methods": {
       name: {**entry, "diverged": [diverged(h) for h in entry["histories"]]} for name, entry in study["methods"].items()
     },
@@ -235,6 +264,37 @@ def plot_accuracy(study: dict, path: str) -> None:
   plt.close(fig)
 
 
+def plot_sharpness(study: dict, path: str) -> None:
+  """Clean and perturbed training loss per epoch (left) and their difference (right), mean over seeds."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (ax_loss, ax_gap) = plt.subplots(1, 2, figsize=(11, 4))
+  for name, entry in study["methods"].items():
+    hs = [h for h in entry["histories"] if h.get("sharpness")]
+    if not hs:
+      continue
+    x, clean, _ = _mean_std([h["train_loss"] for h in hs])
+    (line,) = ax_loss.plot(x, clean, lw=1.2, label=f"{name}: L(w)")
+    _, perturbed, _ = _mean_std([h["perturbed_loss"] for h in hs])
+    ax_loss.plot(x, perturbed, lw=1.2, ls="--", color=line.get_color(), label=f"{name}: L(w + d)")
+    x, gap, s = _mean_std([h["sharpness"] for h in hs])
+    ax_gap.plot(x, gap, lw=1.2, color=line.get_color(), label=name)
+    ax_gap.fill_between(x, gap - s, gap + s, color=line.get_color(), alpha=0.2, lw=0)
+  if any(line.get_ydata().size and np.nanmin(line.get_ydata()) > 0 for line in ax_loss.get_lines()):
+    ax_loss.set_yscale("log")
+  ax_loss.set(xlabel="epoch", ylabel="training loss (epoch mean)", title="clean and perturbed loss")
+  ax_gap.set(xlabel="epoch", ylabel="L(w + d) - L(w)", title="sharpness being minimized (perturbed_loss - loss)")
+  for ax in (ax_loss, ax_gap):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def plot_alpha_theta(name: str, entry: dict, path: str) -> None:
   """Alpha and theta over training, per seed (more than 4 seeds: thin lines and their mean).
 
@@ -296,10 +356,14 @@ def write_report(study: dict, output_dir: str, *, command: list | None = None) -
       path = os.path.join(output_dir, f"{name}_alpha_theta.png")
       plot_alpha_theta(name, entry, path)
       pngs.append(path)
+  if any(h.get("sharpness") for entry in study["methods"].values() for h in entry["histories"]):
+    pngs.append(os.path.join(output_dir, SHARPNESS_PNG))
+    plot_sharpness(study, pngs[-1])
   return {
     "json": json_path,
     "pngs": pngs,
     "table": doc["table"],
     "paired_differences": doc["paired_differences"],
     "alpha_summary": doc["alpha_summary"],
+    "sharpness_summary": doc["sharpness_summary"],
   }

@@ -13,9 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from experiments import checks, trainer
 from experiments import data as data_lib
-from experiments import methods as methods_lib
-from experiments import trainer
 from experiments.configs import TrainConfig
 
 
@@ -58,13 +57,13 @@ def run_study(
     count is recorded in every ``config`` (``devices``).
 
   Raises:
-    ValueError: for an unknown method or a ``base.devices`` this machine or
-      batch size cannot take (before any data is loaded).
+    experiments.config.ConfigError: (a ``ValueError``) for anything
+      :func:`experiments.checks.check_study` rejects: an unknown or repeated
+      method, hyperparameters a method's constructor rejects, a data set,
+      model, batch size or ``base.devices`` the study cannot take (before any
+      data is loaded).
   """
-  for name in method_names:
-    if not methods_lib.is_known(name):
-      raise ValueError(f"unknown method {name!r}; known: {sorted(methods_lib.METHODS)}")
-  trainer.check_devices(base.devices, base.batch_size)
+  checks.check_study(base, method_names)
   start = time.perf_counter()
   data = data_lib.load_dataset(base.dataset, base.data_dir, download=download)
   results, completed = {}, True

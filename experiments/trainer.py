@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import shutil
 import time
-from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
 import jax
@@ -43,10 +41,12 @@ from tqdm.auto import tqdm
 from experiments import checkpoint as ckpt_lib
 from experiments import data as data_lib
 from experiments import methods, models
+from experiments.checks import check_devices, resolve
 from experiments.configs import TrainConfig
 
-DIAGNOSTICS = ("alpha", "theta", "grad_norm")
-"""Scalar fields of a method's optax state logged every step when present."""
+DIAGNOSTICS = ("alpha", "theta", "grad_norm", "perturbed_loss")
+"""Scalar fields of a method's optax state logged every step when present (with ``perturbed_loss``, also
+``sharpness = perturbed_loss - loss``, the sharpness the method minimizes)."""
 
 DATA_AXIS = "data"
 """Name of the mesh axis the batch is sharded along when ``devices > 1``."""
@@ -66,63 +66,6 @@ class DataParallel(NamedTuple):
   batch: NamedSharding
 
 
-class ConfigError(ValueError):
-  """A configuration value the study cannot run with, found before training.
-
-  Attributes:
-    field: the offending :class:`TrainConfig` field (``"method"`` for a
-      method name or a method's other complaint, ``"dataset"`` for the data
-      set's name).
-    detail: what is wrong with it, without the field's name (so a command
-      line can prefix its own flag name).
-  """
-
-  def __init__(self, field: str, detail: str) -> None:
-    super().__init__(f"{field} {detail}")
-    self.field = field
-    self.detail = detail
-
-
-class DeviceCountError(ConfigError):
-  """A data-parallel device count this machine or batch size cannot take.
-
-  Attributes:
-    field: the offending setting, ``"devices"`` or ``"batch_size"``.
-    detail: what is wrong with it, without the setting's name (so a command
-      line can prefix its own flag name).
-  """
-
-
-def check_devices(devices: int, batch_size: int) -> None:
-  """Validates a data-parallel device count against the machine and the batch.
-
-  Args:
-    devices: the requested number of devices.
-    batch_size: the training batch size, split evenly across the devices.
-
-  Raises:
-    DeviceCountError: (a ``ValueError``) if ``devices`` is not an integer in
-      ``[1, len(jax.devices())]`` (field ``"devices"``) or does not divide
-      ``batch_size`` (field ``"batch_size"``).
-  """
-  available = len(jax.devices())
-  if isinstance(devices, bool) or not isinstance(devices, (int, np.integer)) or not 1 <= devices <= available:
-    hint = ""
-    if isinstance(devices, (int, np.integer)) and devices > available and jax.default_backend() == "cpu":
-      hint = "; on a CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N before starting"
-    raise DeviceCountError(
-      "devices",
-      f"must be an integer between 1 and {available} (the number of jax.devices() on this "
-      f"{jax.default_backend()} backend), got {devices!r}{hint}",
-    )
-  if batch_size % devices:
-    raise DeviceCountError(
-      "batch_size",
-      f"{batch_size} is not divisible by the device count {devices}: every device gets "
-      f"batch_size / devices examples; use a multiple of {devices}",
-    )
-
-
 def data_parallel(config: TrainConfig) -> DataParallel | None:
   """The shardings of ``config``'s run, or None on a single device.
 
@@ -140,138 +83,6 @@ def data_parallel(config: TrainConfig) -> DataParallel | None:
     return None
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[: config.devices]), (DATA_AXIS,))
   return DataParallel(state=NamedSharding(mesh, P()), batch=NamedSharding(mesh, P(DATA_AXIS)))
-
-
-def check_model(model: str | None, is_image: bool, dataset: str) -> None:
-  """Checks that ``model`` (None: the data set's default) can take ``dataset``'s inputs.
-
-  Raises:
-    ConfigError: (field ``"model"``) for an unknown model, a 1-D CNN on
-      images or a 2-D network on 1-D series.
-  """
-  if model is None or model == "mlp":
-    return
-  if model not in models.MODELS:
-    raise ConfigError("model", f"must be one of {', '.join(models.MODELS)} (or None: by data set), got {model!r}")
-  if model == "cnn1d" and is_image:
-    raise ConfigError("model", f"cnn1d takes 1-D series, but {dataset} holds images: use mlp, cnn2d or resnet18")
-  if model != "cnn1d" and not is_image:
-    raise ConfigError("model", f"{model} takes images, but {dataset} holds 1-D series: use mlp or cnn1d")
-
-
-def _check_batch_size(batch_size: int, n_train: int, subset: int | None) -> None:
-  if batch_size > n_train:
-    where = f" (train_subset {subset})" if subset is not None and subset <= n_train else ""
-    raise ConfigError(
-      "batch_size", f"{batch_size} exceeds the {n_train} training examples{where}: at most {n_train} allowed"
-    )
-
-
-def check_method(config: TrainConfig) -> None:
-  """Builds ``config.method``'s transformation, so that the library validates its hyperparameters.
-
-  Fields left to :func:`resolve` get stand-ins (``rho_max = 2 rho``, a
-  probe period of 1 step, ``probe_batch_size`` 1): the checks of the values
-  the user set are those of the real run.
-
-  Raises:
-    ConfigError: field ``"method"`` for a name that is not a method, else
-      the field the ``xsam_jax`` constructor rejected (``rho``,
-      ``num_steps``, ``alphas``, ...).
-  """
-  name = config.method
-  if not methods.is_known(name):
-    known = ", ".join(sorted(methods.METHODS))
-    raise ConfigError("method", f"unknown method {name!r}: choose one of {known} or an xsam_jax transformation")
-  trial = config.replace(
-    rho_max=2 * config.rho if config.rho_max is None else config.rho_max,
-    alpha_update_period=1 if config.alpha_update_period is None else config.alpha_update_period,
-    probe_batch_size=1 if config.probe_batch_size == "auto" else config.probe_batch_size,
-  )
-  try:
-    methods.method_transform(trial)
-  except (ValueError, TypeError) as e:
-    message = str(e)
-    named = re.match(r"`(\w+)` (.*)", message, re.S)
-    if named and named.group(1) in methods.METHOD_FIELDS:
-      raise ConfigError(named.group(1), f"{named.group(2).rstrip('.')} (rejected by {name})") from e
-    raise ConfigError("method", message if name in message else f"{name}: {message}") from e
-
-
-def check_study(config: TrainConfig, method_names: Sequence[str]) -> None:
-  """Checks a study before it loads any data or trains any run.
-
-  The device count, the data set's name (a tensorflow-datasets name is
-  looked up, not loaded), the model against the data set's kind, the batch
-  size against the training examples where their number is known (built-in
-  data sets, ``train_subset``) and every method's hyperparameters (by
-  building its transformation, :func:`check_method`).
-
-  Args:
-    config: the configuration shared by the study's runs.
-    method_names: the methods to train.
-
-  Raises:
-    ConfigError: naming the offending field (``DeviceCountError`` for the
-      device count).
-  """
-  check_devices(config.devices, config.batch_size)
-  try:
-    data_lib.check_dataset_name(config.dataset)
-  except data_lib.DatasetError as e:
-    raise ConfigError("dataset", str(e)) from e
-  info = data_lib.BUILTIN_DATASETS.get(config.dataset)
-  check_model(config.model, True if info is None else info.is_image, config.dataset)
-  sizes = [n for n in (None if info is None else info.train_size, config.train_subset) if n is not None]
-  if sizes:
-    _check_batch_size(config.batch_size, min(sizes), config.train_subset)
-  if not method_names:
-    raise ConfigError("method", "no method to train: name at least one")
-  seen: set[str] = set()
-  for name in method_names:
-    if name in seen:
-      raise ConfigError("method", f"{name!r} is listed twice")
-    seen.add(name)
-    check_method(config.replace(method=name))
-
-
-def resolve(config: TrainConfig, data: data_lib.Dataset) -> TrainConfig:
-  """Fills the configuration's data-dependent defaults.
-
-  ``model`` from the input shape, ``rho_max = 2 rho``, the probe period = one
-  epoch, ``probe_batch_size`` (None for the MLP: one vmap; 1 for conv nets:
-  a loop, which XLA on CPU runs about 10x faster), ``augment`` for
-  tensorflow-datasets images.
-
-  Args:
-    config: the requested configuration.
-    data: the loaded (and subset) data set.
-
-  Returns:
-    A configuration with no ``None`` / ``"auto"`` left among those fields.
-
-  Raises:
-    ConfigError: for a model that cannot take the data, or a batch size
-      above the number of training examples.
-  """
-  check_model(config.model, data.is_image, data.name)
-  model = config.model or models.default_model(data.input_shape, data.is_image)
-  n_train = len(data.y_train)
-  _check_batch_size(config.batch_size, n_train, config.train_subset)
-  steps_per_epoch = n_train // config.batch_size
-  probe = config.probe_batch_size
-  if probe == "auto":
-    probe = None if model == "mlp" else 1
-  augment = config.augment
-  if augment is None:
-    augment = data.is_image and data.name != "digits"
-  return config.replace(
-    model=model,
-    rho_max=2 * config.rho if config.rho_max is None else config.rho_max,
-    alpha_update_period=steps_per_epoch if config.alpha_update_period is None else config.alpha_update_period,
-    probe_batch_size=probe,
-    augment=augment,
-  )
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -302,7 +113,8 @@ def train_step(
   Returns:
     ``(new_state, metrics)``; metrics: the clean pass's ``loss`` and
     ``accuracy`` and the method's diagnostics (XSAM: ``alpha``, ``theta``,
-    ``grad_norm``).
+    ``grad_norm``; every sharpness-aware method: ``perturbed_loss`` and
+    ``sharpness``).
   """
   model, optimizer = nnx.merge(graphdef, state)
   model_def, _, *others = nnx.split(model, nnx.Param, ...)
@@ -321,6 +133,8 @@ def train_step(
   optimizer.update(model, grads, loss_fn=loss_fn)
   metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
   metrics.update(_diagnostics(optimizer))
+  if "perturbed_loss" in metrics:  # L(w + d) - L(w) on this batch: free, the ascent ran that forward pass
+    metrics["sharpness"] = metrics["perturbed_loss"] - loss
   return nnx.state((model, optimizer)), metrics
 
 
@@ -457,7 +271,7 @@ def _log_epoch(history: dict, epoch: int, step_metrics: list, test: dict, lr: fl
   history["test_accuracy"].append(test["test_accuracy"])
   history["learning_rate"].append(lr)
   history["time_s"].append(elapsed)
-  for k in DIAGNOSTICS:
+  for k in (*DIAGNOSTICS, "sharpness"):
     if k in stacked:
       v = np.asarray(stacked[k], np.float64)
       history.setdefault(k, []).append(float(v.mean()))
@@ -595,7 +409,10 @@ def train_and_evaluate(
     )
     elapsed += time.perf_counter() - t0
     _log_epoch(history, epoch, step_metrics, test, float(cast(jax.Array, schedule(step - 1))), elapsed)
-    bar.set_postfix(test_acc=f"{test['test_accuracy']:.3f}", refresh=False)
+    postfix = {"test_acc": f"{test['test_accuracy']:.3f}", "loss": f"{history['train_loss'][-1]:.4f}"}
+    if "sharpness" in history:  # L(w + d) - L(w), the epoch's mean
+      postfix["sharpness"] = f"{history['sharpness'][-1]:.4f}"
+    bar.set_postfix(postfix, refresh=False)
     done = epoch + 1 == config.epochs
     stop = config.stop_after_epochs is not None and epoch + 1 >= config.stop_after_epochs and not done
     every = config.checkpoint_every

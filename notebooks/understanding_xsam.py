@@ -205,7 +205,7 @@ show(fig)
 # start's basin is where plain gradient descent from it converges):
 
 # %%
-grid_config = toy2d.QUICK._replace(starts_per_axis=7 if QUICK else 15)
+grid_config = toy2d.Toy2dConfig.quick().replace(starts_per_axis=7 if QUICK else 15)
 grid_starts = jnp.asarray(toy2d.start_grid(grid_config))
 in_sharp = np.asarray(jax.jit(jax.vmap(toy2d.settle))(grid_starts)) == 1
 setting_arrays = [
@@ -531,7 +531,7 @@ def toy_measure(points, rho, k):
   return {key: float(v.mean()) for key, v in jax.jit(jax.vmap(one))(points).items()}
 
 
-toy_points = jnp.asarray(toy2d.start_grid(toy2d.QUICK._replace(starts_per_axis=5 if QUICK else 11)))
+toy_points = jnp.asarray(toy2d.start_grid(toy2d.Toy2dConfig.quick().replace(starts_per_axis=5 if QUICK else 11)))
 TOY_RHO = 5.0
 toy_table = {k: toy_measure(toy_points, TOY_RHO, k) for k in KS}
 print(f"2-D function, rho = {TOY_RHO:g}, rho_max = {2 * TOY_RHO:g}, mean over {len(toy_points)} points (degrees):")

@@ -55,12 +55,16 @@ def slerp(v0, v1, alpha, theta):
   return (np.sin((1.0 - alpha) * theta) * v0 + np.sin(alpha * theta) * v1) / s
 
 
-def ascent(grad, w, g0, rho, k_steps, t=None, first=None):
+def ascent(grad, w, g0, rho, k_steps, t=None, first=None, mask=None):
   """The K-step ascent; ``t``: ASAM's T (steps rho/K T^2 g / |T g|);
-  ``first``: the direction of the first step instead of g0 (VaSSO)."""
+  ``first``: the direction of the first step instead of g0 (VaSSO);
+  ``mask``: a flat bool vector, the perturbed coordinates (steps along the
+  gradient restricted to them, normalized there)."""
   gs, d = [g0], np.zeros_like(w)
   for k in range(k_steps):
     g = first if (k == 0 and first is not None) else gs[-1]
+    if mask is not None:
+      g = np.where(mask, g, 0.0)
     if t is None:
       d = d + (rho / k_steps) * g / (np.linalg.norm(g) + EPS)
     else:
@@ -82,22 +86,27 @@ def parabola_alpha(alphas, losses):
   return float(alphas[i])
 
 
-def xsam_output(loss, grad, w, rho, k_steps, rho_max, alphas, alpha, probe, refine=None):
-  """One XSAM output; returns (output, alpha used). alpha is stored as float32."""
-  gs, d = ascent(grad, w, grad(w), rho, k_steps)
+def xsam_output(loss, grad, w, rho, k_steps, rho_max, alphas, alpha, probe, refine=None, mask=None):
+  """One XSAM output; returns (output, alpha used). alpha is stored as float32.
+
+  ``mask`` (flat bools): the plane, the probes and the output's direction
+  live on the perturbed coordinates; the others get ``g_K``."""
+  gs, d = ascent(grad, w, grad(w), rho, k_steps, mask=mask)
+  g_k = gs[-1] if mask is None else np.where(mask, gs[-1], 0.0)
   v0 = d / (np.linalg.norm(d) + EPS)
-  nk = np.linalg.norm(gs[-1])
-  v1 = gs[-1] / (nk + EPS)
+  nk = np.linalg.norm(g_k)
+  v1 = g_k / (nk + EPS)
   theta = np.arccos(np.clip(v0 @ v1, -1.0, 1.0))
   if probe:
     losses = [loss(w + rho_max * slerp(v0, v1, a, theta)) for a in alphas]
     best = parabola_alpha(alphas, losses) if refine == "parabola" else alphas[int(np.argmax(losses))]
     alpha = float(np.float32(best))
-  return nk * slerp(v0, v1, alpha, theta), alpha
+  out = nk * slerp(v0, v1, alpha, theta)
+  return (out if mask is None else np.where(mask, out, gs[-1])), alpha
 
 
-def sam_output(grad, w, rho, k_steps):
-  gs, _ = ascent(grad, w, grad(w), rho, k_steps)
+def sam_output(grad, w, rho, k_steps, mask=None):
+  gs, _ = ascent(grad, w, grad(w), rho, k_steps, mask=mask)
   return gs[-1]
 
 
@@ -183,6 +192,63 @@ def vasso_output(grad, w, rho, theta, ema):
   ema = g if ema is None else (1.0 - theta) * ema + theta * g
   gs, _ = ascent(grad, w, g, rho, 1, first=ema)
   return gs[-1], ema
+
+
+def gsam_output(grad, w, rho, alpha, t=None):
+  """One GSAM step: g_1 at SAM's ascent point (ASAM's with ``t``), minus alpha times
+  the part of g_0 orthogonal to g_1. Returns (output, |g_1|, cos(g_0, g_1))."""
+  g0 = grad(w)
+  g1 = ascent(grad, w, g0, rho, 1, t=t)[0][-1]
+  cosine = unit(g0) @ unit(g1)
+  perp = g0 - np.linalg.norm(g0) * cosine * unit(g1)
+  return g1 - alpha * perp, np.linalg.norm(g1), cosine
+
+
+def wsam_gradients(grad, w, rho, t=None):
+  """(g_0, g_1) of WSAM: the gradient and the gradient at SAM's ascent point."""
+  g0 = grad(w)
+  return g0, ascent(grad, w, g0, rho, 1, t=t)[0][-1]
+
+
+def wsam_output(grad, w, rho, gamma):
+  """The coupled WSAM gradient g_0 + gamma/(1-gamma) (g_1 - g_0)."""
+  g0, g1 = wsam_gradients(grad, w, rho)
+  return g0 + gamma / (1.0 - gamma) * (g1 - g0)
+
+
+def friendly_sam_output(grad, w, rho, sigma, lmbda, ema):
+  """One F-SAM step: m <- lmbda m + (1-lmbda) g (m = 0 before the first step);
+  output = grad at w + rho (g - sigma m)/|g - sigma m|. Returns (output, m)."""
+  g = grad(w)
+  ema = lmbda * (np.zeros_like(g) if ema is None else ema) + (1.0 - lmbda) * g
+  gs, _ = ascent(grad, w, g, rho, 1, first=g - sigma * ema)
+  return gs[-1], ema
+
+
+LOOKSAM_PARALLEL_TOL = 1024 * np.finfo(np.float64).eps
+"""|g_v| <= this * |g_s|: g_s parallel to g_0 to rounding, g_v = 0 (docs/algorithm.md, LookSAM)."""
+
+
+def looksam_output(grad, w, rho, alpha, perturb, g_v, t=None, mask=None):
+  """One LookSAM step. ``perturb`` (every k-th step): SAM's gradient g_s at the ascent point is the
+  output and g_v <- g_s - |g_s| <unit(g_s), unit(g_0)> unit(g_0), its part orthogonal to g_0 (0 if
+  below the rounding level); otherwise the output is g_0 + alpha |g_0| / (|g_v| + eps) g_v and g_v
+  is kept. ``t``: ASAM's T for the ascent; ``mask`` (flat bools): only those coordinates are
+  perturbed and decomposed (g_v lives on them), the others get g_s or g_0. ``g_v`` None: zeros.
+  Returns (output, g_v)."""
+  g0 = grad(w)
+  m = np.ones(w.shape, bool) if mask is None else mask
+  g_v = np.zeros(int(m.sum())) if g_v is None else g_v
+  if not perturb:
+    out = g0.copy()
+    out[m] += alpha * np.linalg.norm(g0[m]) / (np.linalg.norm(g_v) + EPS) * g_v
+    return out, g_v
+  gs = ascent(grad, w, g0, rho, 1, t=t, mask=mask)[0][-1]
+  u0 = unit(g0[m])
+  g_v = gs[m] - np.linalg.norm(gs[m]) * (unit(gs[m]) @ u0) * u0
+  if np.linalg.norm(g_v) <= LOOKSAM_PARALLEL_TOL * np.linalg.norm(gs[m]):
+    g_v = np.zeros_like(g_v)
+  return gs, g_v
 
 
 def power_iteration(hvp, v, n):

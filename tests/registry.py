@@ -6,11 +6,16 @@ with small hyperparameters) and, where it has numeric hyperparameters, to
 """
 
 import jax
+import optax
 
 import xsam_jax
 from xsam_jax._src.eigen_sam import eigen_sam
+from xsam_jax._src.friendly_sam import friendly_sam
+from xsam_jax._src.gsam import gsam
+from xsam_jax._src.looksam import looksam
 from xsam_jax._src.multistep import lsam, msam
 from xsam_jax._src.vasso import vasso
+from xsam_jax._src.wsam import wsam
 
 _WEIGHTS_ONLY = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # ASAM adapts weights only
 
@@ -28,6 +33,21 @@ CASES = {
   "lsam_plus_asam_k2": lambda: lsam(0.2, num_steps=2, plus=True, adaptive=True, adaptive_mask=_WEIGHTS_ONLY),
   "vasso": lambda: vasso(0.1, theta=0.4),
   "eigen_sam": lambda: eigen_sam(0.1, alpha=0.5, eig_update_period=2, power_iterations=3),
+  "gsam": lambda: gsam(0.1, alpha=0.5),
+  "gsam_asam": lambda: gsam(0.2, alpha=0.3, adaptive=True, adaptive_mask=_WEIGHTS_ONLY),
+  "wsam": lambda: wsam(0.1, gamma=0.7),
+  # The decoupled form with an identity base optimizer: g_0 - lr_t gamma/(1-gamma) (g_1 - g_0), a gradient-sized
+  # output like every other case's, through the base-optimizer state and the learning-rate schedule.
+  "wsam_decoupled": lambda: wsam(
+    0.1, gamma=0.6, base_optimizer=optax.identity(), learning_rate=optax.linear_schedule(0.5, 0.1, 4)
+  ),
+  "friendly_sam": lambda: friendly_sam(0.1, sigma=1.0, lmbda=0.6),
+  # k = 2: the battery's 2- and 3-step runs take SAM's step, then reuse g_v (no extra pass), then SAM's again.
+  "looksam": lambda: looksam(0.1, k=2, alpha=0.7),
+  # perturb_start = 1: the first call reuses the zero g_v (outputs g_0), the second perturbs; ASAM on weights.
+  "looksam_asam_start1": lambda: looksam(
+    0.2, k=2, alpha=0.5, adaptive=True, adaptive_mask=_WEIGHTS_ONLY, perturb_start=1
+  ),
 }
 
 INJECT = {
@@ -47,4 +67,10 @@ INJECT = {
   "msam": (msam, dict(rho=0.1, num_steps=2), ("num_steps", "plus")),
   "vasso": (vasso, dict(rho=0.1, theta=0.4), ()),
   "eigen_sam": (eigen_sam, dict(alpha=0.5, rho=0.1, eig_update_period=2), ("power_iterations", "num_steps", "seed")),
+  # The method's own hyperparameter first: the battery doubles the first non-static one.
+  "gsam": (gsam, dict(alpha=0.5, rho=0.1), ()),
+  "wsam": (wsam, dict(gamma=0.3, rho=0.1), ()),
+  "friendly_sam": (friendly_sam, dict(sigma=1.0, rho=0.1, lmbda=0.6), ()),
+  # k injected too (a traced int period): the factory then decides per call under jax.lax.cond.
+  "looksam": (looksam, dict(alpha=0.7, rho=0.1, k=2), ()),
 }

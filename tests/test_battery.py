@@ -95,10 +95,15 @@ def test_no_recompilation(name):
 
   step = jax.jit(counted)
   state = tx.init(params)
+  assert float(optax.tree.get(state, "perturbed_loss")) == 0.0
   for _ in range(3):
     params, state, _ = step(params, state)
   assert len(traces) == 1
   assert _finite(params)
+  # Every method keeps L(w + d_K) of its last perturbed step (tests/test_controls.py checks its value).
+  perturbed_loss = float(optax.tree.get(state, "perturbed_loss"))
+  assert np.isfinite(perturbed_loss)
+  assert perturbed_loss > 0.0
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,6 +1,7 @@
 """experiments.bench --quick produces a well-formed report (no timing asserts)."""
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -8,12 +9,13 @@ import numpy as np
 import pytest
 
 import xsam_jax
-from experiments import bench
+from experiments import bench, bench_models
 from tests.tolerances import f32_bound, f32_rtol
 
 
 def test_bench_quick_report(tmp_path):
-  report = bench.main(["--quick", "--models", "mlp", "--repeats", "2", "--out", str(tmp_path)])
+  argv = ["--quick", "--models", "mlp", "--repeats", "2", "--no-controls", "--no-probe-memory", "--out", str(tmp_path)]
+  report = bench.main(argv)  # the controls and probe-memory benches: tests/test_bench_controls.py, test_probe_memory.py
   on_disk = json.loads((tmp_path / "bench.json").read_text())
   assert on_disk["device"]
   assert on_disk["models"]["mlp"]["params"] > 0
@@ -86,8 +88,9 @@ def test_models_flag_is_validated(capsys):
   with pytest.raises(SystemExit) as info:
     bench.main(["--quick", "--models", "mlp,vgg"])
   assert info.value.code == 2
-  assert "argument --models: unknown ['vgg']" in capsys.readouterr().err
-  assert bench.default_models() == ("mlp,cnn" if jax.default_backend() == "cpu" else "mlp,cnn,resnet18")
+  assert "argument --models: must be comma-separated names from mlp, cnn, resnet18" in capsys.readouterr().err
+  cpu = jax.default_backend() == "cpu"
+  assert bench_models.default_models() == (("mlp", "cnn") if cpu else ("mlp", "cnn", "resnet18"))
 
 
 @pytest.mark.slow
@@ -106,3 +109,20 @@ def test_bench_wide_compile_repeats_is_validated(capsys):
     bench_wide.main(["--compile-repeats", "0"])
   assert info.value.code == 2
   assert "--compile-repeats: must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_bench_table_includes_the_sub_benches():
+  """bench's table shows the controls and probe-memory reports (the committed results/bench files)."""
+  results = Path(__file__).resolve().parents[1] / "results" / "bench"
+  report = {
+    "device": "cpu: cpu",
+    "host": "x86_64",
+    "jax": jax.__version__,
+    "date": "2026-12-01",
+    "models": {},
+    "controls": json.loads((results / "controls.json").read_text()),
+    "probe_memory": json.loads((results / "probe_memory.json").read_text()),
+  }
+  text = bench.format_table(report)
+  assert "looksam" in text
+  assert "bound: sam + c P" in text

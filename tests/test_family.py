@@ -12,8 +12,8 @@ from tests import problems
 from tests.test_axis_name import _loss_on
 from tests.test_probes import _CountingLoss
 from tests.tolerances import assert_argmax_lead, assert_trees_close, f32_bound, f32_rtol
-from xsam_jax._src import sharpness
 from xsam_jax._src.eigen_sam import eigen_sam, power_iteration
+from xsam_jax._src.hvp import hessian_vector_product
 from xsam_jax._src.multistep import lsam, msam
 from xsam_jax._src.vasso import vasso
 
@@ -236,7 +236,7 @@ def _known_quadratic(seed=40):
 
 def test_power_iteration_finds_the_top_eigenvector():
   params, loss_fn, top, lam = _known_quadratic()
-  hvp = lambda v: sharpness.hessian_vector_product(loss_fn, params, v)
+  hvp = lambda v: hessian_vector_product(loss_fn, params, v)
   v0 = jax.tree.map(lambda x: jnp.ones_like(x) / jnp.sqrt(5.0), params)
   v, est, ok = jax.jit(lambda v: power_iteration(hvp, v, 40))(v0)
   assert bool(ok)

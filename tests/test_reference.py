@@ -30,8 +30,12 @@ def _jax_train(tx0, problem, p0, steps=STEPS):
     return reference.MLP.flatten(jax.tree.map(np.asarray, out)), state, alphas
 
 
-def _run_jax(tx0, params, loss_fn, steps):
-  tx = optax.chain(tx0, optax.add_decayed_weights(HP["wd"]), optax.sgd(HP["lr"], momentum=HP["momentum"]))
+def _run_jax(tx0, params, loss_fn, steps, *, chained=True):
+  """``steps`` jitted steps of ``tx0`` chained with the reference's base optimizer (``chained=False``:
+  ``tx0`` is the whole optimizer, e.g. WSAM's decoupled form). Returns (params, state, alphas)."""
+  tx = tx0
+  if chained:
+    tx = optax.chain(tx0, optax.add_decayed_weights(HP["wd"]), optax.sgd(HP["lr"], momentum=HP["momentum"]))
   state = tx.init(params)
 
   @jax.jit

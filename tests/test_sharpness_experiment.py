@@ -1,4 +1,5 @@
-"""The sharpness study's --quick mode writes well-formed JSON, markdown and PNGs."""
+"""The sharpness study (experiments.sharpness_study) in its quick configuration writes well-formed JSON, markdown
+and PNGs."""
 
 import json
 import math
@@ -8,15 +9,19 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
-from experiments import sharpness as study
+from experiments import sharpness_study as study
 
 
 def test_quick_mode_outputs(tmp_path):
-  payload = study.main(["--quick", "--out", str(tmp_path)])
+  config, args, command = study.COMMAND.parse(["--quick", "--out", str(tmp_path)])
+  assert (config, args.out) == (study.SharpnessConfig.quick(), str(tmp_path))
+  payload = study.run(config, args.out, command)
   with open(tmp_path / "sharpness.json") as fh:
     saved = json.load(fh)
   assert saved["summary"] == json.loads(json.dumps(payload["summary"]))
   assert saved["config"]["mode"] == "quick"
+  assert saved["config"]["rho_max"] == 2 * saved["config"]["rho"]  # None (2 rho) is recorded as the number
+  assert saved["command"] == f"python -m experiments.sharpness_study --quick --out {tmp_path}"
   for method in study.METHODS:
     (run,) = saved["runs"][method]
     assert len(run["eigenvalues"]) == saved["config"]["num_eigs"]

@@ -1,5 +1,6 @@
 """experiments.toy2d: the quick study writes well-formed outputs; the batched
-runner agrees with a plain step-by-step loop and is deterministic.
+runner agrees with a plain step-by-step loop and is deterministic; the command
+line gives the study's configs.
 
 No assertion here is about who wins: that is the study's result, not a
 property of the code.
@@ -16,7 +17,7 @@ import optax
 import pytest
 
 import xsam_jax
-from experiments import toy2d
+from experiments import methods, toy2d
 from tests.tolerances import assert_argmax_lead, f32_bound
 from xsam_jax import testfns
 
@@ -30,7 +31,9 @@ PNGS = ("toy2d_trajectories.png", "toy2d_fractions.png", "toy2d_outcomes.png", "
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("toy2d_quick")
-  payload = toy2d.main(["--quick", "--out", str(out)])
+  config, args, command = toy2d.COMMAND.parse(["--quick", "--out", str(out)])
+  assert (config, args.out) == (toy2d.Toy2dConfig.quick(), str(out))
+  payload = toy2d.run(config, args.out, command)
   return out, payload
 
 
@@ -39,7 +42,8 @@ def test_quick_writes_well_formed_json(quick_run):
   with open(out / "toy2d.json") as fh:
     data = json.load(fh)
   assert data == json.loads(json.dumps(payload))  # what was returned is what was written
-  cfg = toy2d.QUICK
+  assert data["command"] == f"python -m experiments.toy2d --quick --out {out}"
+  cfg = toy2d.Toy2dConfig.quick()
   n = cfg.starts_per_axis**2
   assert data["mode"] == "quick"
   assert data["protocol"]["start_grid"]["n"] == n
@@ -141,7 +145,8 @@ def test_batched_scan_matches_a_plain_loop(method, k, monkeypatch):
     # On XSAM's 21-point grid the compared run's probe rounds nearly tie (the best alpha leads by ~1e-6,
     # a few ulps of the losses), so scan and loop could choose differently on another CPU. The runner
     # does not depend on the grid: with (0, 1, 2) every winner is clear (checked in the loop below).
-    monkeypatch.setattr(xsam_jax, "xsam", functools.partial(xsam_jax.xsam, alphas=(0.0, 1.0, 2.0)))
+    grid3 = methods.Method(functools.partial(xsam_jax.xsam, alphas=(0.0, 1.0, 2.0)), methods.METHOD_FIELDS)
+    monkeypatch.setitem(methods.METHODS, "xsam", grid3)
     # toy2d.run_grid's own jit cache may hold a trace on the default grid: trace it afresh.
     run_grid = jax.jit(toy2d.run_grid.__wrapped__, static_argnames=("method", "num_steps", "steps"))
   x0s = jnp.asarray([[-30.0, 35.0], [-5.0, 14.0], [25.0, 40.0]], jnp.float32)
@@ -155,7 +160,7 @@ def test_batched_scan_matches_a_plain_loop(method, k, monkeypatch):
   x_final = out["x_final"]
 
   i, j = 1, 0  # setting 1 (rho=6, period 3), start 0
-  tx = toy2d.make_optimizer(method, k, 6.0, 12.0, 100.0, 3)
+  tx = methods.chain(method, optax.sgd(100.0), rho=6.0, rho_max=12.0, num_steps=k, alpha_update_period=3)
   fn = testfns.fisher_sam_toy
 
   @jax.jit

@@ -11,8 +11,9 @@ import pytest
 from flax import nnx
 
 import xsam_jax
-from experiments import configs, methods, models, train, trainer
+from experiments import checks, methods, models, train, trainer
 from experiments import data as data_lib
+from experiments.configs import TrainConfig
 from tests.tolerances import f32_bound
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -26,7 +27,7 @@ def mnist1d():
 
 
 def _tiny(**changes):
-  base = configs.quick_config().replace(data_dir=DATA_DIR, width=4, batch_size=32, train_subset=256, test_subset=128)
+  base = TrainConfig.quick().replace(data_dir=DATA_DIR, width=4, batch_size=32, train_subset=256, test_subset=128)
   return base.replace(**changes)
 
 
@@ -62,7 +63,14 @@ def test_quick_end_to_end_writes_json_and_pngs(tmp_path):
   assert "| xsam |" in doc["table"]
   assert "xsam - sam" in doc["paired_differences"]
   assert "alpha" in doc["alpha_summary"]
-  for png in ("accuracy.png", "xsam_alpha_theta.png"):
+  # Every sharpness-aware method logs L(w + d) (its state's perturbed_loss) and L(w + d) - L(w).
+  for name in ("sam", "xsam"):
+    hist = doc["methods"][name]["histories"][0]
+    assert hist["sharpness"][0] == pytest.approx(hist["perturbed_loss"][0] - hist["train_loss"][0], rel=1e-4)
+    assert hist["sharpness"][0] > 0  # the ascent raises the loss
+    assert f"{name}: L(w + d) - L(w)" in doc["sharpness_summary"]
+  assert "sharpness" not in doc["methods"]["sgd"]["histories"][0]
+  for png in ("accuracy.png", "xsam_alpha_theta.png", "sharpness.png"):
     blob = (out / png).read_bytes()
     assert blob.startswith(PNG_MAGIC)
     assert 1_000 < len(blob) < 200_000
@@ -158,7 +166,7 @@ def test_train_step_compiled_once_for_all_steps_and_seeds(mnist1d):
 
 def test_training_learns_on_digits():
   result = trainer.train_and_evaluate(
-    configs.TrainConfig(dataset="digits", model="mlp", method="sgd", epochs=3, width=8, batch_size=32),
+    TrainConfig(dataset="digits", model="mlp", method="sgd", epochs=3, width=8, batch_size=32),
     None,
     progress=False,
   )
@@ -172,7 +180,7 @@ def test_tfds_mock_cifar10_trains(tmp_path):
       data = data_lib.load_tfds("cifar10", str(tmp_path))
   except ImportError as e:
     pytest.skip(f"tensorflow-datasets cannot mock cifar10 without TensorFlow here: {e}")
-  config = configs.TrainConfig(dataset="cifar10", method="sgd", width=4, epochs=1, batch_size=8)
+  config = TrainConfig(dataset="cifar10", method="sgd", width=4, epochs=1, batch_size=8)
   result = trainer.train_and_evaluate(config, None, data=data, progress=False)
   assert result.config.augment is True
   assert result.config.model == "cnn2d"
@@ -193,7 +201,7 @@ def test_resnet18_shapes_abstractly():
 
 def test_flags_given_explicitly_win_over_quick():
   """Even when given with their full-run default value (--epochs 60 is the default)."""
-  d, q = configs.default_config(), configs.quick_config()
+  d, q = TrainConfig.default(), TrainConfig.quick()
   args = train.parse_args(["--quick", "--epochs", "60", "--batch-size", "100", "--seeds", "3", "--no-augment"])
   config = train.config_from_args(args)
   assert (config.epochs, config.batch_size, config.augment) == (d.epochs, d.batch_size, False)
@@ -213,14 +221,14 @@ def test_single_device_fingerprints_unchanged_by_devices_option():
   (XSAM's: SGD's and SAM's run ids now leave out the fields they do not read,
   see tests/test_train_cli.py.)
   """
-  assert configs.default_config().fingerprint() == "293517fbda"
-  assert configs.quick_config().fingerprint() == "d2af170499"
+  assert TrainConfig.default().fingerprint() == "293517fbda"
+  assert TrainConfig.quick().fingerprint() == "d2af170499"
   xsam_unused = methods.unused_fields("xsam")
-  assert configs.default_config().replace(method="xsam").fingerprint(ignore=xsam_unused) == "da65149922"
-  assert configs.quick_config().replace(method="xsam").fingerprint(ignore=xsam_unused) == "4a2dc49e3b"
-  assert configs.default_config().replace(devices=8).fingerprint() != "293517fbda"
+  assert TrainConfig.default().replace(method="xsam").fingerprint(ignore=xsam_unused) == "da65149922"
+  assert TrainConfig.quick().replace(method="xsam").fingerprint(ignore=xsam_unused) == "4a2dc49e3b"
+  assert TrainConfig.default().replace(devices=8).fingerprint() != "293517fbda"
   assert train.config_from_args(train.parse_args([])).devices == 1
-  assert configs.default_config().replace(alpha_refinement="parabola").fingerprint() != "293517fbda"
+  assert TrainConfig.default().replace(alpha_refinement="parabola").fingerprint() != "293517fbda"
 
 
 def test_alpha_grid_and_refinement_flags_reach_xsam():
@@ -238,7 +246,7 @@ def test_alpha_grid_and_refinement_flags_reach_xsam():
 
 def test_method_table_and_chain():
   assert set(methods.METHODS) >= {"sgd", "sam", "xsam"}
-  config = trainer.resolve(_tiny(method="xsam"), data_lib.load_digits())
+  config = checks.resolve(_tiny(method="xsam"), data_lib.load_digits())
   assert config.rho_max == pytest.approx(2 * config.rho)
   assert config.alpha_update_period == 1437 // 32
   assert config.probe_batch_size == 1

@@ -16,8 +16,10 @@ import shutil
 import pytest
 
 from experiments import checkpoint as ckpt_lib
-from experiments import configs, methods, report, study, train, trainer
+from experiments import checks, methods, report, study, train, trainer
 from experiments import data as data_lib
+from experiments.config import ConfigError
+from experiments.configs import MAX_SEED, TrainConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA_DIR = str(ROOT / "data_cache")
@@ -72,14 +74,14 @@ def _usage_error(argv, capsys):
     (["--rho-max", "0"], "--rho-max", "must be a finite number > 0 or none"),
     (["--checkpoint-every", "-1"], "--checkpoint-every", "must be an integer >= 0"),
     (["--stop-after-epochs", "0"], "--stop-after-epochs", "must be an integer >= 1 or none"),
-    (["--seed0", "-1"], "--seed0", f"must be an integer in [0, {train.MAX_SEED}], got -1"),
-    (["--seed0", str(train.MAX_SEED), "--seeds", "2"], "--seeds", f"largest seed {train.MAX_SEED}"),
+    (["--seed0", "-1"], "--seed0", f"must be an integer in [0, {MAX_SEED}], got -1"),
+    (["--seed0", str(MAX_SEED), "--seeds", "2"], "--seeds", f"largest seed {MAX_SEED}"),
     (["--model", "vgg"], "--model", "must be one of mlp, cnn1d, cnn2d, resnet18"),
     (["--model", "cnn2d"], "--model", "mnist1d holds 1-D series: use mlp or cnn1d"),
     (["--dataset", "digits", "--model", "cnn1d"], "--model", "digits holds images"),
     (["--method", ""], "--method", "expected a method name"),
     (["--method", "nosuch"], "--method", "unknown method 'nosuch'"),
-    (["--method", "ascent"], "--method", "not an optax transformation"),
+    (["--method", "ascent"], "--method", "unknown method 'ascent'"),  # an xsam_jax function, not a method
     (["--methods", "sgd,sam,sgd"], "--methods", "'sgd' is listed twice"),
     (["--quick", "--batch-size", "1000"], "--batch-size", "1000 exceeds the 512 training examples"),
     (["--batch-size", "5000"], "--batch-size", "5000 exceeds the 4000 training examples"),
@@ -129,41 +131,56 @@ def test_unwritable_folders_are_usage_errors(no_data, capsys, tmp_path):
     assert "argument --output-dir: cannot write into the folder" in line
 
 
+@pytest.mark.parametrize(
+  ("changes", "field", "says"),
+  [
+    (dict(rho=-1.0), "rho", "must be a finite number > 0, got -1.0"),
+    (dict(num_steps=0), "num_steps", "must be an integer >= 1, got 0"),
+    (dict(alpha_update_period=0), "alpha_update_period", "must be an integer >= 1 or None, got 0"),
+    (dict(alphas=(float("nan"), 1.0)), "alphas", "must be a tuple of finite numbers or None, got (nan, 1.0)"),
+    (dict(probe_batch_size=0), "probe_batch_size", "must be an integer >= 1, None or 'auto', got 0"),
+    (dict(rho_max=-2.0), "rho_max", "must be a finite number > 0 or None, got -2.0"),
+    (dict(momentum=1), "momentum", "must be a finite number in [0, 1), got 1"),
+    (dict(epochs=2.0), "epochs", "must be an integer >= 1, got 2.0"),
+    (dict(model="vgg"), "model", "must be one of mlp, cnn1d, cnn2d, resnet18 or None, got 'vgg'"),
+  ],
+)
+def test_config_built_in_code_is_range_checked(changes, field, says):
+  """A TrainConfig made in code is checked like the flags: a ValueError naming the field and its range."""
+  with pytest.raises(ConfigError) as info:
+    TrainConfig.default().replace(**changes)
+  assert info.value.field == field
+  assert str(info.value) == f"{field} {says}"
+
+
 def test_library_checks_map_to_config_fields():
   """check_method builds the transformation; the library's error names the field (and so the flag)."""
-  base = configs.default_config()
-  cases = [
-    (dict(method="sam", rho=-1.0), "rho"),
-    (dict(method="xsam", num_steps=0), "num_steps"),
-    (dict(method="xsam", alpha_update_period=0), "alpha_update_period"),
-    (dict(method="xsam", alphas=(float("nan"), 1.0)), "alphas"),
-    (dict(method="xsam", probe_batch_size=0), "probe_batch_size"),
-    (dict(method="xsam", rho_max=-2.0), "rho_max"),
-  ]
-  for changes, field in cases:
-    with pytest.raises(trainer.ConfigError) as info:
-      trainer.check_method(base.replace(**changes))
-    assert info.value.field == field, (changes, info.value)
-  trainer.check_method(base.replace(method="sgd", rho=-1.0))  # SGD does not read rho
-  with pytest.raises(trainer.ConfigError, match="unknown method") as info:
-    trainer.check_study(base, ["sgd", "nosuch"])
+  base = TrainConfig.default()
+  with pytest.raises(ConfigError, match="strictly increasing") as info:
+    checks.check_method(base.replace(method="xsam", alphas=(2.0, 1.0), alpha_refinement="parabola"))
+  assert info.value.field == "alphas"
+  checks.check_method(base.replace(method="sgd", alphas=(2.0, 1.0), alpha_refinement="parabola"))  # SGD reads none
+  with pytest.raises(ConfigError, match="unknown method") as info:
+    checks.check_study(base, ["sgd", "nosuch"])
   assert info.value.field == "method"
 
 
 def test_alpha_update_period_zero_is_not_one_epoch():
   """resolve() used to turn 0 (falsy) into one epoch; only None means one epoch."""
   digits = data_lib.load_digits()
-  config = configs.quick_config().replace(method="xsam", batch_size=32)
-  assert trainer.resolve(config, digits).alpha_update_period == 1437 // 32
-  assert trainer.resolve(config.replace(alpha_update_period=0), digits).alpha_update_period == 0
-  with pytest.raises(trainer.ConfigError) as info:
-    trainer.resolve(config.replace(batch_size=2000), digits)
+  config = TrainConfig.quick().replace(method="xsam", batch_size=32)
+  assert checks.resolve(config, digits).alpha_update_period == 1437 // 32
+  assert checks.resolve(config.replace(alpha_update_period=1), digits).alpha_update_period == 1
+  with pytest.raises(ConfigError, match="alpha_update_period must be an integer >= 1 or None, got 0"):
+    config.replace(alpha_update_period=0)  # and 0 is no longer a value at all
+  with pytest.raises(ConfigError) as info:
+    checks.resolve(config.replace(batch_size=2000), digits)
   assert info.value.field == "batch_size"
   assert "2000 exceeds the 1437 training examples" in str(info.value)
 
 
 def test_run_ids_depend_only_on_what_the_method_reads():
-  base = configs.default_config()
+  base = TrainConfig.default()
   xsam_only = dict(rho_max=0.5, alpha_update_period=7, probe_batch_size=None, alphas=(0.0, 1.0))
   xsam_only.update(alpha_refinement="parabola")
   sgd, sam, xsam = (base.replace(method=m) for m in ("sgd", "sam", "xsam"))
@@ -188,7 +205,7 @@ def test_run_ids_depend_only_on_what_the_method_reads():
 
 def test_sgd_is_not_retrained_for_another_rho(tmp_path):
   mnist1d = data_lib.load_mnist1d(DATA_DIR)
-  config = configs.quick_config().replace(method="sgd", width=4, train_subset=64, test_subset=32)
+  config = TrainConfig.quick().replace(method="sgd", width=4, train_subset=64, test_subset=32)
   first = trainer.train_and_evaluate(config, str(tmp_path), data=mnist1d, progress=False)
   again = trainer.train_and_evaluate(config.replace(rho=0.3), str(tmp_path), data=mnist1d, progress=False)
   assert len(os.listdir(tmp_path)) == 1
@@ -224,6 +241,7 @@ def test_report_of_partly_and_wholly_diverged_methods(tmp_path):
     if alpha:
       h.update(alpha=[1.0, 0.0], alpha_min=[0.0, 0.0], alpha_max=[2.0, 0.0], grad_norm=[nan, nan])
       h.update(theta=[nan, nan], theta_min=[nan, nan], theta_max=[nan, nan])
+      h.update(perturbed_loss=[2.0, nan], sharpness=[0.5, nan])
     return h
 
   def entry(losses, alpha=False):
@@ -245,7 +263,8 @@ def test_report_of_partly_and_wholly_diverged_methods(tmp_path):
   assert doc["methods"]["sam"]["histories"][1]["train_loss"] == [3e19, None]
   for png in out["pngs"]:
     assert pathlib.Path(png).read_bytes().startswith(b"\x89PNG")
-  assert len(out["pngs"]) == 2
+  assert len(out["pngs"]) == 3  # accuracy, xsam's alpha and theta, sharpness
+  assert "xsam: L(w + d) - L(w) 0.5000 in the first epoch, nan in the last" in out["sharpness_summary"]
 
 
 @pytest.fixture(scope="module")
@@ -291,8 +310,8 @@ def test_damaged_checkpoint_is_a_clear_error(mode, finished_run, tmp_path, capfd
   shutil.copytree(work, tmp_path / "work")
   _damage(tmp_path / "work" / run, mode)
   mnist1d = data_lib.load_mnist1d(DATA_DIR)
-  config = configs.quick_config().replace(method="sgd", width=4, train_subset=64, test_subset=32)
-  assert trainer.run_name(trainer.resolve(config, mnist1d.subset(64, 32))) == run
+  config = TrainConfig.quick().replace(method="sgd", width=4, train_subset=64, test_subset=32)
+  assert trainer.run_name(checks.resolve(config, mnist1d.subset(64, 32))) == run
   with pytest.raises(ckpt_lib.CheckpointError) as info:
     trainer.train_and_evaluate(config, str(tmp_path / "work"), data=mnist1d, progress=False)
   assert info.value.directory == str(tmp_path / "work" / run)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import train, trainer
+from experiments import checks, train
 from tests.test_multidevice import _env as multidevice_env
 from tests.tolerances import EPS32, assert_argmax_lead, f32_bound
 
@@ -156,11 +156,11 @@ def test_devices_out_of_range_is_a_usage_error(argv, flag, capsys):
 
 def test_trainer_checks_devices(monkeypatch):
   with pytest.raises(ValueError, match=r"devices must be an integer between 1 and 1 .* got 2") as info:
-    trainer.check_devices(2, 32)
+    checks.check_devices(2, 32)
   assert info.value.field == "devices"
-  trainer.check_devices(1, 33)
+  checks.check_devices(1, 33)
   monkeypatch.setattr(jax, "devices", lambda *a: ["d"] * 8)
-  trainer.check_devices(8, 32)
+  checks.check_devices(8, 32)
   with pytest.raises(ValueError, match=r"batch_size 36 is not divisible by the device count 8") as info:
-    trainer.check_devices(8, 36)
+    checks.check_devices(8, 36)
   assert info.value.field == "batch_size"

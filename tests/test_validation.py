@@ -41,6 +41,15 @@ def test_sam_rejects(kwargs, match):
     (dict(rho=0.1, rho_max=0.2, alpha_update_period=2.5), r"`alpha_update_period`"),
     (dict(rho=0.1, rho_max=0.2, probe_batch_size=0), r"`probe_batch_size`"),
     (dict(rho=0.1, rho_max=0.2, probe_batch_size="fast"), r'`probe_batch_size` must be "auto", None or an int'),
+    (dict(rho=0.1, rho_max=0.2, probe_memory_budget=0), r"`probe_memory_budget` must be an int >= 1"),
+    (dict(rho=0.1, rho_max=0.2, probe_memory_budget=-(2**30)), r"`probe_memory_budget` must be an int >= 1"),
+    (dict(rho=0.1, rho_max=0.2, probe_memory_budget=1e9), r"`probe_memory_budget` must be a Python int >= 1"),
+    (dict(rho=0.1, rho_max=0.2, probe_memory_budget=True), r"`probe_memory_budget` must be a Python int >= 1"),
+    (dict(rho=0.1, rho_max=0.2, probe_memory_budget="8GB"), r"`probe_memory_budget` must be a Python int >= 1"),
+    (
+      dict(rho=0.1, rho_max=0.2, probe_batch_size=4, probe_memory_budget=2**30),
+      r'`probe_memory_budget` applies to `probe_batch_size="auto"` only',
+    ),
     (dict(rho=0.1, rho_max=0.2, alpha_refinement="cubic"), r"`alpha_refinement` must be one of"),
     (
       dict(rho=0.1, rho_max=0.2, alphas=[0.0, 2.0, 1.0], alpha_refinement="parabola"),

@@ -4,6 +4,7 @@
 inside the plotting functions when they are called.
 """
 
+from xsam_jax._src.hvp import hessian_vector_product as hessian_vector_product
 from xsam_jax._src.sharpness import NORMALIZATIONS as NORMALIZATIONS
 from xsam_jax._src.sharpness import VECTOR_LEAVES as VECTOR_LEAVES
 from xsam_jax._src.sharpness import HessianEigenpairs as HessianEigenpairs
@@ -12,7 +13,6 @@ from xsam_jax._src.sharpness import XSAMPlane as XSAMPlane
 from xsam_jax._src.sharpness import average_sharpness as average_sharpness
 from xsam_jax._src.sharpness import hessian_eigenpairs as hessian_eigenpairs
 from xsam_jax._src.sharpness import hessian_eigenvalues as hessian_eigenvalues
-from xsam_jax._src.sharpness import hessian_vector_product as hessian_vector_product
 from xsam_jax._src.sharpness import loss_surface as loss_surface
 from xsam_jax._src.sharpness import normalize_direction as normalize_direction
 from xsam_jax._src.sharpness import perturbed_losses as perturbed_losses

@@ -13,6 +13,10 @@ space rescaled by ``T = |w| + eta`` (element-wise, at the current ``w``):
 A method may replace the direction of the first step: ``g_0`` above becomes
 any tree ``f(g_0)`` (VaSSO steps along an average of past gradients); the
 later steps always follow the gradients ``g_k``.
+
+With a ``perturb_mask`` only the leaves it marks move: every norm above is
+taken over those leaves, and ``d_k`` is zero elsewhere (docs/algorithm.md,
+"Training controls").
 """
 
 from __future__ import annotations
@@ -55,6 +59,16 @@ class AscentTrace(NamedTuple):
     displacement_norm: ``|d_1|`` when ``displacement_scale`` is set, else None.
     first_norm: ``|u|`` as a :class:`~xsam_jax._src.tree_math.Norm` when
       ``displacement_scale`` is set, else None.
+    losses: ``(L(w + d_1), ..., L(w + d_K))``, the losses at the ascent
+      points (taken with the gradients, at no extra cost; the replica's own
+      loss under ``axis_name``).
+    step: set by :func:`~xsam_jax._src.base.sharpness_aware_transform`:
+      the transformation's own step count (its ``update`` calls before this
+      one), the argument of its schedules. None from :func:`ascent` alone.
+
+  With a ``perturb_mask``, ``grads`` are whole trees (the gradient of every
+  leaf at the ascent points) and every other tree holds the perturbed
+  leaves only (None elsewhere).
   """
 
   grads: tuple[PyTree, ...]
@@ -65,6 +79,22 @@ class AscentTrace(NamedTuple):
   displacement_scale: jax.Array | None = None
   displacement_norm: jax.Array | None = None
   first_norm: tm.Norm | None = None
+  losses: tuple[jax.Array, ...] | None = None
+  step: jax.Array | None = None
+
+
+def restrict(tree: PyTree, mask: PyTree | None) -> PyTree:
+  """``tree`` with the leaves where ``mask`` (static bools, params' structure) is False replaced by None."""
+  if mask is None:
+    return tree
+  return jax.tree.map(lambda m, x: x if m else None, mask, tree)
+
+
+def merge(mask: PyTree | None, inside: PyTree, outside: PyTree) -> PyTree:
+  """The leaves of ``inside`` where ``mask`` is True (``inside`` as :func:`restrict` makes it), else ``outside``'s."""
+  if mask is None:
+    return inside
+  return jax.tree.map(lambda m, a, b: a if m else b, mask, inside, outside)
 
 
 def ascent(
@@ -80,6 +110,7 @@ def ascent(
   adaptive_mask: PyTree | Callable[[PyTree], PyTree] = None,
   first_direction: Callable[[PyTree], PyTree] | None = None,
   m_sharpness: bool = False,
+  perturb_mask: PyTree = None,
 ) -> AscentTrace:
   """Runs the K-step normalized ascent from ``params``.
 
@@ -106,29 +137,42 @@ def ascent(
     m_sharpness: with ``axis_name``: no averaging; every replica ascends on
       its own shard from its own ``g_0`` (which must be the replica's own
       gradient), so the trace differs between replicas.
+    perturb_mask: optional pytree of Python bools with the structure of
+      ``params``: only the leaves marked True are perturbed, and norms are
+      taken over them only; ``first_direction`` then receives and returns
+      trees of those leaves (see :func:`restrict`). Default: every leaf.
 
   Returns:
     An :class:`AscentTrace` with ``(g_0, ..., g_K)`` and ``d_K``.
   """
   sync = collectives.gradient_sync(axis_name, loss_fn, params, per_replica=m_sharpness)
   g0 = sync(g0)
-  grad_fn = jax.grad(loss_fn)
+  value_and_grad = jax.value_and_grad(loss_fn)
+  full_params = params
+  params = restrict(params, perturb_mask)
   if adaptive:
-    mask = adaptive_mask(params) if callable(adaptive_mask) else adaptive_mask
+    mask = adaptive_mask(full_params) if callable(adaptive_mask) else adaptive_mask
     if mask is None:
-      mask = jax.tree.map(lambda _: True, params)
+      mask = jax.tree.map(lambda _: True, full_params)
+    mask = restrict(mask, perturb_mask)
     scale_t = jax.tree.map(
       lambda w, m: jnp.abs(w.astype(tm.wide_dtype(w.dtype))) + eta if m else jnp.ones(w.shape, tm.wide_dtype(w.dtype)),
       params,
       mask,
     )
-  step = rho / num_steps
-  first = g0 if first_direction is None else first_direction(g0)
+  # A Python radius is divided in float64 and rounded once where it is used; an array radius (a
+  # schedule's value, often float32) is widened to the params' precision first.
+  step = (
+    rho / num_steps if isinstance(rho, (int, float)) else jnp.asarray(rho).astype(tm.scalar_dtype(params)) / num_steps
+  )
+  g0_moved = restrict(g0, perturb_mask)
+  first = g0_moved if first_direction is None else first_direction(g0_moved)
   zeros = lambda: jax.tree.map(lambda w: jnp.zeros(w.shape, tm.wide_dtype(w.dtype)), params)
   add_step = lambda a, u: jax.tree.map(lambda x, y: x + jnp.asarray(step).astype(x.dtype) * y, a, u)
   d = zeros()
   c = zeros() if adaptive else None
   grads = [g0]
+  losses = []
   g = first
   d_scale: jax.Array | None = None
   d_norm: jax.Array | None = None
@@ -147,8 +191,11 @@ def ascent(
         d_norm = step * g_norm.guarded_ratio()
         first_norm = g_norm
     d = add_step(d, direction)
-    g = sync(grad_fn(tm.tree_add_to_params(params, d)))
-    grads.append(g)
+    loss, g_full = value_and_grad(merge(perturb_mask, tm.tree_add_to_params(params, d), full_params))
+    g_full = sync(g_full)
+    grads.append(g_full)
+    losses.append(loss)
+    g = restrict(g_full, perturb_mask)
   return AscentTrace(
     grads=tuple(grads),
     displacement=d,
@@ -158,4 +205,5 @@ def ascent(
     displacement_scale=d_scale,
     displacement_norm=d_norm,
     first_norm=first_norm,
+    losses=tuple(losses),
   )

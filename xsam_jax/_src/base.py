@@ -16,9 +16,10 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -30,11 +31,14 @@ from xsam_jax._src.types import AxisName, LossFn, PyTree, Scalar
 Rule = Callable[[ascent_lib.AscentTrace, Any, PyTree, LossFn], tuple[PyTree, Any]]
 """``rule(trace, state, params, loss_fn) -> (output_tree, new_state)``."""
 
+SkipRule = Callable[[PyTree, Any, PyTree], tuple[PyTree, Any]]
+"""``skip_rule(g0, state, params) -> (output_tree, new_state)``: the output of a step that does not perturb."""
+
 
 def sharpness_aware_transform(
   method: str,
   *,
-  rho: Scalar,
+  rho: optax.ScalarOrSchedule,
   num_steps: int,
   init_fn: optax.TransformInitFn,
   rule: Rule,
@@ -45,20 +49,37 @@ def sharpness_aware_transform(
   first_direction: Callable[[PyTree, Any], PyTree] | None = None,
   m_sharpness: bool = False,
   check_state: Callable[[Any], None] | None = None,
+  perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
+  perturb_every: int | jax.Array = 1,
+  perturb_start: int | jax.Array = 0,
+  skip_rule: SkipRule | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a ``GradientTransformationExtraArgs`` from a direction rule.
 
   Args:
     method: the public name, used in error messages.
     rho: ascent radius, a finite real scalar > 0 (Python number or 0-d
-      array; may be traced).
+      array; may be traced), or an optax schedule: a callable of the
+      transformation's own step count (its ``update`` calls so far) whose
+      value must be finite and >= 0; only its value at step 0 is checked
+      (at construction), the rest is the caller's promise.
     num_steps: number of ascent steps K, a Python int >= 1.
-    init_fn: ``params -> state``; the state is a NamedTuple with a ``count``.
+    init_fn: ``params -> state``; the state is a NamedTuple with a
+      ``count`` and a ``perturbed_loss`` (float32 scalar), which this
+      factory keeps: ``L(w + d_K)`` at the last step that perturbed (0
+      before the first), averaged over ``axis_name``. With a
+      ``perturb_mask``, ``init_fn`` receives the perturbed leaves only (see
+      :func:`~xsam_jax._src.ascent.restrict`), and so do ``rule`` and
+      ``first_direction``.
     rule: ``(trace, state, params, loss_fn) -> (output, new_state)``, where
       ``loss_fn`` returns the scalar loss (a ``(loss, aux)`` pair's ``aux``
       already dropped); the output is any pytree matching params (any float
       dtype); this factory casts it to the params' dtypes and advances
-      ``count``.
+      ``count``. The rule (and ``first_direction``) sees ``state.count`` as
+      the number of earlier steps that perturbed (``count`` itself unless
+      ``perturb_every``/``perturb_start`` skip steps): periods inside a
+      method count perturbed steps. ``trace.step`` is the true count (the
+      argument of schedules).
     axis_name: collective axis for data parallelism (see :func:`ascent`).
     adaptive, eta, adaptive_mask: ASAM options (see :func:`ascent`):
       ``adaptive`` a bool, ``eta`` a finite real scalar >= 0,
@@ -79,6 +100,21 @@ def sharpness_aware_transform(
       before the generic check that the state has the structure and leaf
       shapes ``init_fn`` gives for these params; it may raise a
       ``ValueError`` that names the method's own cause of a mismatch.
+    perturb_mask: which leaves are perturbed: None (all), a pytree with
+      params' structure holding one Python bool per leaf, or a callable
+      ``params -> such pytree`` (as in ``optax.masked``). The ascent and the
+      rule see only the marked leaves (norms, angles and probes are taken
+      over them); the output's other leaves are ``g_K``, their gradient at
+      the perturbed point. No marked leaf: the output is ``g_0``, with no
+      extra pass.
+    perturb_every, perturb_start: perturb on the steps ``count >=
+      perturb_start`` with ``(count - perturb_start) % perturb_every == 0``
+      (ints >= 1 and >= 0); on the others ``skip_rule`` gives the output
+      and no extra pass runs (``jax.lax.cond``). The defaults perturb on
+      every step (no ``cond`` in the program).
+    skip_rule: ``(g0, state, params) -> (output, new_state)`` for the steps
+      that do not perturb (``state.count`` as the rule sees it: the number
+      of earlier perturbed steps); default ``(g0, state)``.
 
   Returns:
     The transformation. Its ``update(updates, state, params, *, loss_fn,
@@ -108,21 +144,22 @@ def sharpness_aware_transform(
     ValueError: a hyperparameter out of its range or of the wrong form, or
       ``m_sharpness=True`` without ``axis_name``.
   """
-  validation.check_positive("rho", rho)
-  num_steps = validation.check_static_int("num_steps", num_steps)
-  validation.check_nonnegative("eta", eta)
-  adaptive = validation.check_bool("adaptive", adaptive)
-  m_sharpness = validation.check_bool("m_sharpness", m_sharpness)
-  if m_sharpness and axis_name is None:
-    raise ValueError(
-      f"{method}: `m_sharpness=True` needs `axis_name` (the data-parallel axis "
-      "whose replicas each perturb on their own shard)."
-    )
+  num_steps, adaptive, m_sharpness = _check_options(
+    method, rho, num_steps, eta, adaptive, m_sharpness, axis_name, perturb_every, perturb_start
+  )
+  always = _is_int(perturb_every, 1) and _is_int(perturb_start, 0)  # static: no cond in the program
+
+  def moved(params: PyTree) -> PyTree:
+    """The static bool tree of the perturbed leaves, or None (all of them)."""
+    return None if perturb_mask is None else validation.check_mask(method, "perturb_mask", perturb_mask, params)
 
   def init(params: optax.Params) -> Any:
     params = validation.as_array_leaves(method, "params", params)
     validation.check_float_leaves(f"{method}.init", "params", params)
-    return init_fn(params)
+    state = init_fn(ascent_lib.restrict(params, moved(params)))
+    # One buffer per leaf: a state whose fields share an array (one `zero` for several scalars) cannot be
+    # donated to a jitted step, and a step that passes fields through unchanged would alias them.
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
 
   def core(
     updates: optax.Updates, state: Any, params: optax.Params, loss_fn: LossFn, probe_loss_fn: LossFn | None
@@ -135,27 +172,26 @@ def sharpness_aware_transform(
     validation.check_updates_match_params(method, updates, params)
     if check_state is not None:
       check_state(state)
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    where = moved(params)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), ascent_lib.restrict(params, where))
     validation.check_state_matches(method, state, jax.eval_shape(init_fn, shapes))
     mask = validation.check_adaptive_mask(method, adaptive_mask, params) if adaptive else None
-    trace = ascent_lib.ascent(
-      loss_fn,
-      params,
-      updates,
-      rho=rho,
-      num_steps=num_steps,
-      axis_name=axis_name,
-      adaptive=adaptive,
-      eta=eta,
-      adaptive_mask=mask,
-      first_direction=None if first_direction is None else (lambda g0: first_direction(g0, state)),
-      m_sharpness=m_sharpness,
-    )
-    output, new_state = rule(trace, state, params, rule_loss_fn)
-    if m_sharpness:
-      output = collectives.replica_mean(output, axis_name)
-    new_state = new_state._replace(count=optax.safe_increment(state.count))
-    return tm.tree_cast_like(output, params), new_state
+    count = state.count
+    always_skip = where is not None and not any(jax.tree.leaves(where))  # nothing to perturb: g_0, no extra pass
+    # The rule counts perturbed steps: it sees state.count as their number so far.
+    index = count if always else _perturbed_before(count, perturb_every, perturb_start)
+    inner = state._replace(count=index)
+
+    spec = _Spec(method, rho, num_steps, axis_name, adaptive, eta, mask, m_sharpness, where)
+    perturb = lambda _: _perturbed(spec, rule, first_direction, updates, inner, params, loss_fn, rule_loss_fn, count)
+    skip = lambda _: _skipped(spec, skip_rule, updates, inner, params, loss_fn)
+    if always_skip:
+      output, new_state = skip(None)
+    elif always:
+      output, new_state = perturb(None)
+    else:
+      output, new_state = jax.lax.cond(_perturbs(count, perturb_every, perturb_start), perturb, skip, None)
+    return output, new_state._replace(count=optax.safe_increment(count))
 
   eager = _EagerCache(method, core)
 
@@ -180,9 +216,144 @@ def sharpness_aware_transform(
   return optax.GradientTransformationExtraArgs(init, update_fn)
 
 
+def _check_options(
+  method: str,
+  rho: optax.ScalarOrSchedule,
+  num_steps: int,
+  eta: Scalar,
+  adaptive: bool,
+  m_sharpness: bool,
+  axis_name: AxisName | None,
+  perturb_every: int | jax.Array,
+  perturb_start: int | jax.Array,
+) -> tuple[int, bool, bool]:
+  """The factory's shared options, checked once: ``(num_steps, adaptive, m_sharpness)`` as Python values."""
+  validation.check_rho("rho", rho)
+  num_steps = validation.check_static_int("num_steps", num_steps)
+  validation.check_period("perturb_every", perturb_every, allow_none=False)
+  validation.check_start("perturb_start", perturb_start)
+  validation.check_nonnegative("eta", eta)
+  adaptive = validation.check_bool("adaptive", adaptive)
+  m_sharpness = validation.check_bool("m_sharpness", m_sharpness)
+  if m_sharpness and axis_name is None:
+    raise ValueError(
+      f"{method}: `m_sharpness=True` needs `axis_name` (the data-parallel axis "
+      "whose replicas each perturb on their own shard)."
+    )
+  return num_steps, adaptive, m_sharpness
+
+
+class _Spec(NamedTuple):
+  """What one perturbed step needs besides the rule: the checked settings and resolved masks."""
+
+  method: str
+  rho: optax.ScalarOrSchedule
+  num_steps: int
+  axis_name: AxisName | None
+  adaptive: bool
+  eta: Scalar
+  adaptive_mask: PyTree
+  m_sharpness: bool
+  perturb_mask: PyTree
+
+
+def _perturbed(
+  spec: _Spec,
+  rule: Rule,
+  first_direction: Callable[[PyTree, Any], PyTree] | None,
+  updates: PyTree,
+  state: Any,
+  params: PyTree,
+  loss_fn: LossFn,
+  rule_loss_fn: LossFn,
+  count: jax.Array,
+) -> tuple[PyTree, Any]:
+  """A step that perturbs: the ascent, the rule on the perturbed leaves, ``g_K`` on the others."""
+  where = spec.perturb_mask
+  trace = ascent_lib.ascent(
+    loss_fn,
+    params,
+    updates,
+    rho=spec.rho(count) if callable(spec.rho) else spec.rho,  # type: ignore[arg-type]  # a scalar either way
+    num_steps=spec.num_steps,
+    axis_name=spec.axis_name,
+    adaptive=spec.adaptive,
+    eta=spec.eta,
+    adaptive_mask=spec.adaptive_mask,
+    first_direction=None if first_direction is None else (lambda g0: first_direction(g0, state)),
+    m_sharpness=spec.m_sharpness,
+    perturb_mask=where,
+  )
+  g_k = trace.grads[-1]
+  trace = trace._replace(grads=tuple(ascent_lib.restrict(g, where) for g in trace.grads), step=count)
+  moved_params = ascent_lib.restrict(params, where)
+  moved_out, new_state = rule(trace, state, moved_params, _restricted_loss(rule_loss_fn, where, params))
+  output = ascent_lib.merge(where, moved_out, g_k)
+  if spec.m_sharpness:
+    output = collectives.replica_mean(output, spec.axis_name)
+  if "perturbed_loss" in getattr(new_state, "_fields", ()):  # every method's state; a custom one may lack it
+    assert trace.losses  # K >= 1
+    loss = collectives.replica_mean(trace.losses[-1], spec.axis_name)
+    new_state = new_state._replace(perturbed_loss=loss.astype(jnp.float32))
+  return tm.tree_cast_like(output, params), new_state
+
+
+def _skipped(
+  spec: _Spec, skip_rule: SkipRule | None, updates: PyTree, state: Any, params: PyTree, loss_fn: LossFn
+) -> tuple[PyTree, Any]:
+  """A step that does not perturb: ``skip_rule`` on the perturbed leaves (default ``g_0``), ``g_0`` on the others.
+
+  With ``axis_name``, ``g_0`` is the replicas' mean gradient, as on a perturbed step (each replica's own
+  ``g_0`` would let the replicas drift apart).
+  """
+  g0 = collectives.gradient_sync(spec.axis_name, loss_fn, params, per_replica=spec.m_sharpness)(updates)
+  if spec.m_sharpness:
+    g0 = collectives.replica_mean(g0, spec.axis_name)
+  if skip_rule is None:
+    return tm.tree_cast_like(g0, params), state
+  where = spec.perturb_mask
+  moved_out, new_state = skip_rule(ascent_lib.restrict(g0, where), state, ascent_lib.restrict(params, where))
+  return tm.tree_cast_like(ascent_lib.merge(where, moved_out, g0), params), new_state
+
+
+def at_step(value: optax.ScalarOrSchedule, trace: ascent_lib.AscentTrace) -> Any:
+  """A hyperparameter's value at this step: ``value(trace.step)`` for a schedule, else ``value`` itself."""
+  if not callable(value):
+    return value
+  assert trace.step is not None, "a schedule needs the trace of sharpness_aware_transform (trace.step)"
+  return value(trace.step)
+
+
 def zero_count() -> jax.Array:
   """The int32 step counter every state starts with."""
   return jax.numpy.zeros([], jax.numpy.int32)
+
+
+def _is_int(value: Any, target: int) -> bool:
+  """Whether ``value`` is the static int ``target`` (a traced value never is)."""
+  return (
+    not isinstance(value, jax.core.Tracer)
+    and isinstance(value, (int, np.integer, np.ndarray, jax.Array))
+    and int(np.asarray(value)) == target
+  )
+
+
+def _perturbs(count: jax.Array, every: int | jax.Array, start: int | jax.Array) -> jax.Array:
+  """Whether step ``count`` perturbs: ``count >= start`` and ``(count - start) % every == 0``."""
+  return (count >= start) & ((count - start) % every == 0)
+
+
+def _perturbed_before(count: jax.Array, every: int | jax.Array, start: int | jax.Array) -> jax.Array:
+  """The number of steps before ``count`` that perturbed: ``ceil((count - start) / every)``, at least 0."""
+  past = jnp.maximum(count - start, 0)
+  return ((past + every - 1) // every).astype(count.dtype)
+
+
+def _restricted_loss(loss_fn: LossFn, where: PyTree, params: PyTree) -> LossFn:
+  """``loss_fn`` as a function of the perturbed leaves, the others fixed at ``params``."""
+  if where is None:
+    return loss_fn
+  return lambda moved: loss_fn(ascent_lib.merge(where, moved, params))
 
 
 def _is_traced(tree: Any) -> bool:

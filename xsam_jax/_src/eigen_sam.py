@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from xsam_jax._src import base, collectives, sharpness, validation
+from xsam_jax._src import base, collectives, validation
 from xsam_jax._src import tree_math as tm
 from xsam_jax._src.ascent import AscentTrace
+from xsam_jax._src.hvp import hessian_vector_product
 from xsam_jax._src.types import AxisName, LossFn, PyTree, Scalar
 
 
@@ -33,6 +34,12 @@ class EigenSAMState(NamedTuple):
     grad_norm: float32 ``|g_adv|``, the norm of the output (diagnostic).
     cosine: float32 ``<u, v>`` between the unit SAM gradient and ``v`` at
       the last call (the paper's measure; diagnostic).
+    perturbed_loss: float32 ``L(w + d_K)``, the loss at the ascent point of
+      the last step that perturbed (0 before the first; the replicas' mean
+      with ``axis_name``). Minus the clean loss, it is the sharpness the
+      method minimizes; it comes with the ascent's gradient, at no extra
+      cost. Find it anywhere in a chain with ``optax.tree.get(state,
+      "perturbed_loss")``.
   """
 
   count: jax.Array  # type: ignore[assignment]  # optax's name for the step counter; shadows tuple.count
@@ -41,6 +48,7 @@ class EigenSAMState(NamedTuple):
   has_eigvec: jax.Array
   grad_norm: jax.Array
   cosine: jax.Array
+  perturbed_loss: jax.Array
 
 
 def _unit_or(tree: PyTree, fallback: PyTree) -> tuple[PyTree, jax.Array]:
@@ -132,7 +140,7 @@ def power_iteration(
 
 
 def eigen_sam(
-  rho: Scalar,
+  rho: optax.ScalarOrSchedule,
   *,
   alpha: Scalar = 0.2,
   eig_update_period: int | jax.Array = 100,
@@ -140,6 +148,9 @@ def eigen_sam(
   num_steps: int = 1,
   seed: int = 0,
   axis_name: AxisName | None = None,
+  perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
+  perturb_every: int = 1,
+  perturb_start: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Eigenvector-corrected SAM: SAM's gradient, turned away from the sharpest direction.
 
@@ -178,7 +189,7 @@ def eigen_sam(
   forward+backward passes) on refresh calls.
 
   Args:
-    rho: ascent radius, > 0.
+    rho: ascent radius, > 0, or an optax schedule of the step count (values >= 0).
     alpha: correction strength, finite (the paper uses values in [0, 2];
       0 is SAM, 1 removes the component along ``v``, 2 reflects it).
     eig_update_period: refresh ``v`` every this many calls (int >= 1).
@@ -188,6 +199,13 @@ def eigen_sam(
     axis_name: for data parallelism under ``shard_map``/``pmap``: gradients
       and Hessian-vector products are averaged over this axis, so every
       replica holds the same ``v`` and returns the same output.
+    perturb_mask, perturb_every, perturb_start: training controls, as for
+      every method (docs/controls.md): perturb only the leaves the mask
+      marks (a pytree of bools or a callable on params, as in
+      ``optax.masked``; the others get their gradient at the perturbed
+      point), and only on the steps ``count >= perturb_start`` with
+      ``(count - perturb_start) % perturb_every == 0`` (the others output
+      ``g_0`` with no extra pass).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -227,6 +245,7 @@ def eigen_sam(
       has_eigvec=jnp.array(False),
       grad_norm=zero,
       cosine=zero,
+      perturbed_loss=zero,
     )
 
   def rule(trace: AscentTrace, state: EigenSAMState, params: PyTree, loss_fn: LossFn) -> tuple[PyTree, EigenSAMState]:
@@ -234,7 +253,7 @@ def eigen_sam(
       # An HVP is a derivative of the gradient: averaged over the replicas
       # exactly as the ascent gradients are (see collectives.gradient_sync).
       sync = collectives.gradient_sync(axis_name, loss_fn, params)
-      matvec = lambda v: sync(sharpness.hessian_vector_product(loss_fn, params, v))
+      matvec = lambda v: sync(hessian_vector_product(loss_fn, params, v))
       v, lam, ok = power_iteration(matvec, state.eigvec, power_iterations)
       return v, lam.astype(jnp.float32), state.has_eigvec | ok
 
@@ -260,5 +279,13 @@ def eigen_sam(
     return output, new_state
 
   return base.sharpness_aware_transform(
-    "eigen_sam", rho=rho, num_steps=num_steps, init_fn=init_fn, rule=rule, axis_name=axis_name
+    "eigen_sam",
+    rho=rho,
+    num_steps=num_steps,
+    init_fn=init_fn,
+    rule=rule,
+    axis_name=axis_name,
+    perturb_mask=perturb_mask,
+    perturb_every=perturb_every,
+    perturb_start=perturb_start,
   )

@@ -25,11 +25,18 @@ class MultiStepSAMState(NamedTuple):
     grad_norm: float32 ``|g_K|``, the norm of the output (diagnostic).
     cosine: float32 cosine between the output and ``g_K`` (1 means the
       method stepped exactly as SAM would; diagnostic).
+    perturbed_loss: float32 ``L(w + d_K)``, the loss at the ascent point of
+      the last step that perturbed (0 before the first; the replicas' mean
+      with ``axis_name``). Minus the clean loss, it is the sharpness the
+      method minimizes; it comes with the ascent's gradient, at no extra
+      cost. Find it anywhere in a chain with ``optax.tree.get(state,
+      "perturbed_loss")``.
   """
 
   count: jax.Array  # type: ignore[assignment]  # optax's name for the step counter; shadows tuple.count
   grad_norm: jax.Array
   cosine: jax.Array
+  perturbed_loss: jax.Array
 
 
 def _sum_trees(trees: Sequence[PyTree]) -> PyTree:
@@ -81,7 +88,7 @@ def rescaled_combination(
 
 def _multistep_sam(
   method: str,
-  rho: Scalar,
+  rho: optax.ScalarOrSchedule,
   num_steps: int,
   first: int,
   last: int,
@@ -90,13 +97,17 @@ def _multistep_sam(
   adaptive: bool,
   eta: Scalar,
   adaptive_mask: PyTree | Callable[[PyTree], PyTree],
+  *,
+  perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
+  perturb_every: int = 1,
+  perturb_start: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """The transformation that combines ``grads[first:last]`` of the ascent trace."""
 
   def init_fn(params: optax.Params) -> MultiStepSAMState:
     del params
     zero = jnp.zeros([], jnp.float32)
-    return MultiStepSAMState(count=base.zero_count(), grad_norm=zero, cosine=zero)
+    return MultiStepSAMState(count=base.zero_count(), grad_norm=zero, cosine=zero, perturbed_loss=zero)
 
   def rule(
     trace: AscentTrace, state: MultiStepSAMState, params: PyTree, loss_fn: LossFn
@@ -116,11 +127,14 @@ def _multistep_sam(
     adaptive=adaptive,
     eta=eta,
     adaptive_mask=adaptive_mask,
+    perturb_mask=perturb_mask,
+    perturb_every=perturb_every,
+    perturb_start=perturb_start,
   )
 
 
 def msam(
-  rho: Scalar,
+  rho: optax.ScalarOrSchedule,
   *,
   num_steps: int,
   plus: bool = False,
@@ -128,6 +142,9 @@ def msam(
   adaptive: bool = False,
   eta: Scalar = 0.01,
   adaptive_mask: PyTree | Callable[[PyTree], PyTree] = None,
+  perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
+  perturb_every: int = 1,
+  perturb_start: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MSAM: the mean of the ascent gradients, at SAM's gradient scale.
 
@@ -146,7 +163,8 @@ def msam(
   Cost: K extra forward+backward passes per call, as multi-step SAM.
 
   Args:
-    rho: total ascent radius, > 0 (K steps of length ``rho / K``).
+    rho: total ascent radius, > 0 (K steps of length ``rho / K``), or an optax
+      schedule of the step count (values >= 0).
     num_steps: number of ascent steps K (a Python int >= 1).
     plus: MSAM+ (also average the incoming gradient ``g_0``); a bool.
     axis_name: for data parallelism under ``shard_map``/``pmap``: the
@@ -162,6 +180,13 @@ def msam(
       params, as in ``optax.masked``); default all leaves. The official
       ASAM adapts weights only, e.g. ``lambda p: jax.tree.map(lambda x:
       x.ndim > 1, p)``.
+    perturb_mask, perturb_every, perturb_start: training controls, as for
+      every method (docs/controls.md): perturb only the leaves the mask
+      marks (a pytree of bools or a callable on params, as in
+      ``optax.masked``; the others get their gradient at the perturbed
+      point), and only on the steps ``count >= perturb_start`` with
+      ``(count - perturb_start) % perturb_every == 0`` (the others output
+      ``g_0`` with no extra pass).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -190,11 +215,25 @@ def msam(
     Minimization, https://arxiv.org/abs/2302.10181, 2023.
   """
   plus = validation.check_bool("plus", plus)
-  return _multistep_sam("msam", rho, num_steps, 0 if plus else 1, 0, False, axis_name, adaptive, eta, adaptive_mask)
+  return _multistep_sam(
+    "msam",
+    rho,
+    num_steps,
+    0 if plus else 1,
+    0,
+    False,
+    axis_name,
+    adaptive,
+    eta,
+    adaptive_mask,
+    perturb_mask=perturb_mask,
+    perturb_every=perturb_every,
+    perturb_start=perturb_start,
+  )
 
 
 def lsam(
-  rho: Scalar,
+  rho: optax.ScalarOrSchedule,
   *,
   num_steps: int,
   plus: bool = False,
@@ -202,6 +241,9 @@ def lsam(
   adaptive: bool = False,
   eta: Scalar = 0.01,
   adaptive_mask: PyTree | Callable[[PyTree], PyTree] = None,
+  perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
+  perturb_every: int = 1,
+  perturb_start: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LSAM: the sum of the normalized ascent gradients, at SAM's gradient scale.
 
@@ -228,6 +270,13 @@ def lsam(
       :func:`msam` (ASAM changes where the gradients are taken; they are
       still normalized in the plain norm).
     plus: LSAM+ (sum ``g_0 .. g_{K-1}``: the direction of ``d_K``); a bool.
+    perturb_mask, perturb_every, perturb_start: training controls, as for
+      every method (docs/controls.md): perturb only the leaves the mask
+      marks (a pytree of bools or a callable on params, as in
+      ``optax.masked``; the others get their gradient at the perturbed
+      point), and only on the steps ``count >= perturb_start`` with
+      ``(count - perturb_start) % perturb_every == 0`` (the others output
+      ``g_0`` with no extra pass).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -253,5 +302,17 @@ def lsam(
   """
   plus = validation.check_bool("plus", plus)
   return _multistep_sam(
-    "lsam", rho, num_steps, 0 if plus else 1, -1 if plus else 0, True, axis_name, adaptive, eta, adaptive_mask
+    "lsam",
+    rho,
+    num_steps,
+    0 if plus else 1,
+    -1 if plus else 0,
+    True,
+    axis_name,
+    adaptive,
+    eta,
+    adaptive_mask,
+    perturb_mask=perturb_mask,
+    perturb_every=perturb_every,
+    perturb_start=perturb_start,
   )

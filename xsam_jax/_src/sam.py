@@ -22,14 +22,21 @@ class SAMState(NamedTuple):
     count: int32 number of ``update`` calls so far (saturating).
     grad_norm: float32 ``|g_K|``, the norm of the output gradient (diagnostic;
       with ``m_sharpness``, the replicas' mean of their own ``|g_K|``).
+    perturbed_loss: float32 ``L(w + d_K)``, the loss at the ascent point of
+      the last step that perturbed (0 before the first; the replicas' mean
+      with ``axis_name``). Minus the clean loss, it is the sharpness the
+      method minimizes; it comes with the ascent's gradient, at no extra
+      cost. Find it anywhere in a chain with ``optax.tree.get(state,
+      "perturbed_loss")``.
   """
 
   count: jax.Array  # type: ignore[assignment]  # optax's name for the step counter; shadows tuple.count
   grad_norm: jax.Array
+  perturbed_loss: jax.Array
 
 
 def sam(
-  rho: Scalar,
+  rho: optax.ScalarOrSchedule,
   *,
   num_steps: int = 1,
   axis_name: AxisName | None = None,
@@ -37,6 +44,9 @@ def sam(
   eta: Scalar = 0.01,
   adaptive_mask: PyTree | Callable[[PyTree], PyTree] = None,
   m_sharpness: bool = False,
+  perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
+  perturb_every: int = 1,
+  perturb_start: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization: the gradient at the (multi-step) ascent point.
 
@@ -53,7 +63,8 @@ def sam(
   to a base optimizer later in an ``optax.chain``.
 
   Args:
-    rho: total ascent radius, > 0.
+    rho: total ascent radius, > 0, or an optax schedule of the step count
+      (values >= 0; see :func:`xsam_jax.rho_schedule_from_lr`).
     num_steps: number of ascent steps K (a Python int >= 1).
     axis_name: for data parallelism inside ``jax.shard_map``, ``jax.pmap``
       or ``jax.vmap``: the name of the batch axis; ``loss_fn`` is then the
@@ -78,6 +89,13 @@ def sam(
     eta: ASAM's offset, >= 0.
     adaptive_mask: which leaves get ``T`` (pytree of bools or callable on
       params); default all. The official ASAM adapts weights only.
+    perturb_mask, perturb_every, perturb_start: training controls, as for
+      every method (docs/controls.md): perturb only the leaves the mask
+      marks (a pytree of bools or a callable on params, as in
+      ``optax.masked``; the others get their gradient at the perturbed
+      point), and only on the steps ``count >= perturb_start`` with
+      ``(count - perturb_start) % perturb_every == 0`` (the others output
+      ``g_0`` with no extra pass).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; call its ``update`` as
@@ -109,7 +127,9 @@ def sam(
 
   def init_fn(params: optax.Params) -> SAMState:
     del params
-    return SAMState(count=base.zero_count(), grad_norm=jnp.zeros([], jnp.float32))
+    return SAMState(
+      count=base.zero_count(), grad_norm=jnp.zeros([], jnp.float32), perturbed_loss=jnp.zeros([], jnp.float32)
+    )
 
   def rule(trace: AscentTrace, state: SAMState, params: PyTree, loss_fn: LossFn) -> tuple[PyTree, SAMState]:
     del params, loss_fn
@@ -130,4 +150,7 @@ def sam(
     eta=eta,
     adaptive_mask=adaptive_mask,
     m_sharpness=m_sharpness,
+    perturb_mask=perturb_mask,
+    perturb_every=perturb_every,
+    perturb_start=perturb_start,
   )

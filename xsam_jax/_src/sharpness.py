@@ -53,42 +53,6 @@ VECTOR_LEAVES = ("zero", "normalize")
 # ---------------------------------------------------------------------------
 
 
-def hessian_vector_product(loss_fn: LossFn, params: PyTree, vector: PyTree) -> PyTree:
-  r"""The Hessian of ``loss_fn`` at ``params`` applied to ``vector``.
-
-  .. math::
-
-    H v = \left.\frac{d}{dt} \nabla L(w + t v)\right|_{t=0},
-
-  computed forward-over-reverse (``jax.jvp`` of ``jax.grad``): one forward
-  and one backward pass with tangents, about the cost of two gradients, and
-  no Hessian is ever formed.
-
-  Args:
-    loss_fn: ``params -> scalar`` (a fixed batch).
-    params: the point ``w``, any pytree of float arrays.
-    vector: a pytree with the structure and shapes of ``params`` (cast to
-      the params' dtypes).
-
-  Returns:
-    ``H v``, a pytree like ``params`` (in the params' dtypes).
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> loss_fn = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 3.0]) * p["w"] ** 2)
-    >>> hv = hessian_vector_product(loss_fn, {"w": jnp.zeros(2)}, {"w": jnp.ones(2)})
-    >>> [float(x) for x in hv["w"]]
-    [1.0, 3.0]
-
-  References:
-    Pearlmutter, Fast exact multiplication by the Hessian, Neural
-    Computation 1994.
-  """
-  vector = tm.tree_cast_like(vector, params)
-  loss_fn = validation.scalar_loss("hessian_vector_product", loss_fn)
-  return jax.jvp(jax.grad(loss_fn), (params,), (vector,))[1]
-
-
 class HessianEigenpairs(NamedTuple):
   """Top of the Hessian spectrum, as returned by :func:`hessian_eigenpairs`.
 
@@ -198,7 +162,7 @@ def hessian_eigenpairs(
 
   The Hessian is never formed: the parameters are flattened with
   ``jax.flatten_util.ravel_pytree`` and the operator :math:`X \mapsto H X`
-  (forward-over-reverse products, see :func:`hessian_vector_product`,
+  (forward-over-reverse products, see :func:`~xsam_jax.sharpness.hessian_vector_product`,
   ``jax.vmap`` over the columns of ``X``) is handed to JAX's maintained
   LOBPCG, ``jax.experimental.sparse.linalg.lobpcg_standard``. That solver
   needs only a symmetric operator and returns the largest algebraic Ritz
@@ -441,7 +405,7 @@ def _gaussian_like(key: jax.Array, tree: PyTree) -> PyTree:
   leaves, treedef = jax.tree.flatten(tree)
   if not leaves:
     return tree
-  dtype = tm._scalar_dtype(tree)  # pylint: disable=protected-access
+  dtype = tm.scalar_dtype(tree)
   sizes = [int(np.prod(w.shape)) for w in leaves]
   flat = jax.random.normal(key, (sum(sizes),), dtype)
   out, start = [], 0

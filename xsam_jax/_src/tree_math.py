@@ -40,7 +40,8 @@ def tree_cast_like(tree: PyTree, like: PyTree) -> PyTree:
   return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
 
 
-def _scalar_dtype(tree: PyTree) -> jnp.dtype:
+def scalar_dtype(tree: PyTree) -> jnp.dtype:
+  """The widest of float32 and the leaves' wide dtypes: the dtype of a reduction over ``tree``."""
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.dtype(jnp.float32)
@@ -52,7 +53,7 @@ def _scalar_dtype(tree: PyTree) -> jnp.dtype:
 
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
   """Global dot product ``<a, b>`` summed over all leaves, in wide precision."""
-  dtype = _scalar_dtype(a)
+  dtype = scalar_dtype(a)
   xs, ys = (_packed([x.astype(dtype) for x in jax.tree.leaves(t)]) for t in (a, b))
   parts = [jnp.vdot(x, y) for x, y in zip(xs, ys, strict=True)]
   return sum(parts, jnp.zeros((), dtype))
@@ -66,7 +67,7 @@ def tree_scaled_vdot(s: Inverse, a: PyTree, t: Inverse, b: PyTree) -> jax.Array:
   zero, even for vectors whose norm exceeds float32's range, and neither
   scaled tree is materialized.
   """
-  dtype = _scalar_dtype(a)
+  dtype = scalar_dtype(a)
   xs, ys = (_packed([x.astype(dtype) for x in jax.tree.leaves(tree)]) for tree in (a, b))
   parts = [jnp.sum(s.apply(x) * t.apply(y)) for x, y in zip(xs, ys, strict=True)]
   return sum(parts, jnp.zeros((), dtype))
@@ -190,7 +191,7 @@ def tree_norm_parts(tree: PyTree) -> Norm:
   or a square root: XLA copies a chain of cheap scalar ops into each
   consumer's fusion, which made compile time quadratic in the leaf count.
   """
-  dtype = _scalar_dtype(tree)
+  dtype = scalar_dtype(tree)
   leaves = _packed([x.astype(dtype) for x in jax.tree.leaves(tree)])
   one = jnp.ones((), dtype)
   if not leaves:

@@ -85,6 +85,40 @@ def check_finite(name: str, value: Any) -> float | None:
   return check_real(name, value, "a finite real number", math.isfinite)
 
 
+def check_rho(name: str, value: Any) -> None:
+  """A radius: a finite real scalar > 0, or an optax schedule (a callable of the step count).
+
+  A schedule is checked at step 0 only (finite and >= 0: warm-up schedules
+  start at 0); its later values are the caller's responsibility.
+  """
+  if not callable(value):
+    check_positive(name, value)
+    return
+  try:
+    first = value(jnp.zeros([], jnp.int32))
+  except Exception as e:  # the schedule's own error, with the argument named
+    raise ValueError(f"`{name}` is a callable but not a schedule of the step count: `{name}(0)` raised {e!r}.") from e
+  check_real(
+    f"{name}(0)", first, "a finite real number >= 0 (a schedule's value)", lambda v: math.isfinite(v) and v >= 0
+  )
+
+
+def check_start(name: str, value: Any) -> None:
+  """A first step: an int >= 0 (a 0-d integer array, possibly traced, too)."""
+  if isinstance(value, (np.ndarray, jax.Array)):  # tracers included
+    if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+      raise ValueError(f"`{name}` must be an int >= 0, got an array of shape {value.shape} and dtype {value.dtype}.")
+    if isinstance(value, jax.core.Tracer):
+      return
+    v = int(np.asarray(value))
+  elif isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, (bool, np.bool_)):
+    v = int(value)
+  else:
+    raise ValueError(f"`{name}` must be an int >= 0, got {value!r}.")
+  if v < 0:
+    raise ValueError(f"`{name}` must be an int >= 0, got {v}.")
+
+
 def check_bool(name: str, value: Any) -> bool:
   """Checks a flag: a Python or NumPy bool (not a truthy string, int or array)."""
   if not isinstance(value, (bool, np.bool_)):
@@ -318,25 +352,30 @@ def check_updates_match_params(method: str, updates: PyTree, params: PyTree) -> 
 
 
 def check_adaptive_mask(method: str, adaptive_mask: Any, params: PyTree) -> PyTree:
-  """Resolves ``adaptive_mask`` (a pytree of bools, or a callable on params) against ``params``.
+  """Resolves ``adaptive_mask`` against ``params`` (see :func:`check_mask`); None: every leaf is rescaled."""
+  if adaptive_mask is None:
+    return None
+  return check_mask(method, "adaptive_mask", adaptive_mask, params, meaning="True: rescale that leaf, False: leave it")
+
+
+def check_mask(
+  method: str, name: str, mask_arg: Any, params: PyTree, *, meaning: str = "True: perturb that leaf, False: leave it"
+) -> PyTree:
+  """Resolves a leaf mask (a pytree of bools, or a callable on params) against ``params``.
 
   Returns:
-    None (no mask: every leaf is rescaled) or a pytree with the structure of
-    ``params`` holding one Python bool per leaf.
+    A pytree with the structure of ``params`` holding one Python bool per leaf.
 
   Raises:
     ValueError: the mask (or what the callable returned) does not have the
       structure of ``params``, or a leaf of it is not a single static bool.
   """
-  if adaptive_mask is None:
-    return None
-  source = "`adaptive_mask`"
-  mask = adaptive_mask
-  if callable(adaptive_mask):
-    source, mask = "`adaptive_mask(params)`", adaptive_mask(params)
+  source = f"`{name}`"
+  mask = mask_arg
+  if callable(mask_arg):
+    source, mask = f"`{name}(params)`", mask_arg(params)
   expected = (
-    f"{source} must be a pytree with the structure of params holding one bool per "
-    "leaf (True: rescale that leaf, False: leave it), as in optax.masked"
+    f"{source} must be a pytree with the structure of params holding one bool per leaf ({meaning}), as in optax.masked"
   )
   if mask is None:
     raise ValueError(f"{method}: {expected}, got None.")

@@ -4,6 +4,7 @@ stochastic perturbation."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -24,18 +25,28 @@ class VaSSOState(NamedTuple):
     grad_norm: float32 ``|g_1|``, the norm of the output (diagnostic).
     ema: the gradient average ``d_t`` of the last call, a pytree like params
       in wide precision (float32 or wider); zeros before the first call.
+    perturbed_loss: float32 ``L(w + d_K)``, the loss at the ascent point of
+      the last step that perturbed (0 before the first; the replicas' mean
+      with ``axis_name``). Minus the clean loss, it is the sharpness the
+      method minimizes; it comes with the ascent's gradient, at no extra
+      cost. Find it anywhere in a chain with ``optax.tree.get(state,
+      "perturbed_loss")``.
   """
 
   count: jax.Array  # type: ignore[assignment]  # optax's name for the step counter; shadows tuple.count
   grad_norm: jax.Array
   ema: PyTree
+  perturbed_loss: jax.Array
 
 
 def vasso(
-  rho: Scalar,
+  rho: optax.ScalarOrSchedule,
   *,
   theta: Scalar = 0.9,
   axis_name: AxisName | None = None,
+  perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
+  perturb_every: int = 1,
+  perturb_start: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""VaSSO: SAM perturbed along an average of gradients (variance suppression).
 
@@ -57,13 +68,20 @@ def vasso(
   parameter-sized average in the state.
 
   Args:
-    rho: perturbation radius, > 0.
+    rho: perturbation radius, > 0, or an optax schedule of the step count (values >= 0).
     theta: weight of the new gradient in the average, in ``(0, 1]``
       (``1``: SAM). VaSSO's runs use values such as 0.4 and 0.9.
     axis_name: for data parallelism under ``shard_map``/``pmap``: the
       incoming and perturbed gradients are averaged over this axis before
       they enter ``d_t`` or the output, so every replica keeps the same
       average.
+    perturb_mask, perturb_every, perturb_start: training controls, as for
+      every method (docs/controls.md): perturb only the leaves the mask
+      marks (a pytree of bools or a callable on params, as in
+      ``optax.masked``; the others get their gradient at the perturbed
+      point), and only on the steps ``count >= perturb_start`` with
+      ``(count - perturb_start) % perturb_every == 0`` (the others output
+      ``g_0`` with no extra pass).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -92,7 +110,9 @@ def vasso(
 
   def init_fn(params: optax.Params) -> VaSSOState:
     ema = jax.tree.map(lambda w: jnp.zeros(w.shape, tm.wide_dtype(w.dtype)), params)
-    return VaSSOState(count=base.zero_count(), grad_norm=jnp.zeros([], jnp.float32), ema=ema)
+    return VaSSOState(
+      count=base.zero_count(), grad_norm=jnp.zeros([], jnp.float32), ema=ema, perturbed_loss=jnp.zeros([], jnp.float32)
+    )
 
   def first_direction(g0: PyTree, state: VaSSOState) -> PyTree:
     def average(d: jax.Array, g: jax.Array) -> jax.Array:
@@ -119,4 +139,7 @@ def vasso(
     rule=rule,
     axis_name=axis_name,
     first_direction=first_direction,
+    perturb_mask=perturb_mask,
+    perturb_every=perturb_every,
+    perturb_start=perturb_start,
   )

@@ -41,6 +41,12 @@ class XSAMState(NamedTuple):
     max_loss: float32 loss at the probed maximum of the last probe round;
       NaN if every probe loss of that round was non-finite (alpha was then
       kept unchanged).
+    perturbed_loss: float32 ``L(w + d_K)``, the loss at the ascent point of
+      the last step that perturbed (0 before the first; the replicas' mean
+      with ``axis_name``). Minus the clean loss, it is the sharpness the
+      method minimizes; it comes with the ascent's gradient, at no extra
+      cost. Find it anywhere in a chain with ``optax.tree.get(state,
+      "perturbed_loss")``.
   """
 
   count: jax.Array  # type: ignore[assignment]  # optax's name for the step counter; shadows tuple.count
@@ -49,6 +55,7 @@ class XSAMState(NamedTuple):
   grad_norm: jax.Array
   probe_losses: jax.Array
   max_loss: jax.Array
+  perturbed_loss: jax.Array
 
 
 def slerp_coefficients(alpha: jax.typing.ArrayLike, theta: jax.typing.ArrayLike) -> tuple[jax.Array, jax.Array]:
@@ -309,11 +316,15 @@ def _probe_combinations(
   """Losses ``L(w + rho_max (a_i p0 x0 + b_i p1 x1))``, batched over the coefficient arrays
   (``pow2 = (p0, p1)``, default ``(1, 1)``; see :func:`_combine`)."""
 
-  def one(coefs: tuple[jax.Array, jax.Array]) -> jax.Array:
-    a, b = coefs
-    return loss_fn(tm.tree_add_to_params(params, _combine(x0, x1, a, b, pow2), rho_max))
+  def one(coefs: tuple[jax.Array, ...]) -> jax.Array:
+    a, b, *p = coefs
+    return loss_fn(tm.tree_add_to_params(params, _combine(x0, x1, a, b, (p[0], p[1]) if p else None), rho_max))
 
-  losses = map_batched(one, (coef_a, coef_b), batch_size)
+  # The powers of two travel with each probe's coefficients: a product with a loop-invariant
+  # scalar would be hoisted out of jax.lax.map's loop by XLA, one kernel and one params-sized
+  # buffer per leaf and vector.
+  per_probe = () if pow2 is None else tuple(jnp.broadcast_to(q, coef_a.shape) for q in pow2)
+  losses = map_batched(one, (coef_a, coef_b, *per_probe), batch_size)
   if axis_name is not None:
     losses = jax.lax.pmean(losses, axis_name)
   return losses
@@ -331,11 +342,79 @@ def _warn_if_low_precision(dtype: Any) -> None:
     )
 
 
-def resolve_probe_batch_size(probe_batch_size: int | str | None) -> int | None:
-  """Resolves ``"auto"``: sequential (1) on CPU, one full ``vmap`` (None) elsewhere."""
-  if isinstance(probe_batch_size, str):
-    return 1 if jax.default_backend() == "cpu" else None
-  return probe_batch_size
+PROBE_MEMORY_FRACTION = 0.5
+"""Share of the device's free memory that ``probe_batch_size="auto"`` lets the probes' parameter copies use."""
+
+
+def tree_bytes(tree: PyTree) -> int:
+  """Bytes of the arrays of ``tree``: the sum of ``leaf.size * itemsize`` (static shapes: tracers too)."""
+  return sum(int(np.prod(np.shape(x))) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def free_memory_budget(device: jax.Device | None = None) -> int | None:
+  """The probes' default memory budget: ``PROBE_MEMORY_FRACTION * (bytes_limit - bytes_in_use)``.
+
+  Read from ``device.memory_stats()`` (default: the first local device of
+  the default backend) when the step is traced. ``None`` where the device
+  reports no ``bytes_limit`` (XLA's CPU client, some plugins).
+  """
+  device = jax.local_devices()[0] if device is None else device
+  try:
+    stats = device.memory_stats()
+  except (NotImplementedError, RuntimeError):  # backends without statistics return None or raise (XLA: RuntimeError)
+    return None
+  if not stats or "bytes_limit" not in stats:
+    return None
+  free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  return max(int(PROBE_MEMORY_FRACTION * free), 0)
+
+
+def probe_chunk_for_budget(num_probes: int, param_bytes: int, budget: int) -> int | None:
+  r"""The largest probe chunk ``c`` with ``c * param_bytes <= budget``, as a ``probe_batch_size``.
+
+  .. math::
+
+    c = \lfloor \mathrm{budget} / \mathrm{param\_bytes} \rfloor;
+    \quad c \ge n \Rightarrow \mathrm{None}\ \text{(one vmap)};
+    \quad c < 1 \Rightarrow 1\ \text{(a sequential scan)}.
+
+  Example:
+    >>> [probe_chunk_for_budget(21, 1000, budget) for budget in (5500, 10**6, 10)]
+    [5, None, 1]
+  """
+  chunk = budget // max(param_bytes, 1)
+  if chunk >= num_probes:
+    return None
+  return max(chunk, 1)
+
+
+def resolve_probe_batch_size(
+  probe_batch_size: int | str | None,
+  params: PyTree = None,
+  num_probes: int | None = None,
+  *,
+  memory_budget: int | None = None,
+) -> int | None:
+  """Resolves ``probe_batch_size="auto"`` when the step is traced; other values pass through.
+
+  ``"auto"`` is the largest chunk whose parameter copies fit the budget
+  (:func:`probe_chunk_for_budget`, with the bytes of ``params``:
+  :func:`tree_bytes`): ``memory_budget`` if given, else, off CPU, the
+  device's free memory (:func:`free_memory_budget`; ``1`` where the device
+  does not report it). On CPU without ``memory_budget`` it is ``1``.
+  Without ``params`` (no size to check: a label for the backend's
+  strategy) it is ``1`` on CPU and ``None`` elsewhere.
+  """
+  if not isinstance(probe_batch_size, str):
+    return probe_batch_size
+  on_cpu = jax.default_backend() == "cpu"
+  if params is None or num_probes is None:
+    return 1 if on_cpu else None
+  if memory_budget is None:
+    memory_budget = None if on_cpu else free_memory_budget()
+    if memory_budget is None:
+      return 1
+  return probe_chunk_for_budget(num_probes, tree_bytes(params), memory_budget)
 
 
 ALPHA_REFINEMENTS = (None, "parabola")
@@ -414,8 +493,8 @@ def select_alpha(
 
 
 def xsam(
-  rho: Scalar,
-  rho_max: Scalar,
+  rho: optax.ScalarOrSchedule,
+  rho_max: optax.ScalarOrSchedule,
   *,
   num_steps: int = 1,
   alphas: Sequence[float] = DEFAULT_ALPHAS,
@@ -423,11 +502,15 @@ def xsam(
   alpha_update_period: int | jax.Array | None = 100,
   alpha_refinement: str | None = None,
   probe_batch_size: int | str | None = "auto",
+  probe_memory_budget: int | None = None,
   axis_name: AxisName | None = None,
   adaptive: bool = False,
   eta: Scalar = 0.01,
   adaptive_mask: PyTree | Callable[[PyTree], PyTree] = None,
   m_sharpness: bool = False,
+  perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
+  perturb_every: int = 1,
+  perturb_start: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""XSAM: SAM's gradient scale along the probed direction of the loss maximum.
 
@@ -482,8 +565,10 @@ def xsam(
   ``state.grad_norm`` stays the plain ``|g_K|``.
 
   Args:
-    rho: ascent radius, > 0 (the paper: 0.15 on CIFAR with ResNet-18).
-    rho_max: probe radius, > 0 (the paper: about ``2 * rho``).
+    rho: ascent radius, > 0 (the paper: 0.15 on CIFAR with ResNet-18), or an
+      optax schedule of the step count (values >= 0; see
+      :func:`xsam_jax.rho_schedule_from_lr`).
+    rho_max: probe radius, > 0 (the paper: about ``2 * rho``), or a schedule.
     num_steps: ascent steps K, a Python int >= 1.
     alphas: non-empty 1-D grid of finite alphas to probe (default 0.0, 0.1,
       ..., 2.0). Ties go to the first.
@@ -497,16 +582,36 @@ def xsam(
       :func:`select_alpha`), so a coarse grid can stand in for a fine one.
       Needs strictly increasing ``alphas``.
     probe_batch_size: ``"auto"`` (default): decided when the step is traced,
-      from ``jax.default_backend()``: ``1`` on CPU, ``None`` elsewhere. On
-      CPU (``python -m experiments.bench``, 2026-11-23, 2 cores) a full
+      from static shapes. Off CPU it is the largest chunk ``c`` whose
+      parameter copies fit the memory budget, ``c * P <= budget`` with
+      ``P`` the bytes of the (perturbed) parameters (the sum of
+      ``leaf.size * itemsize``): ``None`` (one ``vmap``) if all
+      ``len(alphas)`` probes fit, ``1`` if not even one does. On CPU it is
+      ``1`` unless ``probe_memory_budget`` is given (then the same rule).
+      On CPU (``python -m experiments.bench``, 2026-11-23, 2 cores) a full
       ``vmap`` was 1.4-1.5x (MLP) and 7.8-9.5x (small CNN) slower than a
       Python loop of forwards, while the sequential scan was 0.92-1.05x and
-      0.95-1.02x (within the machine's noise); on
-      accelerators a full ``vmap`` is the batched call the hardware wants
-      (not yet measured here). ``None``: all probes in one ``jax.vmap``
-      (``len(alphas)`` copies of the parameters in memory). An int:
-      ``jax.lax.map(..., batch_size=)`` with that many copies at a time;
-      ``1`` is a sequential scan.
+      0.95-1.02x (within the machine's noise); on accelerators a ``vmap``
+      is the batched call the hardware wants, as wide as memory allows.
+      ``None``: all probes in one ``jax.vmap`` (``len(alphas)`` copies of
+      the parameters in memory). An int: ``jax.lax.map(..., batch_size=)``
+      with that many copies at a time; ``1`` is a sequential scan. XLA's
+      temporaries of a compiled probe step stay within SAM's step's plus
+      ``c * P``, two parameter-sized buffers (``g_0``'s direction and
+      ``g_K``, alive through the probes) and ``c`` forward passes'
+      activations (measured: docs/performance.md).
+    probe_memory_budget: bytes that ``probe_batch_size="auto"`` may give
+      the probes' parameter copies, an int >= 1; only with ``"auto"``.
+      Default ``None``: off CPU, ``PROBE_MEMORY_FRACTION`` (0.5) of the
+      device's free memory, ``bytes_limit - bytes_in_use`` of
+      ``device.memory_stats()`` on the first local device, read when the
+      step is traced (the other half is left for the step's own
+      temporaries: the ascent's gradients and activations, the probes'
+      activations); ``1`` where the device reports no such statistics. On
+      CPU: a sequential scan. The budget counts parameter copies only, not
+      the activations of the probes' forward passes, which also grow with
+      the chunk: lower it for a model whose activations dwarf its
+      parameters.
     axis_name: for data parallelism inside ``jax.shard_map``, ``jax.pmap``
       or ``jax.vmap``: the name of the batch axis; ``loss_fn`` is then the
       replica's loss on its shard. Incoming and ascent gradients become
@@ -532,6 +637,13 @@ def xsam(
       a callable ``params -> such pytree`` (as in ``optax.masked``); default
       all leaves. ASAM's choice, weights only:
       ``lambda p: jax.tree.map(lambda x: x.ndim > 1, p)``.
+    perturb_mask, perturb_every, perturb_start: training controls, as for
+      every method (docs/controls.md): perturb only the leaves the mask
+      marks (a pytree of bools or a callable on params, as in
+      ``optax.masked``; the others get their gradient at the perturbed
+      point), and only on the steps ``count >= perturb_start`` with
+      ``(count - perturb_start) % perturb_every == 0`` (the others output
+      ``g_0`` with no extra pass).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -579,7 +691,7 @@ def xsam(
     Kwon et al., ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant
     Learning of Deep Neural Networks, https://arxiv.org/abs/2102.11600, 2021.
   """
-  validation.check_positive("rho_max", rho_max)
+  validation.check_rho("rho_max", rho_max)
   alpha_grid = validation.check_grid("alphas", alphas)
   validation.check_finite("alpha_init", alpha_init)
   validation.check_period("alpha_update_period", alpha_update_period)
@@ -593,6 +705,12 @@ def xsam(
     raise ValueError(f'`probe_batch_size` must be "auto", None or an int >= 1, got {probe_batch_size!r}.')
   if probe_batch_size is not None and probe_batch_size != "auto":
     probe_batch_size = validation.check_static_int("probe_batch_size", probe_batch_size)
+  if probe_memory_budget is not None:
+    probe_memory_budget = validation.check_static_int("probe_memory_budget", probe_memory_budget)
+    if probe_batch_size != "auto":
+      raise ValueError(
+        f'`probe_memory_budget` applies to `probe_batch_size="auto"` only, got probe_batch_size={probe_batch_size!r}.'
+      )
   n = alpha_grid.size
 
   def init_fn(params: optax.Params) -> XSAMState:
@@ -605,6 +723,7 @@ def xsam(
       grad_norm=zero,
       probe_losses=jnp.zeros([n], jnp.float32),
       max_loss=zero,
+      perturbed_loss=zero,
     )
 
   def check_state(state: XSAMState) -> None:
@@ -634,9 +753,9 @@ def xsam(
           p1,
           coef_a * s0.mant,
           coef_b * s1.mant,
-          rho_max,
+          base.at_step(rho_max, trace),
           pow2=(s0.pow2, s1.pow2),
-          batch_size=resolve_probe_batch_size(probe_batch_size),
+          batch_size=resolve_probe_batch_size(probe_batch_size, params, n, memory_budget=probe_memory_budget),
           axis_name=axis_name,
         )
         _warn_if_low_precision(new.dtype)
@@ -677,4 +796,7 @@ def xsam(
     adaptive_mask=adaptive_mask,
     m_sharpness=m_sharpness,
     check_state=check_state,
+    perturb_mask=perturb_mask,
+    perturb_every=perturb_every,
+    perturb_start=perturb_start,
   )

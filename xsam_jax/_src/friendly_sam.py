@@ -1,0 +1,164 @@
+"""Friendly SAM, F-SAM (Li et al. 2024): SAM perturbed along the batch's
+stochastic gradient noise, the gradient minus a moving-average estimate of the
+full gradient."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from xsam_jax._src import base, validation
+from xsam_jax._src import tree_math as tm
+from xsam_jax._src.ascent import AscentTrace
+from xsam_jax._src.types import AxisName, LossFn, PyTree, Scalar
+
+
+class FriendlySAMState(NamedTuple):
+  """State of :func:`friendly_sam`.
+
+  Attributes:
+    count: int32 number of ``update`` calls so far (saturating).
+    grad_norm: float32 ``|g_1|``, the norm of the output (diagnostic).
+    ema: the moving average ``m_t`` of the gradients after the last call, a
+      pytree like params in wide precision (float32 or wider); zeros before
+      the first call.
+    perturbed_loss: float32 loss at the ascent point (filled in by the
+      shared factory; 0 until then).
+  """
+
+  count: jax.Array  # type: ignore[assignment]  # optax's name for the step counter; shadows tuple.count
+  grad_norm: jax.Array
+  ema: PyTree
+  perturbed_loss: jax.Array
+
+
+def friendly_sam(
+  rho: optax.ScalarOrSchedule,
+  *,
+  sigma: Scalar = 1.0,
+  lmbda: Scalar = 0.6,
+  axis_name: AxisName | None = None,
+  adaptive: bool = False,
+  eta: Scalar = 0.01,
+  adaptive_mask: PyTree | Callable[[PyTree], PyTree] = None,
+  perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
+  perturb_every: int = 1,
+  perturb_start: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Friendly SAM (F-SAM): SAM perturbed along the gradient minus its moving average.
+
+  With ``g_t`` the incoming gradient at ``w_t`` and ``m_0 = 0``,
+
+  .. math::
+
+    m_t = \lambda\, m_{t-1} + (1-\lambda)\, g_t, \qquad
+    \text{output} = \nabla L\Big(w_t + \rho\, \frac{g_t - \sigma m_t}{\|g_t - \sigma m_t\| + \epsilon}\Big).
+
+  ``m_t`` estimates the full-data gradient, so ``g_t - sigma m_t`` is the
+  batch's stochastic gradient noise; perturbing along it (instead of SAM's
+  ``g_t``) drops the full-gradient component, which the paper finds hurts
+  generalization. Only the perturbation changes: the output is a plain
+  gradient at the perturbed point, as SAM's. ``sigma=0`` is SAM. The average
+  lives in the state; it is the shared ascent with one step whose direction
+  is ``g_t - sigma m_t``.
+
+  The average includes ``g_t`` before it is subtracted, as the paper writes
+  it. The authors' PyTorch code subtracts the average *before* ``g_t``
+  enters, ``g_t - sigma m_{t-1}``, and starts it at ``g_1`` (so its first
+  step is SAM); for ``sigma = 1`` (the paper's setting) the two directions
+  agree, ``g_t - m_t = lambda (g_t - m_{t-1})``, and only the start differs:
+  here ``m_0 = 0``, so the first call perturbs along ``(1 - sigma (1 -
+  lambda)) g_1``, SAM's direction when ``sigma (1 - lambda) < 1``. If ``g_t
+  - sigma m_t = 0`` the perturbation is zero (eps-guarded) and the output is
+  the plain gradient.
+
+  Cost: one extra forward+backward pass per call (as SAM) and one
+  parameter-sized average in the state.
+
+  Args:
+    rho: perturbation radius, > 0, or an optax schedule of the step count (values >= 0).
+    sigma: how much of the average to subtract, a finite real number >= 0
+      (1 in the paper's experiments; 0: SAM).
+    lmbda: decay of the moving average, a real number in ``[0, 1)``. The
+      default 0.6 is the authors' example script (CIFAR, ResNet-18); their
+      training script defaults to 0.95.
+    axis_name: for data parallelism under ``shard_map``/``pmap``: the
+      incoming and perturbed gradients are averaged over this axis before
+      they enter ``m_t`` or the output, so every replica keeps the same
+      average.
+    adaptive: ASAM's adaptive neighbourhood for the ascent step (``rho T^2
+      u / |T u|`` with ``u = g_t - sigma m_t``, ``T = |w| + eta``).
+    eta: ASAM's offset, >= 0.
+    adaptive_mask: which leaves get ``T`` (pytree of bools or callable on
+      params); default all.
+    perturb_mask, perturb_every, perturb_start: training controls, as for
+      every method (docs/controls.md): perturb only the leaves the mask
+      marks (a pytree of bools or a callable on params, as in
+      ``optax.masked``; the others get their gradient at the perturbed
+      point), and only on the steps ``count >= perturb_start`` with
+      ``(count - perturb_start) % perturb_every == 0`` (the others output
+      ``g_0`` with no extra pass).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`FriendlySAMState`; call ``update(grads, state, params,
+    loss_fn=loss_fn)``.
+    ``params`` and ``grads`` need real floating-point leaves (a Python
+    float is taken as a 0-d array); integer, bool or complex leaves raise a
+    ``ValueError`` naming the leaf.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, xsam_jax
+    >>> w = {"w": jnp.array([1.0, -2.0])}
+    >>> f = lambda p: jnp.sum(p["w"] ** 4) + jnp.prod(p["w"])
+    >>> tx = xsam_jax.friendly_sam(0.05, sigma=1.0, lmbda=0.6)
+    >>> out, state = tx.update(jax.grad(f)(w), tx.init(w), w, loss_fn=f)
+    >>> bool(jnp.allclose(state.ema["w"], 0.4 * jax.grad(f)(w)["w"]))  # m_1 = (1 - lmbda) g_1
+    True
+
+  References:
+    Li, Zhou, He, Cheng & Huang, Friendly Sharpness-Aware Minimization,
+    CVPR 2024, https://arxiv.org/abs/2403.12350.
+  """
+  validation.check_nonnegative("sigma", sigma)
+  validation.check_real("lmbda", lmbda, "a real number in [0, 1)", lambda v: 0.0 <= v < 1.0)
+
+  def init_fn(params: optax.Params) -> FriendlySAMState:
+    ema = jax.tree.map(lambda w: jnp.zeros(w.shape, tm.wide_dtype(w.dtype)), params)
+    zero = jnp.zeros([], jnp.float32)
+    return FriendlySAMState(count=base.zero_count(), grad_norm=zero, ema=ema, perturbed_loss=zero)
+
+  def average(state: FriendlySAMState, g0: PyTree) -> PyTree:
+    """``m_t = lmbda m_{t-1} + (1 - lmbda) g_t`` (wide precision)."""
+    return tm.tree_lincomb(lmbda, state.ema, 1.0 - lmbda, tm.tree_cast_like(g0, state.ema))
+
+  def first_direction(g0: PyTree, state: FriendlySAMState) -> PyTree:
+    return tm.tree_lincomb(1.0, tm.tree_cast_like(g0, state.ema), -sigma, average(state, g0))
+
+  def rule(
+    trace: AscentTrace, state: FriendlySAMState, params: PyTree, loss_fn: LossFn
+  ) -> tuple[PyTree, FriendlySAMState]:
+    del params, loss_fn
+    g_1 = trace.grads[-1]
+    new_state = state._replace(grad_norm=tm.tree_norm(g_1).astype(jnp.float32), ema=average(state, trace.grads[0]))
+    return g_1, new_state
+
+  return base.sharpness_aware_transform(
+    "friendly_sam",
+    rho=rho,
+    num_steps=1,
+    init_fn=init_fn,
+    rule=rule,
+    axis_name=axis_name,
+    adaptive=adaptive,
+    eta=eta,
+    adaptive_mask=adaptive_mask,
+    first_direction=first_direction,
+    perturb_mask=perturb_mask,
+    perturb_every=perturb_every,
+    perturb_start=perturb_start,
+  )
