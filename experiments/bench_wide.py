@@ -120,15 +120,19 @@ def _base() -> optax.GradientTransformation:
 
 
 def hand_sam_step(loss_of: Callable[[Any], jax.Array]) -> tuple[optax.GradientTransformation, Callable[..., Any]]:
-  """A plain SAM step written by hand: ``g_1 = grad L(w + rho g_0 / |g_0|)`` into the base optimizer."""
+  """A plain SAM step written by hand: ``g_1 = grad L(w + rho g_0 / |g_0|)`` into the base optimizer.
+
+  Like every method of the library (its state's ``perturbed_loss``), it also returns the loss at the
+  ascent point, from the same ``value_and_grad``: the same maths and the same outputs.
+  """
   base = _base()
 
   def step(params: Any, state: Any) -> Any:
     loss, g0 = jax.value_and_grad(loss_of)(params)
     scale = RHO / (optax.tree.norm(g0) + 1e-12)
-    g1 = jax.grad(loss_of)(jax.tree.map(lambda w, g: w + scale * g, params, g0))
+    perturbed_loss, g1 = jax.value_and_grad(loss_of)(jax.tree.map(lambda w, g: w + scale * g, params, g0))
     updates, state = base.update(g1, state, params)
-    return optax.apply_updates(params, updates), state, loss
+    return optax.apply_updates(params, updates), state, (loss, perturbed_loss)
 
   return base, step
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import xsam_jax
@@ -54,8 +55,11 @@ def test_wide_hand_sam_is_sam():
   params, loss_of = bench_wide.transformer_problem(blocks=1, width=4)
   _, hand = bench_wide.hand_sam_step(loss_of)
   tx, lib = bench_wide.variants(loss_of)["sam"]
-  p_hand, _, _ = jax.jit(hand)(params, bench_wide._base().init(params))
-  p_lib, _, _ = jax.jit(lib)(params, tx.init(params))
+  p_hand, _, (_, perturbed_loss) = jax.jit(hand)(params, bench_wide._base().init(params))
+  p_lib, s_lib, _ = jax.jit(lib)(params, tx.init(params))
+  # The same outputs too: the loss at the ascent point (one loss, ~100 rounding steps, in both programs).
+  lib_loss = optax.tree.get(s_lib, "perturbed_loss")
+  np.testing.assert_allclose(perturbed_loss, lib_loss, rtol=0, atol=f32_bound(lib_loss, n_ops=2 * 100))
   # Two programs: 2 gradients (a loss of ~100 rounding steps on this tiny model) and a norm over the
   # parameters, moved by lr 0.05.
   n = sum(x.size for x in jax.tree.leaves(params))
