@@ -48,6 +48,11 @@ class MLP:
     return self.flatten({"w2": h.T @ r, "b2": r.sum(0), "w1": self.x.T @ dz, "b1": dz.sum(0)})
 
 
+def flat_mask(problem, mask):
+  """A per-leaf bool mask (a dict over KEYS) as a flat bool vector in the order of ``MLP.flatten``."""
+  return np.concatenate([np.full(int(np.prod(problem.shapes[k])), mask[k]) for k in KEYS])
+
+
 def slerp(v0, v1, alpha, theta):
   s = np.sin(theta)
   if s < 1e-8:

@@ -12,13 +12,13 @@ import pytest
 import xsam_jax
 from tests import problems, reference, registry
 from tests.test_reference import HP, _jax_train
-from tests.tolerances import assert_trees_close, f32_bound
+from tests.tolerances import assert_trees_close, assert_trees_equal, f32_bound
 
 NO_BIASES = {"b1": False, "b2": False, "w1": True, "w2": True}
 ALPHAS = (0.0, 0.5, 1.0, 1.5, 2.0)
 
 
-def _steps(tx, params, loss_fn, n, grads_fn=None):
+def _steps(tx, params, loss_fn, n):
   """``n`` jitted steps of ``tx`` alone (no base optimizer: the output is what is compared).
 
   Returns the list of (g_0, output, state) per step; params move by ``-0.05 * output``.
@@ -38,11 +38,6 @@ def _steps(tx, params, loss_fn, n, grads_fn=None):
   return out
 
 
-def _assert_same(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 # --------------------------------------------------------------------------- schedules
 
 
@@ -60,7 +55,7 @@ def test_constant_schedule_is_the_scalar_bitwise(make, value):
   params, loss_fn = problems.mlp_problem(seed=3)
   plain = _steps(make(value), params, loss_fn, 4)
   scheduled = _steps(make(optax.constant_schedule(value)), params, loss_fn, 4)
-  _assert_same(plain, scheduled)
+  assert_trees_equal(plain, scheduled)
 
 
 def _linear_rho(count):
@@ -180,7 +175,7 @@ def test_all_false_mask_is_g0_without_a_pass(case):
   state = tx.init(params)
   g = jax.grad(loss_fn)(params)
   u, new = jax.jit(lambda g, s, p: tx.update(g, s, p, loss_fn=counted))(g, state, params)
-  _assert_same(u, g)
+  assert_trees_equal(u, g)
   assert calls == [], "the all-False mask traced loss_fn"
   assert int(new.count) == 1
 
@@ -200,11 +195,7 @@ def test_all_true_mask_is_no_mask_bitwise(case):
   params, loss_fn = problems.mlp_problem(seed=6)
   plain = _steps(_with_controls(case), params, loss_fn, 3)
   masked = _steps(_with_controls(case, perturb_mask=jax.tree.map(lambda _: True, params)), params, loss_fn, 3)
-  _assert_same(plain, masked)
-
-
-def _flat(problem, mask):
-  return np.concatenate([np.full(int(np.prod(problem.shapes[k])), mask[k]) for k in reference.KEYS])
+  assert_trees_equal(plain, masked)
 
 
 @pytest.mark.parametrize("k_steps", [1, 2])
@@ -212,7 +203,7 @@ def test_masked_sam_matches_float64_reference(k_steps):
   problem, p0 = problems.mlp_data(seed=23)
   tx = xsam_jax.sam(HP["rho"], num_steps=k_steps, perturb_mask=NO_BIASES)
   got, _, _ = _jax_train(tx, problem, p0, 5)
-  mask = _flat(problem, NO_BIASES)
+  mask = reference.flat_mask(problem, NO_BIASES)
   want, _ = reference.run(
     reference.MLP.flatten(p0),
     5,
@@ -232,7 +223,7 @@ def test_masked_xsam_matches_float64_reference(k_steps):
   mask_tree = {"b1": True, "b2": False, "w1": False, "w2": True}
   tx = xsam_jax.xsam(HP["rho"], 1.0, num_steps=k_steps, alpha_update_period=2, alphas=ALPHAS, perturb_mask=mask_tree)
   got, _, alphas = _jax_train(tx, problem, p0, 5)
-  mask = _flat(problem, mask_tree)
+  mask = reference.flat_mask(problem, mask_tree)
 
   def output(w, count, alpha):
     return reference.xsam_output(
@@ -298,7 +289,7 @@ def test_skipped_steps_output_g0_and_run_no_pass():
       assert float(state.perturbed_loss) != last_loss
     else:
       assert len(evaluations) == before, count
-      _assert_same(u, g)
+      assert_trees_equal(u, g)
       assert float(state.perturbed_loss) == last_loss  # kept from the last perturbed step
     last_loss = float(state.perturbed_loss)
     assert int(state.count) == count + 1
@@ -321,7 +312,7 @@ def test_traced_perturb_every_under_inject_hyperparams():
   out = _steps(tx, params, loss_fn, 4)
   for count, (g, u, _) in enumerate(out):
     if count % 2:
-      _assert_same(u, g)
+      assert_trees_equal(u, g)
     else:
       assert not np.array_equal(np.asarray(u["w1"]), np.asarray(g["w1"]))
 

@@ -11,7 +11,7 @@ import xsam_jax
 from tests import problems
 from tests.test_axis_name import _loss_on
 from tests.test_probes import _CountingLoss
-from tests.tolerances import assert_argmax_lead, assert_trees_close, f32_bound, f32_rtol
+from tests.tolerances import assert_argmax_lead, assert_trees_close, assert_trees_equal, f32_bound, f32_rtol
 from xsam_jax._src.eigen_sam import eigen_sam, power_iteration
 from xsam_jax._src.hvp import hessian_vector_product
 from xsam_jax._src.multistep import lsam, msam
@@ -27,11 +27,6 @@ SAM_OPS = 3 * problems.LOSS_OPS + 3 * problems.NUM_PARAMS
 def _one_update(tx, params, loss_fn, state=None):
   state = tx.init(params) if state is None else state
   return jax.jit(lambda s: tx.update(jax.grad(loss_fn)(params), s, params, loss_fn=loss_fn))(state)
-
-
-def _assert_trees_equal(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def _flat(tree):
@@ -173,7 +168,7 @@ def test_adaptive_mask_callable_equals_pytree():
   out_c, _ = _one_update(lsam(0.5, num_steps=2, adaptive=True, adaptive_mask=WEIGHTS_ONLY), params, loss_fn)
   out_t, _ = _one_update(lsam(0.5, num_steps=2, adaptive=True, adaptive_mask=WEIGHTS_ONLY(params)), params, loss_fn)
   # The callable is resolved to the same pytree of Python bools at trace time: one program, so bitwise equal.
-  _assert_trees_equal(out_c, out_t)
+  assert_trees_equal(out_c, out_t)
 
 
 # --- VaSSO -------------------------------------------------------------------
@@ -266,7 +261,7 @@ def test_eigen_sam_refreshes_only_on_schedule():
     jax.effects_barrier()
     refreshed.append(counting.calls > 1)  # the ascent evaluates the loss once; a refresh, once per HVP
     if not refreshed[-1]:
-      _assert_trees_equal(new_state.eigvec, state.eigvec)  # carried over unchanged: bitwise is the contract
+      assert_trees_equal(new_state.eigvec, state.eigvec)  # carried over unchanged: bitwise is the contract
     state = new_state
   assert refreshed == [c % 3 == 0 for c in range(7)]
 

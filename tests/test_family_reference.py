@@ -21,10 +21,6 @@ RHO = HP["rho"]
 WEIGHTS_ONLY = {"b1": False, "b2": False, "w1": True, "w2": True}
 
 
-def _flat_mask(problem, mask):
-  return np.concatenate([np.full(int(np.prod(problem.shapes[k])), mask[k]) for k in reference.KEYS])
-
-
 def _jax_train(tx0, problem, p0, steps=STEPS):
   """Runs tx0 in float64 on the reference MLP; returns (flat params, state, alphas)."""
   return jax_train_f64(tx0, problem, p0, steps)
@@ -53,7 +49,7 @@ def test_asam_ascent_step_is_rho_t2_g_over_tg():
   eta, rho = 0.05, 0.3
   w = reference.MLP.flatten(p0)
   for mask in (None, WEIGHTS_ONLY):
-    t = reference.asam_t(w, eta, None if mask is None else _flat_mask(problem, mask))
+    t = reference.asam_t(w, eta, None if mask is None else reference.flat_mask(problem, mask))
     g = problem.grad(w)
     expected = rho * t**2 * g / np.linalg.norm(t * g)
     with jax.enable_x64(True):
@@ -71,7 +67,7 @@ def test_asam_matches_reference(k, masked):
   problem, p0 = problems.mlp_data(seed=23)
   eta = 0.02
   mask = WEIGHTS_ONLY if masked else None
-  flat_mask = _flat_mask(problem, mask) if masked else None
+  flat_mask = reference.flat_mask(problem, mask) if masked else None
   w_ref, _ = _ref_train(
     problem,
     p0,
@@ -109,7 +105,7 @@ def test_xsam_asam_matches_reference(k, period, alpha_init, masked):
   eta, rho, rho_max = 0.05, 1.0, 2.0  # ASAM's radii are larger: T ~ |w| + eta shrinks the step
   alphas = np.asarray(xsam_jax.DEFAULT_ALPHAS)
   mask = WEIGHTS_ONLY if masked else None
-  flat_mask = _flat_mask(problem, mask) if masked else None
+  flat_mask = reference.flat_mask(problem, mask) if masked else None
 
   def output_fn(w, count, alpha):
     probe = period is not None and count % period == 0

@@ -16,7 +16,7 @@ import pytest
 
 import xsam_jax
 from tests import problems, reference
-from tests.test_family_reference import WEIGHTS_ONLY, _flat_mask
+from tests.test_family_reference import WEIGHTS_ONLY
 from tests.test_reference import HP
 from tests.test_reference import _jax_train as jax_train_f64
 from tests.test_sam_variants import N_REPLICAS, UPDATE_OPS, _replicated, _shards, _updates_along_sam
@@ -50,7 +50,7 @@ def _perturbs(count, k, start):
 def test_looksam_matches_reference(k, alpha, eta, start, masked):
   """Params after 7 steps (SAM's steps and the steps that reuse g_v), the final g_v and the cosine."""
   problem, p0 = problems.mlp_data(seed=41)
-  mask = _flat_mask(problem, WEIGHTS_ONLY) if masked else None
+  mask = reference.flat_mask(problem, WEIGHTS_ONLY) if masked else None
   log = []
 
   def output_fn(w, count, g_v):

@@ -78,6 +78,12 @@ def assert_trees_within(a, b, atol):
   jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0, atol=atol), a, b)
 
 
+def assert_trees_equal(a, b):
+  """Bitwise equality of two trees, leaf by leaf (where equality is the contract: the same program, resume)."""
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def assert_trees_close(a, b, n_ops):
   """Within ``n_ops`` float32 rounding steps of the largest entry of ``b`` (:func:`f32_bound`).
 
