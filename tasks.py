@@ -3,6 +3,8 @@
 
     python3 tasks.py run   [args...]   # the main job: python -m experiments.train
     python3 tasks.py test  [args...]   # lint, format check, type check, then python -m pytest [args...]
+                                       # on min(CPUs, 4) pytest-xdist workers, one test file each at a time
+                                       # (pass -n 0 for one process)
     python3 tasks.py lint              # only the checks: ruff check, ruff format --check, mypy
     python3 tasks.py docs  [args...]   # the HTML docs: sphinx-build -W -b html docs docs/_build/html
 
@@ -39,6 +41,19 @@ COMMANDS = {  # name -> steps; the command line's extra arguments go to the last
   "docs": [["-m", "sphinx", "-W", "-b", "html", "docs", "docs/_build/html"]],  # = sphinx-build
 }
 PASS_THROUGH = {"run", "test", "docs"}
+MAX_TEST_WORKERS = 4
+"""Most pytest-xdist workers ``test`` starts: each is a JAX process of 1-3 GB, and tests compile more than they run."""
+
+
+def test_workers(args: list[str]) -> list[str]:
+  """pytest-xdist arguments for ``test``: ``-n min(CPUs, 4) --dist loadfile`` unless ``args`` choose ``-n`` themselves.
+
+  ``loadfile`` keeps each test file in one worker, so module-scoped fixtures (the docs build, the
+  notebooks' kernel) are made once.
+  """
+  if any(a == "-n" or a.startswith(("-n", "--numprocesses", "--dist")) for a in args):
+    return []
+  return ["-n", str(max(1, min(os.cpu_count() or 1, MAX_TEST_WORKERS))), "--dist", "loadfile"]
 
 
 def _fingerprint() -> str:
@@ -65,7 +80,8 @@ def main(argv: list[str]) -> int:
   ensure_venv()
   steps = COMMANDS[argv[0]]
   for i, step in enumerate(steps):
-    cmd = [str(PY), *step, *(argv[1:] if i == len(steps) - 1 else [])]
+    last = i == len(steps) - 1
+    cmd = [str(PY), *step, *(test_workers(argv[1:]) if last and argv[0] == "test" else []), *(argv[1:] if last else [])]
     print("[tasks] " + " ".join(cmd), flush=True)
     code = subprocess.call(cmd, cwd=ROOT)
     if code != 0:

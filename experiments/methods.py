@@ -36,7 +36,7 @@ class Method:
 
   Attributes:
     factory: the ``xsam_jax`` constructor.
-    reads: the hyperparameters (of :data:`METHOD_FIELDS`) it is passed, by keyword.
+    reads: the hyperparameters (of :data:`METHOD_FIELDS` or :data:`EXTRA_FIELDS`) it is passed, by keyword.
     fixed: further keyword arguments that make the variant (``plus=True``, ...).
   """
 
@@ -47,6 +47,17 @@ class Method:
 
 METHOD_FIELDS = ("rho", "rho_max", "num_steps", "alpha_update_period", "probe_batch_size", "alphas", "alpha_refinement")
 """The hyperparameters a method can read (:class:`~experiments.configs.TrainConfig` fields; plain SGD reads none)."""
+
+EXTRA_FIELDS = ("alpha", "gamma")
+"""Hyperparameters :func:`build` also takes that are no :class:`~experiments.configs.TrainConfig` field: the
+fixed alpha of ``xsam_fixed`` and GSAM, WSAM's gamma. The main job never sets them (each method's default);
+``experiments.protocol`` tunes them. They are not part of a run's id (:func:`used_fields`)."""
+
+
+def _xsam_fixed(rho: Any, *, num_steps: int = 1, alpha: Any = 1.0) -> optax.GradientTransformationExtraArgs:
+  """XSAM with a fixed alpha (the paper's WSAM-like baseline): ``|g_K| v(alpha)``, no probes; alpha 1 is SAM."""
+  return xsam_jax.xsam(rho, rho, num_steps=num_steps, alpha_update_period=None, alpha_init=alpha)
+
 
 _K = ("rho", "num_steps")
 
@@ -61,10 +72,11 @@ METHODS: dict[str, Method | None] = {
   "lsam_plus": Method(xsam_jax.lsam, _K, {"plus": True}),
   "vasso": Method(xsam_jax.vasso, ("rho",)),
   "eigen_sam": Method(xsam_jax.eigen_sam, _K),
-  # The library's defaults for the rest: alpha 0.4; gamma 0.9, coupled (the chain's SGD follows); sigma 1, lmbda 0.6;
-  # LookSAM's k 5, alpha 0.7.
-  "gsam": Method(xsam_jax.gsam, ("rho",)),
-  "wsam": Method(xsam_jax.wsam, ("rho",)),
+  # The library's defaults for the rest unless `alpha` / `gamma` are given (EXTRA_FIELDS): GSAM's alpha 0.4; WSAM's
+  # gamma 0.9, coupled (the chain's SGD follows); sigma 1, lmbda 0.6; LookSAM's k 5, alpha 0.7; xsam_fixed's alpha 1.
+  "gsam": Method(xsam_jax.gsam, ("rho", "alpha")),
+  "wsam": Method(xsam_jax.wsam, ("rho", "gamma")),
+  "xsam_fixed": Method(_xsam_fixed, ("rho", "num_steps", "alpha")),  # rho_max is unused: no probes
   "friendly_sam": Method(xsam_jax.friendly_sam, ("rho",)),
   "looksam": Method(xsam_jax.looksam, ("rho",)),
 }
@@ -87,18 +99,18 @@ def build(name: str, **hyperparameters: Any) -> optax.GradientTransformationExtr
 
   Args:
     name: a key of :data:`METHODS`.
-    **hyperparameters: values of :data:`METHOD_FIELDS` (they may be traced);
-      each method takes those it reads and ignores the others, and one left
-      out gets the ``xsam_jax`` default.
+    **hyperparameters: values of :data:`METHOD_FIELDS` or :data:`EXTRA_FIELDS`
+      (they may be traced); each method takes those it reads and ignores the
+      others, and one left out gets the ``xsam_jax`` default.
 
   Raises:
     ValueError: for an unknown name or hyperparameter, and for values the
       ``xsam_jax`` constructor rejects (naming the argument).
   """
   method = _method(name)
-  unknown = sorted(set(hyperparameters) - set(METHOD_FIELDS))
+  unknown = sorted(set(hyperparameters) - set(METHOD_FIELDS) - set(EXTRA_FIELDS))
   if unknown:
-    raise ValueError(f"unknown hyperparameters {unknown}; methods read {', '.join(METHOD_FIELDS)}")
+    raise ValueError(f"unknown hyperparameters {unknown}; methods read {', '.join(METHOD_FIELDS + EXTRA_FIELDS)}")
   if method is None:
     return None
   return method.factory(**method.fixed, **{k: v for k, v in hyperparameters.items() if k in method.reads})
@@ -138,7 +150,7 @@ def used_fields(name: str) -> frozenset[str]:
     ValueError: for an unknown name.
   """
   method = _method(name)
-  return frozenset(() if method is None else method.reads)
+  return frozenset(() if method is None else set(method.reads) & set(METHOD_FIELDS))
 
 
 def unused_fields(name: str) -> frozenset[str]:

@@ -563,6 +563,27 @@ def m_sharpness_rejects_summed_gradient():
 
 
 @check
+def m_sharpness_shard_map_every_method():
+  """m_sharpness on the methods that gained it, whose states hold averages and eigenvectors: under
+  shard_map (check_vma=True, the state's out_specs P() demands one state for all replicas) the replicas
+  agree bitwise, and shard_map equals pmap. Their float64 references: tests/test_shared_options.py."""
+  params, batches = problem()
+  for make in (
+    lambda **kw: xsam_jax.msam(0.1, num_steps=2, **kw),
+    lambda **kw: xsam_jax.lsam(0.1, num_steps=2, plus=True, **kw),
+    lambda **kw: xsam_jax.vasso(0.1, theta=0.4, adaptive=True, **kw),
+    lambda **kw: xsam_jax.friendly_sam(0.1, **kw),
+    lambda **kw: xsam_jax.eigen_sam(0.1, eig_update_period=2, power_iterations=2, **kw),
+  ):
+    tx = optax.chain(make(axis_name="batch", m_sharpness=True), optax.sgd(0.05, momentum=0.9))
+    p, s = _train_m_sharpness_shard_map(tx, params, batches)
+    p, s = assert_replicas_identical(p), assert_replicas_identical(s)
+    p_pmap, s_pmap = train_pmap(tx, params, batches)
+    assert_trees_close(p, assert_replicas_identical(p_pmap, True), PARAMS_OPS)
+    assert_trees_close(s, assert_replicas_identical(s_pmap, True), STEP_OPS)
+
+
+@check
 def m_sharpness_needs_axis_name():
   for make in (lambda: xsam_jax.sam(0.1, m_sharpness=True), lambda: xsam_jax.xsam(0.1, 0.2, m_sharpness=True)):
     try:

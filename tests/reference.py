@@ -190,12 +190,13 @@ def adaptive_xsam_output(loss, grad, w, rho, k_steps, rho_max, alphas, alpha, pr
   return np.linalg.norm(tg) * slerp(v0, v1, alpha, theta) / t, alpha
 
 
-def vasso_output(grad, w, rho, theta, ema):
+def vasso_output(grad, w, rho, theta, ema, t=None):
   """One VaSSO step: ema <- (1-theta) ema + theta g (ema = g the first time);
-  output = grad at w + rho ema/|ema|. Returns (output, ema)."""
+  output = grad at w + rho ema/|ema| (``t``: ASAM's, w + rho T^2 ema/|T ema|).
+  Returns (output, ema)."""
   g = grad(w)
   ema = g if ema is None else (1.0 - theta) * ema + theta * g
-  gs, _ = ascent(grad, w, g, rho, 1, first=ema)
+  gs, _ = ascent(grad, w, g, rho, 1, t=t, first=ema)
   return gs[-1], ema
 
 
@@ -270,6 +271,15 @@ def eigen_corrected(g, v, alpha):
   """u - alpha |<u, v>| v with u = g/|g|, rescaled to |g|."""
   u = unit(g)
   return np.linalg.norm(g) * unit(u - alpha * abs(u @ v) * v)
+
+
+def per_replica(step_fns, w, state):
+  """m-sharpness: every replica's step ``step(w, state) -> (output, state)`` from the one shared state,
+  each on its own shard; the output and the new state are the replicas' means (a None state stays None).
+  The mean of the new states is the state every replica keeps."""
+  outs, states = zip(*(step(w, state) for step in step_fns), strict=True)
+  mean_state = None if states[0] is None else np.mean(states, axis=0)
+  return np.mean(outs, axis=0), mean_state
 
 
 def run(w, steps, output_fn, *, lr, momentum, wd, state=None):

@@ -32,7 +32,11 @@ CASES = {
   "msam_plus_k2": lambda: msam(0.1, num_steps=2, plus=True),
   "lsam_plus_asam_k2": lambda: lsam(0.2, num_steps=2, plus=True, adaptive=True, adaptive_mask=_WEIGHTS_ONLY),
   "vasso": lambda: vasso(0.1, theta=0.4),
+  "vasso_asam": lambda: vasso(0.2, theta=0.4, adaptive=True, adaptive_mask=_WEIGHTS_ONLY),
   "eigen_sam": lambda: eigen_sam(0.1, alpha=0.5, eig_update_period=2, power_iterations=3),
+  "eigen_sam_asam_k2": lambda: eigen_sam(
+    0.2, alpha=0.5, eig_update_period=2, power_iterations=3, num_steps=2, adaptive=True
+  ),
   "gsam": lambda: gsam(0.1, alpha=0.5),  # with ASAM: tests/test_sam_variants.py (float64 reference)
   "wsam": lambda: wsam(0.1, gamma=0.7),
   # The decoupled form with an identity base optimizer: g_0 - lr_t gamma/(1-gamma) (g_1 - g_0), a gradient-sized

@@ -13,7 +13,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import xsam_jax
-from tests.tolerances import assert_argmax_lead, f32_bound, f32_rtol
+from tests.tolerances import assert_argmax_lead, assert_trees_within, f32_bound, f32_rtol
 from xsam_jax import sharpness
 
 # Rounding steps (tests/tolerances.py) of the tiny MLP, with M the size of its loss (~1.5): one loss
@@ -314,39 +314,102 @@ def test_random_plane_surface_is_centred():
   )
 
 
-def test_xsam_directions_agree_with_the_optimizer():
+def _weights_only(params):
+  return jax.tree.map(lambda x: x.ndim > 1, params)
+
+
+def _asam_scale(params, options):
+  """ASAM's ``T = |w| + eta`` on the leaves ``adaptive_mask`` marks, 1 elsewhere (all 1 unless adaptive)."""
+  if not options.get("adaptive"):
+    return jax.tree.map(jnp.ones_like, params)
+  mask = options.get("adaptive_mask", lambda p: jax.tree.map(lambda _: True, p))(params)
+  return jax.tree.map(lambda w, m: jnp.abs(w) + 0.01 if m else jnp.ones_like(w), params, mask)
+
+
+@pytest.mark.parametrize(
+  ("options", "rho", "rho_max"),
+  [
+    ({}, 2.0, 4.0),
+    ({"alpha_refinement": "parabola"}, 2.0, 4.0),
+    ({"adaptive": True, "adaptive_mask": _weights_only}, 2.0, 4.0),
+    ({"adaptive": True, "alpha_refinement": "parabola"}, 3.0, 6.0),
+    ({"num_steps": 2}, 3.0, 6.0),
+  ],
+  ids=["plain", "parabola", "adaptive", "adaptive-parabola", "K2"],
+)
+def test_xsam_directions_agree_with_the_optimizer(options, rho, rho_max):
+  """The analysis's alpha and direction are those of one probing xsam update with the same options."""
   loss_fn, params = _tiny_mlp(jnp.float32)
-  # Radii with a clear probe winner (alpha = 0.8) and theta ~ 0.39: at rho = 0.2, rho_max = 0.5 the
-  # winner led by 7e-7, a few ulps of the losses, so which alpha won was decided by rounding.
-  rho, rho_max = 2.0, 4.0
-  plane = sharpness.xsam_directions(loss_fn, params, rho=rho, rho_max=rho_max)
-  tx = xsam_jax.xsam(rho=rho, rho_max=rho_max, alpha_update_period=1)
+  # Radii with a clear probe winner (checked below) at an interior grid point and theta ~ 0.2-0.4: at
+  # rho = 0.2, rho_max = 0.5 the winner led by 7e-7, a few ulps of the losses, so rounding decided it.
+  num_steps = options.get("num_steps", 1)
+  plane = sharpness.xsam_directions(loss_fn, params, rho=rho, rho_max=rho_max, **options)
+  tx = xsam_jax.xsam(rho=rho, rho_max=rho_max, alpha_update_period=1, **options)
   grads = jax.grad(loss_fn)(params)
   out, state = jax.jit(lambda g, st, p: tx.update(g, st, p, loss_fn=loss_fn))(grads, tx.init(params), params)
-  # Two programs compute the same thing. A probe loss chains g_0, g_1 and the loss (3 MLP chains) and
-  # norms |g_0|, |g_1|, the cosine and the probe point (4 over the parameters).
-  probe_tol = f32_bound(state.probe_losses, n_ops=3 * MLP_LOSS_OPS + 4 * MLP_PARAMS)
-  np.testing.assert_allclose(plane.probe_losses, state.probe_losses, rtol=0, atol=probe_tol)
-  assert_argmax_lead(state.probe_losses, probe_tol)
-  assert float(plane.alpha) == float(state.alpha)  # the same grid point, not a near-tie (checked above)
-  # Unit in-plane quantities (cos theta, e2, coordinates) come from the two gradients and their
-  # norms; e2 = (v1 - cos theta v0) / sin theta divides their error by sin theta.
-  sin_t = float(np.sin(state.theta))
-  plane_tol = f32_bound(1.0, n_ops=2 * (MLP_LOSS_OPS + MLP_PARAMS)) / sin_t
-  np.testing.assert_allclose(plane.theta, state.theta, rtol=0, atol=plane_tol)
+  alpha = float(optax.tree.get(state, "alpha"))
+  losses = np.asarray(optax.tree.get(state, "probe_losses"), np.float64)
+  theta = float(optax.tree.get(state, "theta"))
+  # Two programs compute the same thing. A probe loss chains g_0 .. g_K and the loss (K + 2 MLP chains)
+  # and the norms |g_0| .. |g_K|, the cosine and the probe point (K + 3 over the parameters); ASAM's
+  # T = |w| + eta and its products add a few elementwise steps (8).
+  extra = 8 if options.get("adaptive") else 0
+  probe_tol = f32_bound(losses, n_ops=(num_steps + 2) * MLP_LOSS_OPS + (num_steps + 3) * MLP_PARAMS + extra)
+  np.testing.assert_allclose(plane.probe_losses, losses, rtol=0, atol=probe_tol)
+  assert_argmax_lead(losses, probe_tol)
+  best = int(np.argmax(losses))
+  if options.get("alpha_refinement") == "parabola":
+    # The vertex on the uniform grid (step h) through the best point and its neighbours is
+    # x* = x_i - (h/2) (y_- - y_+) / D, D = 2 y_i - y_- - y_+, with |x* - x_i| <= h/2: each of the three
+    # losses moves it by at most h/D times its error; the vertex formula itself rounds a few times.
+    assert 0 < best < losses.size - 1, best
+    h = float(plane.alphas[1] - plane.alphas[0])
+    curvature = 2 * losses[best] - losses[best - 1] - losses[best + 1]
+    alpha_tol = 3 * h * probe_tol / curvature + f32_bound(alpha, n_ops=8)
+    # Refinement moved alpha off the grid by more than twice the tolerance: the check tells them apart.
+    assert abs(alpha - float(plane.alphas[best])) > 2 * alpha_tol, (alpha, alpha_tol)
+    np.testing.assert_allclose(plane.alpha, alpha, rtol=0, atol=alpha_tol)
+  else:
+    alpha_tol = 0.0
+    assert float(plane.alpha) == alpha  # the same grid point, not a near-tie (checked above)
+  # Unit in-plane quantities (cos theta, e2, coordinates) come from the gradients and their norms;
+  # e2 = (v1 - cos theta v0) / sin theta divides their error by sin theta.
+  plane_tol = f32_bound(1.0, n_ops=(num_steps + 1) * (MLP_LOSS_OPS + MLP_PARAMS) + extra) / np.sin(theta)
+  np.testing.assert_allclose(plane.theta, theta, rtol=0, atol=plane_tol)
+  grad_norm = optax.tree.get(state, "grad_norm")
+  np.testing.assert_allclose(plane.grad_norm, grad_norm, rtol=f32_rtol((num_steps + 1) * MLP_LOSS_OPS + MLP_PARAMS))
   tree_math = xsam_jax._src.tree_math
-  # e1, e2 orthonormal; XSAM's output is |g_K| v(alpha) = |g_K| (x e1 + y e2).
-  np.testing.assert_allclose(tree_math.tree_vdot(plane.e1, plane.e2), 0.0, atol=plane_tol)
+  # In XSAM's coordinates (ASAM's w / T when adaptive; T = 1 otherwise) e1 / T, e2 / T are orthonormal and
+  # XSAM's update, a gradient there T out, is |.| v(alpha) = |.| (x e1 + y e2) / T.
+  scale = _asam_scale(params, options)
+  e1, e2 = (jax.tree.map(jnp.divide, e, scale) for e in (plane.e1, plane.e2))
+  np.testing.assert_allclose(tree_math.tree_vdot(e1, e2), 0.0, atol=plane_tol)
   # e2 is normalized by one norm over the parameters and measured by another.
-  np.testing.assert_allclose(tree_math.tree_norm(plane.e2), 1.0, rtol=f32_rtol(2 * MLP_PARAMS))
+  np.testing.assert_allclose(tree_math.tree_norm(e2), 1.0, rtol=f32_rtol(2 * MLP_PARAMS + extra))
   x, y = plane.xsam_xy
-  expected = tree_math.tree_lincomb(state.grad_norm * x, plane.e1, state.grad_norm * y, plane.e2)
-  for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(expected), strict=True):
-    # (x, y) and e1, e2 each within plane_tol; theta's error rotates v(alpha) by alpha times it.
-    np.testing.assert_allclose(got, want, rtol=0, atol=float(state.grad_norm) * (2 + float(state.alpha)) * plane_tol)
-  np.testing.assert_allclose(plane.sgd_xy, [1.0, 0.0], atol=plane_tol)  # K = 1: v0 is the g_0 direction
-  np.testing.assert_allclose(plane.sam_xy, [np.cos(plane.theta), np.sin(plane.theta)], atol=plane_tol)
-  np.testing.assert_allclose(plane.ascent_xy, [rho, 0.0], atol=rho * plane_tol)
+  direction = tree_math.tree_lincomb(x, e1, y, e2)
+  update, _ = tree_math.tree_normalize(jax.tree.map(jnp.multiply, out, scale))
+  # (x, y) and e1, e2 each within plane_tol; theta's error rotates v(alpha) by alpha times it, and
+  # alpha's by theta times that.
+  assert_trees_within(update, direction, (2 + alpha) * plane_tol + theta * alpha_tol)
+  np.testing.assert_allclose(plane.sam_xy, [np.cos(theta), np.sin(theta)], atol=plane_tol)
+  np.testing.assert_allclose(plane.ascent_xy[1], 0.0, atol=rho * plane_tol)  # e1 = v0 points at the ascent point
+  if num_steps == 1:
+    np.testing.assert_allclose(plane.sgd_xy, [1.0, 0.0], atol=plane_tol)  # v0 is the (T) g_0 direction
+    np.testing.assert_allclose(plane.ascent_xy[0], rho, rtol=plane_tol)  # |T^{-1} d_1| = rho
+
+
+def test_xsam_directions_options_validated():
+  loss_fn, params = _tiny_mlp(jnp.float32)
+  directions = functools.partial(sharpness.xsam_directions, loss_fn, params, rho=0.1, rho_max=0.2)
+  with pytest.raises(ValueError, match="alpha_refinement"):
+    directions(alpha_refinement="cubic")
+  with pytest.raises(ValueError, match="strictly increasing"):
+    directions(alphas=[0.0, 1.0, 0.5], alpha_refinement="parabola")
+  with pytest.raises(ValueError, match="adaptive_mask"):
+    directions(adaptive=True, adaptive_mask={"dense1": True})
+  with pytest.raises(ValueError, match="eta"):
+    directions(adaptive=True, eta=-1.0)
 
 
 def test_xsam_directions_given_alpha():

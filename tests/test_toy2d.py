@@ -25,7 +25,13 @@ from xsam_jax import testfns
 # and logaddexp (~11), under 40, on terms within ~2x of max(1, f).
 TOY_OPS = 40
 
-PNGS = ("toy2d_trajectories.png", "toy2d_fractions.png", "toy2d_outcomes.png", "toy2d_directions.png")
+PNGS = (
+  "toy2d_trajectories.png",
+  "toy2d_fractions.png",
+  "toy2d_outcomes.png",
+  "toy2d_directions.png",
+  "toy2d_axes.png",
+)
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +100,11 @@ def test_quick_writes_well_formed_json(quick_run):
   with open(out / "toy2d_timing.json") as fh:
     assert json.load(fh)["wall_time_s"] > 0
   tables = (out / "toy2d_tables.md").read_text()
-  assert tables.count("| setting |") == 3
+  assert tables.count("| setting | SGD |") == 3
+  assert tables.count("| setting | momentum | SGD |") == 3
   assert "XSAM K=1" in tables
+  assert "XSAM K=1 period=20" in tables
+  assert data["axes"]["markdown"] in tables
 
 
 @pytest.mark.parametrize("name", PNGS)
@@ -182,3 +191,96 @@ def test_batched_scan_matches_a_plain_loop(method, k, monkeypatch):
   np.testing.assert_allclose(np.asarray(out["x_end"][i, j]), last.mean(axis=0), rtol=1e-5, atol=1e-4)
   spread = np.sqrt(np.mean(np.sum((last - last.mean(axis=0)) ** 2, axis=-1)))
   np.testing.assert_allclose(float(out["spread"][i, j]), spread, rtol=1e-3, atol=1e-4)
+
+
+def _axes_cell_keys(cfg):
+  keys = set()
+  for label, method, k in toy2d.method_list(cfg.axes_ks):
+    for s in cfg.axes_settings:
+      for m in cfg.momenta:
+        for p in cfg.periods if method == "xsam" else (None,):
+          keys.add((label, k, s._replace(period=1).name, m, p))
+  return keys
+
+
+def test_axes_sweep_quick_gives_a_fraction_per_cell(quick_run):
+  """Every method x K x setting x momentum x period cell has its fractions in [0, 1]; the dict is JSON."""
+  cfg = toy2d.Toy2dConfig.quick()
+  axes = toy2d.axes_sweep(cfg, log=lambda _: None)
+  assert json.loads(json.dumps(axes)) == axes
+  assert axes["wall_time_s"] > 0
+  cells = axes["cells"]
+  assert {(c["label"], c["num_steps"], c["setting"], c["momentum"], c["period"]) for c in cells} == _axes_cell_keys(cfg)
+  assert len(cells) == len(_axes_cell_keys(cfg))
+  assert (axes["momenta"], axes["periods"]) == ([0.0, 0.9], [1, 5, 20])
+  assert axes["n_starts"] == cfg.starts_per_axis**2 == axes["n_sharp_basin_starts"] + axes["n_flat_basin_starts"]
+  for c in cells:
+    for key in ("escape_from_sharp", "stay_in_flat", "flat", "neither", "non_finite"):
+      assert 0.0 <= c[key] <= 1.0, (c, key)
+    assert c["flat"] + c["neither"] + c["non_finite"] <= 1.0 + 1e-3
+  assert axes["markdown"].count("| setting | momentum |") == 3
+  assert "XSAM K=1 period=5" in axes["markdown"]
+  # Deterministic: the study's own run of the sweep gave the same cells.
+  _, payload = quick_run
+  assert payload["axes"]["cells"] == cells
+  # Momentum 0 through optax's trace takes plain SGD's steps: the main sweep's numbers at the shared cells.
+  check = payload["axes"]["main_sweep_check"]
+  assert check["cells_compared"] == len(cfg.axes_settings) * (1 + 2 * len(cfg.axes_ks))
+  assert check["max_abs_diff"] == 0.0
+
+
+def _heavy_ball_reference(x0, method, rho, lr, beta, steps):
+  """x <- x - lr v, v <- beta v + u (u: the gradient, or SAM's K=1 gradient at x + rho g / |g|), step by step."""
+  grad = jax.jit(jax.grad(testfns.fisher_sam_toy))
+  x, v, path = x0, jnp.zeros_like(x0), [x0]
+  for _ in range(steps):
+    g = grad(x)
+    u = g if method == "sgd" else grad(x + rho * g / jnp.linalg.norm(g))
+    v = beta * v + u
+    x = x - lr * v
+    path.append(x)
+  return np.asarray(jnp.stack(path))
+
+
+@pytest.mark.parametrize("method", ["sgd", "sam"])
+def test_momentum_is_heavy_ball(method):
+  """Momentum 0.9 runs the heavy-ball update (checked against a hand-written loop); momentum 0 is plain SGD."""
+  x0s = jnp.asarray([[-5.0, 14.0], [-30.0, 35.0], [25.0, 40.0]], jnp.float32)
+  rho, lr, beta, steps = 5.0, 100.0, 0.9, 6
+  paths = np.asarray(toy2d.run_paths(x0s, rho, 2 * rho, lr, 1, beta, method=method, num_steps=1, steps=steps))
+  plain = np.asarray(toy2d.run_paths(x0s, rho, 2 * rho, lr, 1, method=method, num_steps=1, steps=steps))
+  for j, x0 in enumerate(x0s):
+    ref = _heavy_ball_reference(x0, method, rho, lr, beta, steps)
+    np.testing.assert_allclose(paths[j], ref, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(plain[j], _heavy_ball_reference(x0, method, rho, lr, 0.0, steps), rtol=1e-5, atol=1e-4)
+  assert np.max(np.abs(paths[:, -1] - plain[:, -1])) > 1.0  # momentum moved the iterates
+  # Batched over cells, momentum is traced: cell 1 (beta) is the reference, cell 0 (momentum 0) plain SGD's steps.
+  cells = [jnp.asarray(v) for v in ([rho, rho], [2 * rho, 2 * rho], [lr, lr])]
+  ones = jnp.ones(2, jnp.int32)
+  out = toy2d.run_grid(x0s, *cells, ones, jnp.asarray([0.0, beta]), method=method, num_steps=1, steps=steps)
+  none = toy2d.run_grid(x0s, *cells, ones, method=method, num_steps=1, steps=steps)
+  np.testing.assert_allclose(np.asarray(out["x_final"][1]), paths[:, -1], rtol=1e-5, atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(out["x_final"][0]), np.asarray(none["x_final"][0]))
+
+
+def test_period_axis_sets_when_alpha_is_reestimated():
+  """XSAM's alpha changes only at steps t with t % period == 0, and there it is the alpha probed at x_t."""
+  x0 = jnp.asarray([-5.0, 14.0], jnp.float32)
+  rho, rho_max, lr, beta, steps = 5.0, 10.0, 100.0, 0.9, 30
+  periods = (1, 5, 20)
+  one = functools.partial(toy2d.run_one, method="xsam", num_steps=1, steps=steps, record=True)
+  batched = jax.jit(jax.vmap(one, in_axes=(None, None, None, None, 0, None)))
+  out = batched(x0, rho, rho_max, lr, jnp.asarray(periods, jnp.int32), beta)
+  alphas, paths = np.asarray(out["alpha_path"]), np.asarray(out["path"])
+  assert alphas.shape == (len(periods), steps)
+  before = np.concatenate([np.ones((len(periods), 1), np.float32), alphas[:, :-1]], axis=1)  # alpha_init = 1
+  changed = alphas != before
+  probe_alpha = jax.jit(lambda x: toy2d.update_directions(x, rho, rho_max, 1)["alpha"])
+  for p, ch, a, path in zip(periods, changed, alphas, paths, strict=True):
+    assert not np.any(ch[np.arange(steps) % p != 0]), p  # alpha is kept between probes
+    for t in range(0, steps, p):  # a probe round at step t, from the iterate x_t
+      assert a[t] == pytest.approx(float(probe_alpha(jnp.asarray(path[t]))), abs=1e-6), (p, t)
+  assert np.any(changed[0][np.arange(steps) % 5 != 0])  # probing every step re-estimates alpha in between
+  assert np.any(changed[1][5:])  # period 5 re-estimates after the first round
+  assert np.any(changed[2][20:])  # period 20: at step 20 (and 0) only
+  assert np.max(np.abs(paths[0, -1] - paths[2, -1])) > 1e-3  # and the period changes the run

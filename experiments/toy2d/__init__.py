@@ -24,19 +24,28 @@ Usage::
   python -m experiments.toy2d --quick    # < 1 minute  -> results/toy2d/quick/
   python -m experiments.toy2d --help     # a flag per field of Toy2dConfig
 
-In code: ``run(Toy2dConfig.quick(), out)``. The package's modules: ``config``
-(:class:`Toy2dConfig`, :class:`Setting`, the command line), ``dynamics`` (the
-batched runs, where they end, update directions), ``analysis`` (the study's
-measurements and outputs) and ``plots``.
+The study under the paper's base optimizer (issue 19, item 6): SGD, SAM and
+XSAM K=1 on ``optax.sgd(lr, momentum)`` for momentum in {0, 0.9} x XSAM's
+alpha update period in {1, 5, 20}, on 9 (rho, lr) settings, from every other
+start point per axis (:func:`axes_sweep`, the ``axes`` section of the outputs).
+
+In code: ``run(Toy2dConfig.quick(), out)``; ``axes_sweep(Toy2dConfig.quick())``
+alone returns the momentum x period fractions and their markdown tables. The
+package's modules: ``config`` (:class:`Toy2dConfig`, :class:`Setting`, the
+command line), ``dynamics`` (the batched runs, where they end, update
+directions), ``analysis`` (the study's measurements and outputs), ``axes``
+(the momentum x period sweep) and ``plots``.
 
 Outputs (in the output folder): ``toy2d.json`` (deterministic: fractions
-per method and setting, direction errors, trajectory end points),
-``toy2d_tables.md`` (the same fractions as markdown tables),
-``toy2d_timing.json`` (wall time), and PNGs ``toy2d_trajectories.png``,
-``toy2d_fractions.png``, ``toy2d_outcomes.png``, ``toy2d_directions.png``.
+per method and setting, direction errors, the axes sweep's fractions,
+trajectory end points), ``toy2d_tables.md`` (the same fractions as markdown
+tables), ``toy2d_timing.json`` (wall time), and PNGs ``toy2d_trajectories.png``,
+``toy2d_fractions.png``, ``toy2d_outcomes.png``, ``toy2d_directions.png``,
+``toy2d_axes.png``.
 """
 
 from experiments.toy2d.analysis import headline_paths, markdown_tables, run, run_study
+from experiments.toy2d.axes import axes_markdown, axes_sweep
 from experiments.toy2d.config import COMMAND, Setting, Toy2dConfig
 from experiments.toy2d.dynamics import (
   FLAT,
@@ -44,6 +53,7 @@ from experiments.toy2d.dynamics import (
   NEAR_RADIUS,
   OUTCOMES,
   SHARP,
+  base_optimizer,
   direction_errors,
   method_list,
   outcome,
@@ -55,7 +65,7 @@ from experiments.toy2d.dynamics import (
   true_max_direction,
   update_directions,
 )
-from experiments.toy2d.plots import plot_directions, plot_fractions, plot_outcomes, plot_trajectories
+from experiments.toy2d.plots import plot_axes, plot_directions, plot_fractions, plot_outcomes, plot_trajectories
 
 __all__ = [
   "COMMAND",
@@ -66,11 +76,15 @@ __all__ = [
   "SHARP",
   "Setting",
   "Toy2dConfig",
+  "axes_markdown",
+  "axes_sweep",
+  "base_optimizer",
   "direction_errors",
   "headline_paths",
   "markdown_tables",
   "method_list",
   "outcome",
+  "plot_axes",
   "plot_directions",
   "plot_fractions",
   "plot_outcomes",

@@ -16,6 +16,7 @@ import optax
 
 import xsam_jax
 from experiments.toy2d import plots
+from experiments.toy2d.axes import axes_sweep, main_sweep_check
 from experiments.toy2d.config import Toy2dConfig
 from experiments.toy2d.dynamics import (
   NEAR_RADIUS,
@@ -193,6 +194,9 @@ def run(config: Toy2dConfig, out: str, command: str = "python -m experiments.toy
 
   t0 = time.perf_counter()
   study = run_study(config)
+  axes = axes_sweep(config)
+  axes_wall = axes.pop("wall_time_s")
+  axes["main_sweep_check"] = main_sweep_check(axes, study, config)
   paths = headline_paths(config, (config.ks[0], config.ks[-1]))
   payload = {
     "study": "toy2d: XSAM paper Sec. 5.1 / Fig. 3a on the Fisher-SAM test function",
@@ -212,7 +216,10 @@ def run(config: Toy2dConfig, out: str, command: str = "python -m experiments.toy
         "n": len(study["x0s"]),
       },
       "optimizer_steps": config.steps,
-      "base_optimizer": "optax.sgd(lr), no momentum; full-batch (deterministic) gradients",
+      "base_optimizer": (
+        "optax.sgd(lr), no momentum; full-batch (deterministic) gradients (`axes`: with momentum, "
+        "by alpha update period)"
+      ),
       "xsam": "default 21-point alpha grid on [0, 2], alpha_init=1; probes every `period` steps",
       "end_state": "mean of the last 10% of the iterates (centre of any final oscillation)",
       "outcomes": (
@@ -239,6 +246,7 @@ def run(config: Toy2dConfig, out: str, command: str = "python -m experiments.toy
     "results": study["results"],
     "paired": study["paired"],
     "direction_errors": study["directions"],
+    "axes": axes,
     "trajectories": {
       "starts": [list(x) for x in config.trajectory_starts],
       "final_points": {
@@ -259,19 +267,21 @@ def run(config: Toy2dConfig, out: str, command: str = "python -m experiments.toy
   plots.plot_fractions(config, study["results"], os.path.join(out, "toy2d_fractions.png"))
   plots.plot_outcomes(config, study, os.path.join(out, "toy2d_outcomes.png"))
   plots.plot_directions(config, os.path.join(out, "toy2d_directions.png"))
+  plots.plot_axes(config, axes, os.path.join(out, "toy2d_axes.png"))
   wall = time.perf_counter() - t0
   with open(os.path.join(out, "toy2d_timing.json"), "w") as fh:
     json.dump(
       {
         "command": payload["command"],
         "wall_time_s": round(wall, 1),
+        "axes_sweep_wall_time_s": axes_wall,
         "backend": jax.default_backend(),
         "cpu_count": os.cpu_count(),
       },
       fh,
       indent=1,
     )
-  tables = markdown_tables(study["results"], config.ks)
+  tables = markdown_tables(study["results"], config.ks) + "\n" + axes["markdown"]
   with open(os.path.join(out, "toy2d_tables.md"), "w") as fh:
     fh.write(f"<!-- written by `{payload['command']}` -->\n\n{tables}")
   print(tables)

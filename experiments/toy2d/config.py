@@ -32,6 +32,9 @@ def _grid(rhos: Sequence[float], lrs: Sequence[float], factor: float = 2.0) -> t
 HEADLINES = (Setting(5.0, 10.0, 100.0, 1), Setting(15.0, 30.0, 300.0, 1))
 """The settings drawn in the trajectory and outcome plots (one row each), in the full and the quick study."""
 
+AXES_SETTINGS = _grid((5.0, 10.0, 15.0), (20.0, 100.0, 300.0))
+"""The (rho, rho_max = 2 rho, lr) settings of the momentum x alpha-update-period sweep (:func:`axes_sweep`)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Toy2dConfig(config.StudyConfig):
@@ -62,10 +65,29 @@ class Toy2dConfig(config.StudyConfig):
   )
   direction_point: tuple[float, float] = setting((-5.0, 15.0), "where the Fig. 1b-like picture is drawn")
   surface_n: int = setting(151, "contour / basin-boundary grid of the plots, per axis", low=2)
+  momenta: tuple[float, ...] = setting(
+    (0.0, 0.9),
+    "heavy-ball momentum of the base optimizer, optax.sgd(lr, momentum), in the axes sweep",
+    low=0,
+    high=1,
+    high_open=True,
+  )
+  periods: tuple[int, ...] = setting(
+    (1, 5, 20), "XSAM's alpha update periods (steps between probes) in the axes sweep", low=1
+  )
+  axes_ks: tuple[int, ...] = setting((1,), "ascent steps K of SAM and XSAM in the axes sweep", low=1)
+  axes_stride: int = setting(
+    2, "the axes sweep starts from every axes_stride-th point of the start grid per axis (1: all of them)", low=1
+  )
+  axes_settings: tuple[Setting, ...] = setting(
+    AXES_SETTINGS,
+    "the (rho, rho_max, lr) settings of the axes sweep (each setting's period is replaced by the period axis)",
+    flag=None,
+  )
 
   @classmethod
   def quick(cls) -> Toy2dConfig:
-    """A small grid, two settings, K = 1 and 2: under a minute."""
+    """A small grid, two settings, K = 1 and 2 (the axes sweep: the two settings, K = 1): under a minute."""
     return cls(
       mode="quick",
       starts_per_axis=9,
@@ -75,6 +97,8 @@ class Toy2dConfig(config.StudyConfig):
       trajectory_starts=((-35.0, 15.0), (-30.0, 35.0)),
       direction_rhos=(5.0,),
       surface_n=61,
+      axes_settings=HEADLINES,
+      axes_stride=1,
     )
 
 

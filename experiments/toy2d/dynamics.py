@@ -50,9 +50,22 @@ def method_list(ks: Sequence[int]) -> list[tuple[str, str, int]]:
   return [("SGD", "sgd", 1), *((f"SAM K={k}", "sam", k) for k in ks), *((f"XSAM K={k}", "xsam", k) for k in ks)]
 
 
-def run_one(x0, rho, rho_max, lr, period, *, method, num_steps, steps, record=False):
+def base_optimizer(lr: float | jax.Array, momentum: float | jax.Array | None = None) -> optax.GradientTransformation:
+  """The study's base optimizer: ``optax.sgd(lr)``, with heavy-ball ``momentum`` unless it is None.
+
+  With momentum ``beta`` the step is ``v <- beta v + u``, ``x <- x - lr v``
+  (``u``: the method's output; optax's ``trace``, PyTorch's SGD without
+  dampening), the paper's base optimizer at ``beta = 0.9``. ``momentum`` may
+  be traced (it batches like the other hyperparameters); None is plain
+  ``optax.sgd(lr)``, the main sweep's optimizer.
+  """
+  return optax.sgd(lr) if momentum is None else optax.sgd(lr, momentum=momentum)
+
+
+def run_one(x0, rho, rho_max, lr, period, momentum=None, *, method, num_steps, steps, record=False):
   """Runs ``steps`` optimizer steps from ``x0`` with ``jax.lax.scan``.
 
+  The optimizer is ``methods.chain(method, base_optimizer(lr, momentum))``.
   The end state of a run is summarised over its last ``max(1, steps // 10)``
   iterates: their mean (the centre of any final oscillation) and their RMS
   spread around it.
@@ -61,12 +74,26 @@ def run_one(x0, rho, rho_max, lr, period, *, method, num_steps, steps, record=Fa
     dict with ``x_final`` (last iterate), ``x_end`` (mean of the last 10% of
     the iterates), ``spread`` (their RMS distance to ``x_end``), ``min_s``
     (smallest ``s`` visited), ``alpha`` (XSAM's final alpha, nan for the
-    other methods) and, if ``record``, ``path`` (``(steps + 1, 2)``).
+    other methods) and, if ``record``, ``path`` (``(steps + 1, 2)``) and
+    ``alpha_path`` (``(steps,)``: XSAM's alpha after each step, nan for the
+    other methods).
   """
-  tx = methods.chain(method, optax.sgd(lr), rho=rho, rho_max=rho_max, num_steps=num_steps, alpha_update_period=period)
+  tx = methods.chain(
+    method,
+    base_optimizer(lr, momentum),
+    rho=rho,
+    rho_max=rho_max,
+    num_steps=num_steps,
+    alpha_update_period=period,
+  )
   state = tx.init(x0)
   window = max(1, steps // 10)
   window_start = steps - window  # the window holds the iterates after steps > window_start
+
+  def alpha_of(state):
+    if method == "xsam":
+      return cast(tuple[xsam_jax.XSAMState, ...], state)[0].alpha
+    return jnp.full((), jnp.nan, jnp.float32)
 
   def body(carry, i):
     x, state, min_s, x_ref, d_sum, d_sq = carry
@@ -78,23 +105,23 @@ def run_one(x0, rho, rho_max, lr, period, *, method, num_steps, steps, record=Fa
     in_window = i + 1 > window_start
     d = jnp.where(in_window, x - x_ref, jnp.zeros_like(x))
     carry = (x, state, jnp.minimum(min_s, x[1]), x_ref, d_sum + d, d_sq + jnp.sum(d * d))
-    return carry, (x if record else None)
+    return carry, ((x, alpha_of(state)) if record else None)
 
   zero = jnp.zeros((), x0.dtype)
   init = (x0, state, x0[1], x0, jnp.zeros_like(x0), zero)
-  (x, state, min_s, x_ref, d_sum, d_sq), path = jax.lax.scan(body, init, jnp.arange(steps))
+  (x, state, min_s, x_ref, d_sum, d_sq), recorded = jax.lax.scan(body, init, jnp.arange(steps))
   mean_d = d_sum / window
   out = {
     "x_final": x,
     "x_end": x_ref + mean_d,
     "spread": jnp.sqrt(jnp.maximum(d_sq / window - jnp.sum(mean_d * mean_d), 0.0)),
     "min_s": min_s,
-    "alpha": cast(tuple[xsam_jax.XSAMState, ...], state)[0].alpha
-    if method == "xsam"
-    else jnp.full((), jnp.nan, jnp.float32),
+    "alpha": alpha_of(state),
   }
   if record:
+    path, alphas = recorded
     out["path"] = jnp.concatenate([x0[None, :], path], axis=0)
+    out["alpha_path"] = alphas
   return out
 
 
@@ -121,8 +148,12 @@ def outcome(x):
 
 
 @functools.partial(jax.jit, static_argnames=("method", "num_steps", "steps"))
-def run_grid(x0s, rhos, rho_maxs, lrs, periods, *, method, num_steps, steps):
+def run_grid(x0s, rhos, rho_maxs, lrs, periods, momenta=None, *, method, num_steps, steps):
   """All settings x all start points of one (method, K) in one call.
+
+  ``rhos``, ``rho_maxs``, ``lrs``, ``periods`` and (unless None: plain
+  ``optax.sgd(lr)``) ``momenta`` are ``(num_settings,)`` arrays, one entry
+  per setting; ``x0s`` is ``(num_starts, 2)``.
 
   Returns:
     the dict of :func:`run_one` (without ``path``) plus ``outcome`` (index
@@ -131,9 +162,9 @@ def run_grid(x0s, rhos, rho_maxs, lrs, periods, *, method, num_steps, steps):
     ``(num_settings, num_starts)``.
   """
   one = functools.partial(run_one, method=method, num_steps=num_steps, steps=steps)
-  over_starts = jax.vmap(one, in_axes=(0, None, None, None, None))
-  over_settings = jax.vmap(over_starts, in_axes=(None, 0, 0, 0, 0))
-  out = over_settings(x0s, rhos, rho_maxs, lrs, periods)
+  over_starts = jax.vmap(one, in_axes=(0, None, None, None, None, None))
+  over_settings = jax.vmap(over_starts, in_axes=(None, 0, 0, 0, 0, None if momenta is None else 0))
+  out = over_settings(x0s, rhos, rho_maxs, lrs, periods, momenta)
   out["outcome"] = jax.vmap(jax.vmap(outcome))(out["x_end"])
   out["outcome_final_iterate"] = jax.vmap(jax.vmap(outcome))(out["x_final"])
   out["loss_end"] = LOSS(out["x_end"])
@@ -141,10 +172,10 @@ def run_grid(x0s, rhos, rho_maxs, lrs, periods, *, method, num_steps, steps):
 
 
 @functools.partial(jax.jit, static_argnames=("method", "num_steps", "steps"))
-def run_paths(x0s, rho, rho_max, lr, period, *, method, num_steps, steps):
-  """Full paths ``(num_starts, steps + 1, 2)`` from a few start points."""
+def run_paths(x0s, rho, rho_max, lr, period, momentum=None, *, method, num_steps, steps):
+  """Full paths ``(num_starts, steps + 1, 2)`` from a few start points (``momentum``: as in :func:`run_one`)."""
   one = functools.partial(run_one, method=method, num_steps=num_steps, steps=steps, record=True)
-  return jax.vmap(one, in_axes=(0, None, None, None, None))(x0s, rho, rho_max, lr, period)["path"]
+  return jax.vmap(one, in_axes=(0, None, None, None, None, None))(x0s, rho, rho_max, lr, period, momentum)["path"]
 
 
 def start_grid(config: Toy2dConfig) -> np.ndarray:

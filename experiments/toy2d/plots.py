@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -252,4 +253,54 @@ def plot_directions(config, path_png):
     f"Update directions at x = {tuple(config.direction_point)} (the question of the paper's Fig. 1b)", fontsize=9
   )
   fig.tight_layout(rect=(0, 0.16, 1, 1))
+  _save(fig, path_png, dpi=100)
+
+
+def plot_axes(config, axes, path_png):
+  """The axes sweep: fractions that reach the flat minimum per setting, a panel per metric x momentum."""
+  import matplotlib.pyplot as plt
+
+  from experiments.toy2d.axes import axes_columns
+
+  cols = axes_columns(config.axes_ks, config.periods)
+  names = axes["settings"]
+  table = {(c["label"], c["period"], c["setting"], c["momentum"]): c for c in axes["cells"]}
+  metrics = (
+    ("escape_from_sharp", "sharp-basin starts that end\nat the flat minimum"),
+    ("flat", "all starts that end\nat the flat minimum"),
+  )
+  momenta = config.momenta
+  fig, axs = plt.subplots(
+    len(metrics),
+    len(momenta),
+    figsize=(max(5.0, 0.55 * len(names) + 1.5) * len(momenta), 5.6),
+    squeeze=False,
+    sharey=True,
+  )
+  width = 0.8 / len(cols)
+  periods = list(config.periods)
+  for row, (key, ylabel) in zip(axs, metrics, strict=True):
+    for ax, m in zip(row, momenta, strict=True):
+      for j, (lab, p) in enumerate(cols):
+        fam = lab.split()[0]
+        color: Any
+        if fam == "XSAM":
+          color = plt.get_cmap("Reds")(0.9 - 0.5 * periods.index(p) / max(1, len(periods) - 1))
+        else:
+          color = _COLORS[fam]
+        vals = [table[(lab, p, n, m)][key] for n in names]
+        name = lab if p is None else f"{lab} period={p}"
+        ax.bar(np.arange(len(names)) + (j - len(cols) / 2 + 0.5) * width, vals, width, label=name, color=color)
+      ax.set_ylim(0, 1.05)
+      ax.grid(axis="y", lw=0.3)
+      ax.set_title(f"momentum {m:g}", fontsize=9)
+      ax.set_xticks(np.arange(len(names)))
+      ax.set_xticklabels([n.replace(" rho_max", "\nrho_max").replace(" lr", "\nlr") for n in names], fontsize=6)
+    row[0].set_ylabel(ylabel, fontsize=8)
+  axs[0][0].legend(fontsize=7, ncol=2, loc="upper left")
+  fig.suptitle(
+    f"Base optimizer optax.sgd(lr, momentum), {axes['n_starts']} start points, {config.steps} steps",
+    fontsize=9,
+  )
+  fig.tight_layout()
   _save(fig, path_png, dpi=100)

@@ -5,6 +5,13 @@ output gradient". A method supplies its state's ``init`` and its ``rule``;
 this module does the hyperparameter and calling-convention checks, the
 ascent, the counter and the dtype bookkeeping once for all of them.
 
+The options every method shares (the radius, the ascent's steps, data
+parallelism, ASAM, the training controls) are one :class:`Options` record,
+built and checked once by :meth:`Options.from_arguments`; a method's factory
+keeps its public keyword arguments flat (so ``optax.inject_hyperparams``
+sees them) and passes its own arguments in (docs/controls.md, "Options
+every method takes").
+
 Un-jitted (eager) calls of ``update`` run the whole update as one
 ``jax.jit``-compiled function, kept per transformation and ``loss_fn`` (see
 :class:`_EagerCache`): op by op, the ``jax.lax.cond`` branches, which close
@@ -15,7 +22,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -33,6 +40,103 @@ Rule = Callable[[ascent_lib.AscentTrace, Any, PyTree, LossFn], tuple[PyTree, Any
 
 SkipRule = Callable[[PyTree, Any, PyTree], tuple[PyTree, Any]]
 """``skip_rule(g0, state, params) -> (output_tree, new_state)``: the output of a step that does not perturb."""
+
+
+class Options(NamedTuple):
+  """The options every method shares, checked once (docs/controls.md, "Options every method takes").
+
+  Built by :meth:`from_arguments` (which checks it), never field by field;
+  :func:`transform` runs a method with it. The fields are the keyword
+  arguments of :func:`sharpness_aware_transform` of the same names, with
+  ``num_steps``, ``adaptive`` and ``m_sharpness`` as checked Python values.
+  Inside :func:`transform` the two masks are replaced by the static bool
+  trees resolved for the params at hand (``perturb_mask`` None: all leaves).
+
+  Attributes:
+    method: the public name, used in error messages.
+    rho: the ascent radius, a scalar or an optax schedule.
+    num_steps: the ascent's K, a Python int >= 1.
+    axis_name: the data-parallel axis, or None.
+    adaptive: ASAM's rescaled ascent, a Python bool.
+    eta: ASAM's offset.
+    adaptive_mask: which leaves ASAM rescales (None: all).
+    m_sharpness: per-replica perturbation (with ``axis_name``), a Python bool.
+    perturb_mask: which leaves are perturbed (None: all).
+    perturb_every: the period of the perturbed steps.
+    perturb_start: the first perturbed step.
+  """
+
+  method: str
+  rho: optax.ScalarOrSchedule
+  num_steps: int
+  axis_name: AxisName | None
+  adaptive: bool
+  eta: Scalar
+  adaptive_mask: PyTree | Callable[[PyTree], PyTree]
+  m_sharpness: bool
+  perturb_mask: PyTree | Callable[[PyTree], PyTree]
+  perturb_every: int | jax.Array
+  perturb_start: int | jax.Array
+
+  @classmethod
+  def from_arguments(cls, method: str, arguments: Mapping[str, Any], **fixed: Any) -> Options:
+    """The checked options of a factory call, picked by name from its arguments.
+
+    A factory passes ``locals()`` as its first statement (its arguments,
+    nothing else yet), so its public keyword arguments stay flat and the
+    forwarding is written once, here. The names a method does not take
+    (``num_steps`` of a one-step method, ``perturb_every`` of LookSAM, which
+    is its ``k``) are given in ``fixed``.
+
+    Args:
+      method: the public name, used in error messages.
+      arguments: the factory's arguments by name; names that are not
+        options (the method's own hyperparameters) are ignored.
+      **fixed: the options the factory does not take as arguments.
+
+    Returns:
+      The options, checked: ``num_steps``, ``adaptive`` and ``m_sharpness``
+      as Python values.
+
+    Raises:
+      ValueError: an option out of its range or of the wrong form, or
+        ``m_sharpness=True`` without ``axis_name``.
+      TypeError: (a bug in the factory) an option neither among
+        ``arguments`` nor in ``fixed``, or in both.
+    """
+    names = cls._fields[1:]
+    given = {name: arguments[name] for name in names if name in arguments}
+    twice, unknown = given.keys() & fixed.keys(), fixed.keys() - set(names)
+    wrong = sorted(twice | unknown | (set(names) - given.keys() - fixed.keys()))
+    if wrong:
+      raise TypeError(f"{method}: the shared options {wrong} must each come once, from the arguments or `fixed`.")
+    options = cls(method, **given, **fixed)
+    validation.check_rho("rho", options.rho)
+    num_steps = validation.check_static_int("num_steps", options.num_steps)
+    validation.check_period("perturb_every", options.perturb_every, allow_none=False)
+    validation.check_start("perturb_start", options.perturb_start)
+    validation.check_nonnegative("eta", options.eta)
+    options = options._replace(
+      num_steps=num_steps,
+      adaptive=validation.check_bool("adaptive", options.adaptive),
+      m_sharpness=validation.check_bool("m_sharpness", options.m_sharpness),
+    )
+    if options.m_sharpness and options.axis_name is None:
+      raise ValueError(
+        f"{method}: `m_sharpness=True` needs `axis_name` (the data-parallel axis "
+        "whose replicas each perturb on their own shard)."
+      )
+    return options
+
+  def replica_mean(self, tree: PyTree) -> PyTree:
+    """``tree`` averaged over ``axis_name`` with ``m_sharpness``, else ``tree`` itself.
+
+    What a rule applies to anything it keeps in the state or reports
+    (diagnostics, averages), so that the state stays the same on every
+    replica; without ``m_sharpness`` the trace is the same on every replica
+    already.
+    """
+    return collectives.replica_mean(tree, self.axis_name) if self.m_sharpness else tree
 
 
 def sharpness_aware_transform(
@@ -55,6 +159,9 @@ def sharpness_aware_transform(
   skip_rule: SkipRule | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a ``GradientTransformationExtraArgs`` from a direction rule.
+
+  .. seealso:: :ref:`common-options` (docs/controls.md), the options every
+     method takes, described once.
 
   Args:
     method: the public name, used in error messages.
@@ -144,14 +251,33 @@ def sharpness_aware_transform(
     ValueError: a hyperparameter out of its range or of the wrong form, or
       ``m_sharpness=True`` without ``axis_name``.
   """
-  num_steps, adaptive, m_sharpness = _check_options(
-    method, rho, num_steps, eta, adaptive, m_sharpness, axis_name, perturb_every, perturb_start
+  options = Options.from_arguments(method, locals())
+  return transform(
+    options, init_fn=init_fn, rule=rule, first_direction=first_direction, check_state=check_state, skip_rule=skip_rule
   )
+
+
+def transform(
+  options: Options,
+  *,
+  init_fn: optax.TransformInitFn,
+  rule: Rule,
+  first_direction: Callable[[PyTree, Any], PyTree] | None = None,
+  check_state: Callable[[Any], None] | None = None,
+  skip_rule: SkipRule | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`sharpness_aware_transform` with the shared options already checked (:meth:`Options.from_arguments`).
+
+  What every method's factory returns; the other arguments are those of
+  :func:`sharpness_aware_transform`.
+  """
+  method, perturb_every, perturb_start = options.method, options.perturb_every, options.perturb_start
   always = _is_int(perturb_every, 1) and _is_int(perturb_start, 0)  # static: no cond in the program
 
   def moved(params: PyTree) -> PyTree:
     """The static bool tree of the perturbed leaves, or None (all of them)."""
-    return None if perturb_mask is None else validation.check_mask(method, "perturb_mask", perturb_mask, params)
+    mask = options.perturb_mask
+    return None if mask is None else validation.check_mask(method, "perturb_mask", mask, params)
 
   def init(params: optax.Params) -> Any:
     params = validation.as_array_leaves(method, "params", params)
@@ -175,14 +301,14 @@ def sharpness_aware_transform(
     where = moved(params)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), ascent_lib.restrict(params, where))
     validation.check_state_matches(method, state, jax.eval_shape(init_fn, shapes))
-    mask = validation.check_adaptive_mask(method, adaptive_mask, params) if adaptive else None
+    mask = validation.check_adaptive_mask(method, options.adaptive_mask, params) if options.adaptive else None
     count = state.count
     always_skip = where is not None and not any(jax.tree.leaves(where))  # nothing to perturb: g_0, no extra pass
     # The rule counts perturbed steps: it sees state.count as their number so far.
     index = count if always else _perturbed_before(count, perturb_every, perturb_start)
     inner = state._replace(count=index)
 
-    spec = _Spec(method, rho, num_steps, axis_name, adaptive, eta, mask, m_sharpness, where)
+    spec = options._replace(adaptive_mask=mask, perturb_mask=where)  # the masks resolved for these params
     perturb = lambda _: _perturbed(spec, rule, first_direction, updates, inner, params, loss_fn, rule_loss_fn, count)
     skip = lambda _: _skipped(spec, skip_rule, updates, inner, params, loss_fn)
     if always_skip:
@@ -216,49 +342,8 @@ def sharpness_aware_transform(
   return optax.GradientTransformationExtraArgs(init, update_fn)
 
 
-def _check_options(
-  method: str,
-  rho: optax.ScalarOrSchedule,
-  num_steps: int,
-  eta: Scalar,
-  adaptive: bool,
-  m_sharpness: bool,
-  axis_name: AxisName | None,
-  perturb_every: int | jax.Array,
-  perturb_start: int | jax.Array,
-) -> tuple[int, bool, bool]:
-  """The factory's shared options, checked once: ``(num_steps, adaptive, m_sharpness)`` as Python values."""
-  validation.check_rho("rho", rho)
-  num_steps = validation.check_static_int("num_steps", num_steps)
-  validation.check_period("perturb_every", perturb_every, allow_none=False)
-  validation.check_start("perturb_start", perturb_start)
-  validation.check_nonnegative("eta", eta)
-  adaptive = validation.check_bool("adaptive", adaptive)
-  m_sharpness = validation.check_bool("m_sharpness", m_sharpness)
-  if m_sharpness and axis_name is None:
-    raise ValueError(
-      f"{method}: `m_sharpness=True` needs `axis_name` (the data-parallel axis "
-      "whose replicas each perturb on their own shard)."
-    )
-  return num_steps, adaptive, m_sharpness
-
-
-class _Spec(NamedTuple):
-  """What one perturbed step needs besides the rule: the checked settings and resolved masks."""
-
-  method: str
-  rho: optax.ScalarOrSchedule
-  num_steps: int
-  axis_name: AxisName | None
-  adaptive: bool
-  eta: Scalar
-  adaptive_mask: PyTree
-  m_sharpness: bool
-  perturb_mask: PyTree
-
-
 def _perturbed(
-  spec: _Spec,
+  options: Options,
   rule: Rule,
   first_direction: Callable[[PyTree, Any], PyTree] | None,
   updates: PyTree,
@@ -268,50 +353,50 @@ def _perturbed(
   rule_loss_fn: LossFn,
   count: jax.Array,
 ) -> tuple[PyTree, Any]:
-  """A step that perturbs: the ascent, the rule on the perturbed leaves, ``g_K`` on the others."""
-  where = spec.perturb_mask
+  """A step that perturbs: the ascent, the rule on the perturbed leaves, ``g_K`` on the others.
+
+  ``options`` holds the masks resolved for ``params`` (see :func:`transform`).
+  """
+  where = options.perturb_mask
   trace = ascent_lib.ascent(
     loss_fn,
     params,
     updates,
-    rho=spec.rho(count) if callable(spec.rho) else spec.rho,  # type: ignore[arg-type]  # a scalar either way
-    num_steps=spec.num_steps,
-    axis_name=spec.axis_name,
-    adaptive=spec.adaptive,
-    eta=spec.eta,
-    adaptive_mask=spec.adaptive_mask,
+    rho=options.rho(count) if callable(options.rho) else options.rho,  # type: ignore[arg-type]  # a scalar either way
+    num_steps=options.num_steps,
+    axis_name=options.axis_name,
+    adaptive=options.adaptive,
+    eta=options.eta,
+    adaptive_mask=options.adaptive_mask,
     first_direction=None if first_direction is None else (lambda g0: first_direction(g0, state)),
-    m_sharpness=spec.m_sharpness,
+    m_sharpness=options.m_sharpness,
     perturb_mask=where,
   )
   g_k = trace.grads[-1]
   trace = trace._replace(grads=tuple(ascent_lib.restrict(g, where) for g in trace.grads), step=count)
   moved_params = ascent_lib.restrict(params, where)
   moved_out, new_state = rule(trace, state, moved_params, _restricted_loss(rule_loss_fn, where, params))
-  output = ascent_lib.merge(where, moved_out, g_k)
-  if spec.m_sharpness:
-    output = collectives.replica_mean(output, spec.axis_name)
+  output = options.replica_mean(ascent_lib.merge(where, moved_out, g_k))
   if "perturbed_loss" in getattr(new_state, "_fields", ()):  # every method's state; a custom one may lack it
     assert trace.losses  # K >= 1
-    loss = collectives.replica_mean(trace.losses[-1], spec.axis_name)
+    loss = collectives.replica_mean(trace.losses[-1], options.axis_name)
     new_state = new_state._replace(perturbed_loss=loss.astype(jnp.float32))
   return tm.tree_cast_like(output, params), new_state
 
 
 def _skipped(
-  spec: _Spec, skip_rule: SkipRule | None, updates: PyTree, state: Any, params: PyTree, loss_fn: LossFn
+  options: Options, skip_rule: SkipRule | None, updates: PyTree, state: Any, params: PyTree, loss_fn: LossFn
 ) -> tuple[PyTree, Any]:
   """A step that does not perturb: ``skip_rule`` on the perturbed leaves (default ``g_0``), ``g_0`` on the others.
 
   With ``axis_name``, ``g_0`` is the replicas' mean gradient, as on a perturbed step (each replica's own
   ``g_0`` would let the replicas drift apart).
   """
-  g0 = collectives.gradient_sync(spec.axis_name, loss_fn, params, per_replica=spec.m_sharpness)(updates)
-  if spec.m_sharpness:
-    g0 = collectives.replica_mean(g0, spec.axis_name)
+  sync = collectives.gradient_sync(options.axis_name, loss_fn, params, per_replica=options.m_sharpness)
+  g0 = options.replica_mean(sync(updates))
   if skip_rule is None:
     return tm.tree_cast_like(g0, params), state
-  where = spec.perturb_mask
+  where = options.perturb_mask
   moved_out, new_state = skip_rule(ascent_lib.restrict(g0, where), state, ascent_lib.restrict(params, where))
   return tm.tree_cast_like(ascent_lib.merge(where, moved_out, g0), params), new_state
 

@@ -34,12 +34,8 @@ class EigenSAMState(NamedTuple):
     grad_norm: float32 ``|g_adv|``, the norm of the output (diagnostic).
     cosine: float32 ``<u, v>`` between the unit SAM gradient and ``v`` at
       the last call (the paper's measure; diagnostic).
-    perturbed_loss: float32 ``L(w + d_K)``, the loss at the ascent point of
-      the last step that perturbed (0 before the first; the replicas' mean
-      with ``axis_name``). Minus the clean loss, it is the sharpness the
-      method minimizes; it comes with the ascent's gradient, at no extra
-      cost. Find it anywhere in a chain with ``optax.tree.get(state,
-      "perturbed_loss")``.
+    perturbed_loss: float32 ``L(w + d_K)`` of the last step that perturbed
+      (:ref:`perturbed-loss`).
   """
 
   count: jax.Array  # type: ignore[assignment]  # optax's name for the step counter; shadows tuple.count
@@ -148,6 +144,10 @@ def eigen_sam(
   num_steps: int = 1,
   seed: int = 0,
   axis_name: AxisName | None = None,
+  adaptive: bool = False,
+  eta: Scalar = 0.01,
+  adaptive_mask: PyTree | Callable[[PyTree], PyTree] = None,
+  m_sharpness: bool = False,
   perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
   perturb_every: int = 1,
   perturb_start: int = 0,
@@ -166,15 +166,13 @@ def eigen_sam(
     \text{output} = \|g_{adv}\| \frac{\tilde u}{\|\tilde u\| + \epsilon}.
 
   The correction always lowers the component along ``v`` (it increases the
-  angle between the step and ``v``), by ``alpha`` times its size. Scale: the
-  output has SAM's norm ``|g_adv|`` (``|\tilde u| \le 1`` would otherwise
-  shrink the step when ``u`` is aligned with ``v``), so the base optimizer's
-  learning rate means what it means for SAM and only the direction changes;
-  ``alpha=0`` is exactly SAM. Sign: ``|<u, v>| v`` depends on the sign of
-  ``v``, which an eigenvector leaves free; ``v`` keeps the orientation the
-  power iteration gives it from its deterministic start
-  (:func:`initial_eigvec`, ``seed``), carried from refresh to refresh by the
-  warm start.
+  angle between the step and ``v``), by ``alpha`` times its size; the
+  output keeps SAM's norm ``|g_adv|`` and ``alpha=0`` is exactly SAM. ``v``
+  keeps the sign the power iteration gives it from its deterministic start
+  (:func:`initial_eigvec`, ``seed``), carried by the warm start.
+
+  .. seealso:: :ref:`paper-differences` (docs/methods.md): why SAM's norm,
+     and why the sign of ``v`` matters.
 
   The eigenvector: on the calls where ``count % eig_update_period == 0``
   (the first call included) ``power_iterations`` steps of
@@ -196,25 +194,23 @@ def eigen_sam(
     power_iterations: Hessian-vector products per refresh (Python int >= 1).
     num_steps: ascent steps K of the SAM gradient (Python int >= 1).
     seed: Python int >= 0 choosing the start vector of the first refresh.
-    axis_name: for data parallelism under ``shard_map``/``pmap``: gradients
-      and Hessian-vector products are averaged over this axis, so every
-      replica holds the same ``v`` and returns the same output.
-    perturb_mask, perturb_every, perturb_start: training controls, as for
-      every method (docs/controls.md): perturb only the leaves the mask
-      marks (a pytree of bools or a callable on params, as in
-      ``optax.masked``; the others get their gradient at the perturbed
-      point), and only on the steps ``count >= perturb_start`` with
-      ``(count - perturb_start) % perturb_every == 0`` (the others output
-      ``g_0`` with no extra pass).
+    axis_name, m_sharpness: data parallelism (:ref:`common-options`): the
+      Hessian-vector products are always those of the replicas' mean loss,
+      so every replica holds the same ``v``; with ``m_sharpness`` each
+      replica corrects its own SAM gradient with that ``v`` and the outputs
+      (and diagnostics) are averaged (:ref:`m-sharpness-states`).
+    adaptive, eta, adaptive_mask: ASAM's neighbourhood (:ref:`asam-options`)
+      for the ascent: ``g_adv`` is ASAM's gradient; ``v`` and the correction
+      stay in plain coordinates (the Hessian's eigenvector at ``w``).
+    perturb_mask, perturb_every, perturb_start: the training controls
+      (:ref:`perturb-mask`, :ref:`perturb-every`); refreshes count the steps
+      that perturb.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
-    :class:`EigenSAMState`; call ``update(grads, state, params,
-    loss_fn=loss_fn)``. With ``optax.inject_hyperparams`` list
-    ``power_iterations``, ``num_steps`` and ``seed`` in ``static_args``.
-    ``params`` and ``grads`` need real floating-point leaves (a Python
-    float is taken as a 0-d array); integer, bool or complex leaves raise a
-    ``ValueError`` naming the leaf.
+    :class:`EigenSAMState` (:ref:`calling-update`). With
+    ``optax.inject_hyperparams`` list ``power_iterations``, ``num_steps``
+    and ``seed`` in ``static_args``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, xsam_jax
@@ -231,6 +227,7 @@ def eigen_sam(
     Dominant-Eigenvector Gradient Correction, https://arxiv.org/abs/2601.10251,
     2026.
   """
+  options = base.Options.from_arguments("eigen_sam", locals())
   validation.check_finite("alpha", alpha)
   validation.check_period("eig_update_period", eig_update_period, allow_none=False)
   power_iterations = validation.check_static_int("power_iterations", power_iterations)
@@ -252,7 +249,7 @@ def eigen_sam(
     def refresh(_: None) -> tuple[PyTree, jax.Array, jax.Array]:
       # An HVP is a derivative of the gradient: averaged over the replicas
       # exactly as the ascent gradients are (see collectives.gradient_sync).
-      sync = collectives.gradient_sync(axis_name, loss_fn, params)
+      sync = collectives.gradient_sync(options.axis_name, loss_fn, params)  # global, with m_sharpness too
       matvec = lambda v: sync(hessian_vector_product(loss_fn, params, v))
       v, lam, ok = power_iteration(matvec, state.eigvec, power_iterations)
       return v, lam.astype(jnp.float32), state.has_eigvec | ok
@@ -269,23 +266,8 @@ def eigen_sam(
     corrected, _ = tm.tree_normalize(tm.tree_lincomb(1.0, u, -alpha * jnp.abs(cosine), v))
     eig_out = tm.tree_scale_by_norm(g_norm_parts, 1.0, corrected)
     output = jax.tree.map(lambda e, g: jnp.where(has_v, e, g.astype(e.dtype)), eig_out, g_adv)
-    new_state = state._replace(
-      eigvec=v,
-      eigenvalue=lam,
-      has_eigvec=has_v,
-      grad_norm=g_norm.astype(jnp.float32),
-      cosine=cosine.astype(jnp.float32),
-    )
+    g_norm, cosine = options.replica_mean((g_norm.astype(jnp.float32), cosine.astype(jnp.float32)))
+    new_state = state._replace(eigvec=v, eigenvalue=lam, has_eigvec=has_v, grad_norm=g_norm, cosine=cosine)
     return output, new_state
 
-  return base.sharpness_aware_transform(
-    "eigen_sam",
-    rho=rho,
-    num_steps=num_steps,
-    init_fn=init_fn,
-    rule=rule,
-    axis_name=axis_name,
-    perturb_mask=perturb_mask,
-    perturb_every=perturb_every,
-    perturb_start=perturb_start,
-  )
+  return base.transform(options, init_fn=init_fn, rule=rule)

@@ -26,8 +26,8 @@ class FriendlySAMState(NamedTuple):
     ema: the moving average ``m_t`` of the gradients after the last call, a
       pytree like params in wide precision (float32 or wider); zeros before
       the first call.
-    perturbed_loss: float32 loss at the ascent point (filled in by the
-      shared factory; 0 until then).
+    perturbed_loss: float32 ``L(w + d_K)`` of the last step that perturbed
+      (:ref:`perturbed-loss`).
   """
 
   count: jax.Array  # type: ignore[assignment]  # optax's name for the step counter; shadows tuple.count
@@ -45,6 +45,7 @@ def friendly_sam(
   adaptive: bool = False,
   eta: Scalar = 0.01,
   adaptive_mask: PyTree | Callable[[PyTree], PyTree] = None,
+  m_sharpness: bool = False,
   perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
   perturb_every: int = 1,
   perturb_start: int = 0,
@@ -67,14 +68,11 @@ def friendly_sam(
   is ``g_t - sigma m_t``.
 
   The average includes ``g_t`` before it is subtracted, as the paper writes
-  it. The authors' PyTorch code subtracts the average *before* ``g_t``
-  enters, ``g_t - sigma m_{t-1}``, and starts it at ``g_1`` (so its first
-  step is SAM); for ``sigma = 1`` (the paper's setting) the two directions
-  agree, ``g_t - m_t = lambda (g_t - m_{t-1})``, and only the start differs:
-  here ``m_0 = 0``, so the first call perturbs along ``(1 - sigma (1 -
-  lambda)) g_1``, SAM's direction when ``sigma (1 - lambda) < 1``. If ``g_t
-  - sigma m_t = 0`` the perturbation is zero (eps-guarded) and the output is
-  the plain gradient.
+  it, and starts at ``m_0 = 0``. If ``g_t - sigma m_t = 0`` the perturbation
+  is zero (eps-guarded) and the output is the plain gradient.
+
+  .. seealso:: :ref:`paper-differences` (docs/methods.md): the authors'
+     code subtracts the average before ``g_t`` enters; when the two agree.
 
   Cost: one extra forward+backward pass per call (as SAM) and one
   parameter-sized average in the state.
@@ -86,30 +84,24 @@ def friendly_sam(
     lmbda: decay of the moving average, a real number in ``[0, 1)``. The
       default 0.6 is the authors' example script (CIFAR, ResNet-18); their
       training script defaults to 0.95.
-    axis_name: for data parallelism under ``shard_map``/``pmap``: the
-      incoming and perturbed gradients are averaged over this axis before
-      they enter ``m_t`` or the output, so every replica keeps the same
-      average.
-    adaptive: ASAM's adaptive neighbourhood for the ascent step (``rho T^2
-      u / |T u|`` with ``u = g_t - sigma m_t``, ``T = |w| + eta``).
-    eta: ASAM's offset, >= 0.
-    adaptive_mask: which leaves get ``T`` (pytree of bools or callable on
-      params); default all.
-    perturb_mask, perturb_every, perturb_start: training controls, as for
-      every method (docs/controls.md): perturb only the leaves the mask
-      marks (a pytree of bools or a callable on params, as in
-      ``optax.masked``; the others get their gradient at the perturbed
-      point), and only on the steps ``count >= perturb_start`` with
-      ``(count - perturb_start) % perturb_every == 0`` (the others output
-      ``g_0`` with no extra pass).
+    axis_name, m_sharpness: data parallelism (:ref:`common-options`): with
+      ``axis_name`` the gradients are averaged over the axis before they
+      enter ``m_t`` or the output; with ``m_sharpness`` each replica
+      perturbs along ``g_t - sigma m_t`` with its own ``g_t`` (in both
+      terms), and the average kept is the replicas' mean (the average of
+      their mean gradient, the same on every replica;
+      :ref:`m-sharpness-states`).
+    adaptive, eta, adaptive_mask: ASAM's neighbourhood for the ascent step
+      (:ref:`asam-options`): ``rho T^2 u / |T u|`` with ``u = g_t - sigma
+      m_t``.
+    perturb_mask, perturb_every, perturb_start: the training controls
+      (:ref:`perturb-mask`, :ref:`perturb-every`); ``m_t`` is updated on the
+      steps that perturb only.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with state
-    :class:`FriendlySAMState`; call ``update(grads, state, params,
-    loss_fn=loss_fn)``.
-    ``params`` and ``grads`` need real floating-point leaves (a Python
-    float is taken as a 0-d array); integer, bool or complex leaves raise a
-    ``ValueError`` naming the leaf.
+    An ``optax.GradientTransformationExtraArgs`` whose state,
+    :class:`FriendlySAMState`, holds the moving average ``m_t`` in ``ema``
+    (:ref:`calling-update`).
 
   Example:
     >>> import jax, jax.numpy as jnp, xsam_jax
@@ -124,6 +116,7 @@ def friendly_sam(
     Li, Zhou, He, Cheng & Huang, Friendly Sharpness-Aware Minimization,
     CVPR 2024, https://arxiv.org/abs/2403.12350.
   """
+  options = base.Options.from_arguments("friendly_sam", locals(), num_steps=1)
   validation.check_nonnegative("sigma", sigma)
   validation.check_real("lmbda", lmbda, "a real number in [0, 1)", lambda v: 0.0 <= v < 1.0)
 
@@ -144,21 +137,7 @@ def friendly_sam(
   ) -> tuple[PyTree, FriendlySAMState]:
     del params, loss_fn
     g_1 = trace.grads[-1]
-    new_state = state._replace(grad_norm=tm.tree_norm(g_1).astype(jnp.float32), ema=average(state, trace.grads[0]))
-    return g_1, new_state
+    grad_norm, ema = options.replica_mean((tm.tree_norm(g_1).astype(jnp.float32), average(state, trace.grads[0])))
+    return g_1, state._replace(grad_norm=grad_norm, ema=ema)
 
-  return base.sharpness_aware_transform(
-    "friendly_sam",
-    rho=rho,
-    num_steps=1,
-    init_fn=init_fn,
-    rule=rule,
-    axis_name=axis_name,
-    adaptive=adaptive,
-    eta=eta,
-    adaptive_mask=adaptive_mask,
-    first_direction=first_direction,
-    perturb_mask=perturb_mask,
-    perturb_every=perturb_every,
-    perturb_start=perturb_start,
-  )
+  return base.transform(options, init_fn=init_fn, rule=rule, first_direction=first_direction)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from xsam_jax._src import base, collectives, validation
+from xsam_jax._src import base, validation
 from xsam_jax._src import tree_math as tm
 from xsam_jax._src.ascent import AscentTrace
 from xsam_jax._src.types import AxisName, LossFn, PyTree, Scalar
@@ -25,8 +25,8 @@ class GSAMState(NamedTuple):
     cosine: float32 cosine between ``g_0`` and ``g_1``; the orthogonal part
       the update uses has norm ``|g_0| sqrt(1 - cosine^2)`` (diagnostic).
       With ``m_sharpness`` both diagnostics are the replicas' means.
-    perturbed_loss: float32 loss at the ascent point (filled in by the
-      shared factory; 0 until then).
+    perturbed_loss: float32 ``L(w + d_K)`` of the last step that perturbed
+      (:ref:`perturbed-loss`).
   """
 
   count: jax.Array  # type: ignore[assignment]  # optax's name for the step counter; shadows tuple.count
@@ -91,16 +91,9 @@ def gsam(
   order (``g_0^\perp \perp g_1``). ``alpha=0`` is SAM. If ``g_1 = 0`` the
   whole of ``g_0`` counts as orthogonal (eps-guarded, finite).
 
-  Where this differs from the paper (Algorithm 1) and the authors' PyTorch
-  code: the paper moves ``rho`` with the learning rate, ``rho_t = rho_min +
-  (rho_max - rho_min) (lr_t - lr_min) / (lr_max - lr_min)``; here ``rho`` is
-  the factory's radius, with no schedule of its own. The paper's adaptive
-  step is ``rho |w| g / |g|`` and the PyTorch code's ``rho w^2 g / ||w| g|``
-  (ASAM with ``eta = 0``); ``adaptive=True`` here is ASAM's ``rho T^2 g /
-  |T g|``, ``T = |w| + eta`` (``eta=0`` gives the code's step); the
-  decomposition stays in plain coordinates, as in both. The code guards the
-  cosine as ``<g_0, g_1> / (|g_0| |g_1| + eps)``; here each unit vector is
-  guarded, the same for norms far above ``eps``.
+  .. seealso:: :ref:`paper-differences` (docs/methods.md): how this differs
+     from the paper's Algorithm 1 and the authors' code (``rho``'s schedule,
+     the adaptive step, the cosine's guard).
 
   Cost: one extra forward+backward pass per call (as SAM) and two norms and
   a dot product over the parameters.
@@ -112,31 +105,19 @@ def gsam(
       paper's value for ViT-S/32 and ViT-B/16; its Table 4 ranges from
       0.005-0.01 (ResNets, SGD, ``rho`` 0.02-0.04) to 1.0 (ViT-S/16, AdamW,
       ``rho`` up to 0.6).
-    axis_name: for data parallelism under ``shard_map``/``pmap``: the
-      gradients are averaged over this axis before the decomposition, so
-      every replica returns the same output (see :func:`sam`).
-    adaptive: ASAM's adaptive neighbourhood for the ascent step (``rho T^2
-      g / |T g|`` with ``T = |w| + eta``).
-    eta: ASAM's offset, >= 0.
-    adaptive_mask: which leaves get ``T`` (pytree of bools or callable on
-      params); default all.
-    m_sharpness: with ``axis_name``: each replica ascends and decomposes its
-      own gradients and the outputs are averaged over the axis, as the
-      authors' PyTorch code does across workers (see :func:`sam`).
-    perturb_mask, perturb_every, perturb_start: training controls, as for
-      every method (docs/controls.md): perturb only the leaves the mask
-      marks (a pytree of bools or a callable on params, as in
-      ``optax.masked``; the others get their gradient at the perturbed
-      point), and only on the steps ``count >= perturb_start`` with
-      ``(count - perturb_start) % perturb_every == 0`` (the others output
-      ``g_0`` with no extra pass).
+    axis_name, m_sharpness: data parallelism (:ref:`common-options`): the
+      gradients are averaged over the axis before the decomposition; with
+      ``m_sharpness`` each replica decomposes its own and the outputs (and
+      diagnostics) are averaged, as the authors' code does across workers.
+    adaptive, eta, adaptive_mask: ASAM's neighbourhood for the ascent step
+      (:ref:`asam-options`); the decomposition stays in plain coordinates.
+    perturb_mask, perturb_every, perturb_start: the training controls
+      (:ref:`perturb-mask`, :ref:`perturb-every`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
-    :class:`GSAMState`; call ``update(grads, state, params, loss_fn=loss_fn)``.
-    ``params`` and ``grads`` need real floating-point leaves (a Python
-    float is taken as a 0-d array); integer, bool or complex leaves raise a
-    ``ValueError`` naming the leaf.
+    :class:`GSAMState` (its ``cosine``: of ``g_0`` and ``g_1``;
+    :ref:`calling-update`).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, xsam_jax
@@ -153,6 +134,7 @@ def gsam(
     Zhuang et al., Surrogate Gap Minimization Improves Sharpness-Aware
     Training, ICLR 2022, https://arxiv.org/abs/2203.08065.
   """
+  options = base.Options.from_arguments("gsam", locals(), num_steps=1)
   validation.check_nonnegative("alpha", alpha)
 
   def init_fn(params: optax.Params) -> GSAMState:
@@ -163,23 +145,7 @@ def gsam(
   def rule(trace: AscentTrace, state: GSAMState, params: PyTree, loss_fn: LossFn) -> tuple[PyTree, GSAMState]:
     del params, loss_fn
     output, g1_norm, cosine = _orthogonal_correction(trace.grads[0], trace.grads[-1], alpha)
-    diagnostics = jnp.stack([g1_norm.astype(jnp.float32), cosine.astype(jnp.float32)])
-    if m_sharpness:
-      diagnostics = collectives.replica_mean(diagnostics, axis_name)
+    diagnostics = options.replica_mean(jnp.stack([g1_norm.astype(jnp.float32), cosine.astype(jnp.float32)]))
     return output, state._replace(grad_norm=diagnostics[0], cosine=diagnostics[1])
 
-  return base.sharpness_aware_transform(
-    "gsam",
-    rho=rho,
-    num_steps=1,
-    init_fn=init_fn,
-    rule=rule,
-    axis_name=axis_name,
-    adaptive=adaptive,
-    eta=eta,
-    adaptive_mask=adaptive_mask,
-    m_sharpness=m_sharpness,
-    perturb_mask=perturb_mask,
-    perturb_every=perturb_every,
-    perturb_start=perturb_start,
-  )
+  return base.transform(options, init_fn=init_fn, rule=rule)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from xsam_jax._src import base, collectives, validation
+from xsam_jax._src import base, validation
 from xsam_jax._src import tree_math as tm
 from xsam_jax._src.ascent import AscentTrace
 from xsam_jax._src.gsam import orthogonal_part
@@ -38,8 +38,8 @@ class LookSAMState(NamedTuple):
     cosine: float32 cosine between ``g_0`` and ``g_s`` at the last step that
       perturbed (diagnostic; ``|g_v| = |g_s| sqrt(1 - cosine^2)``); 0
       before the first.
-    perturbed_loss: float32 loss at the ascent point of the last step that
-      perturbed (filled in by the shared factory; 0 until then).
+    perturbed_loss: float32 ``L(w + d_K)`` of the last step that perturbed
+      (:ref:`perturbed-loss`).
   """
 
   count: jax.Array  # type: ignore[assignment]  # optax's name for the step counter; shadows tuple.count
@@ -90,14 +90,11 @@ def looksam(
   the reductions' machine epsilon: :data:`PARALLEL_ULPS`), ``g_v = 0`` and
   the output is ``g_0``.
 
-  Where this differs from the paper: norms and the cosine are global over
-  the (perturbed) parameters, as Algorithm 1 writes them; some public
-  PyTorch versions decompose per parameter tensor instead. The paper's
-  Look-LayerSAM (layer-wise perturbation radii for large batches) is not
-  implemented. ``g_v`` counts as zero below the rounding level above (the
-  paper only guards a zero ``|g_v|`` with eps). ``adaptive=True`` moves the
-  ascent point only (ASAM's ``rho T^2 g / |T g|``); the decomposition stays
-  in plain coordinates.
+  Norms and the cosine are global over the (perturbed) parameters, as
+  Algorithm 1 writes them; ``adaptive=True`` moves the ascent point only.
+
+  .. seealso:: :ref:`paper-differences` (docs/methods.md): per-tensor
+     versions, Look-LayerSAM, the rounding guard.
 
   Cost: one extra forward+backward pass on one call in ``k`` (the first of
   each period), plus a dot product and three norms over the parameters;
@@ -113,36 +110,25 @@ def looksam(
       real number >= 0 (0: SAM on one step in ``k``, SGD on the others).
       The default 0.7 is the value public implementations' examples use
       with ``k = 5``; tune it with ``k``.
-    axis_name: for data parallelism under ``shard_map``/``pmap``: the
+    axis_name, m_sharpness: data parallelism (:ref:`common-options`): the
       gradients are the replicas' mean before the decomposition, and so is
-      ``g_0`` on the steps that reuse ``g_v``, so every replica keeps the
-      same ``g_v`` and returns the same output (see :func:`sam`).
-    adaptive: ASAM's adaptive neighbourhood for the ascent step (``rho T^2
-      g / |T g|`` with ``T = |w| + eta``).
-    eta: ASAM's offset, >= 0.
-    adaptive_mask: which leaves get ``T`` (pytree of bools or callable on
-      params); default all.
-    m_sharpness: with ``axis_name``: each replica ascends and decomposes its
-      own gradients; the outputs and ``g_v`` are averaged over the axis
-      (see :func:`sam`). The steps that reuse ``g_v`` use the replicas'
-      mean ``g_0``.
-    perturb_mask, perturb_start: training controls, as for every method
-      (docs/controls.md): perturb only the leaves the mask marks (a pytree
-      of bools or a callable on params, as in ``optax.masked``; ``g_v``,
-      its norm and the cosine are taken over those leaves, and the others
-      get their gradient at the perturbed point, or ``g_0`` on the steps
-      that reuse ``g_v``), and start the period at ``perturb_start``: the
-      steps ``count >= perturb_start`` with ``(count - perturb_start) % k
-      == 0`` take SAM's step (before it, the output is ``g_0``). The
+      ``g_0`` on the steps that reuse ``g_v``; with ``m_sharpness`` each
+      replica ascends and decomposes its own gradients, and the outputs and
+      ``g_v`` are averaged.
+    adaptive, eta, adaptive_mask: ASAM's neighbourhood for the ascent step
+      (:ref:`asam-options`); the decomposition stays in plain coordinates.
+    perturb_mask, perturb_start: the training controls (:ref:`perturb-mask`,
+      :ref:`perturb-every`): ``g_v``, its norm and the cosine are taken over
+      the perturbed leaves (the others get their gradient at the perturbed
+      point, or ``g_0`` on the steps that reuse ``g_v``), and the period
+      starts at ``perturb_start`` (before it, the output is ``g_0``). The
       period itself is ``k`` (the factory's ``perturb_every``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
     :class:`LookSAMState`; call ``update(grads, state, params,
-    loss_fn=loss_fn)`` on every step (``loss_fn`` is only evaluated on the
-    steps that perturb). ``params`` and ``grads`` need real floating-point
-    leaves (a Python float is taken as a 0-d array); integer, bool or
-    complex leaves raise a ``ValueError`` naming the leaf.
+    loss_fn=loss_fn)`` on every step (:ref:`calling-update`; ``loss_fn`` is
+    only evaluated on the steps that perturb).
 
   Raises:
     ValueError: ``k`` not an int >= 1, ``alpha`` not a finite real number
@@ -164,8 +150,9 @@ def looksam(
     Liu, Mai, Chen, Hsieh & You, Towards Efficient and Scalable
     Sharpness-Aware Minimization, CVPR 2022, https://arxiv.org/abs/2203.02714.
   """
-  validation.check_period("k", k, allow_none=False)
+  validation.check_period("k", k, allow_none=False)  # before the options: named `k` there, not `perturb_every`
   validation.check_nonnegative("alpha", alpha)
+  options = base.Options.from_arguments("looksam", locals(), num_steps=1, perturb_every=k)
 
   def init_fn(params: optax.Params) -> LookSAMState:
     g_v = jax.tree.map(lambda w: jnp.zeros(w.shape, tm.wide_dtype(w.dtype)), params)
@@ -183,8 +170,7 @@ def looksam(
     parallel = n_v.r * (n_v.scale / n_s.scale) <= tol * n_s.r
     g_v = jax.tree.map(lambda v: jnp.where(parallel, jnp.zeros_like(v), v), g_v)
     g_v, cosine = tm.tree_cast_like(g_v, state.g_v), cosine.astype(jnp.float32)
-    if m_sharpness:  # the state must stay the same on every replica
-      g_v, cosine = collectives.replica_mean((g_v, cosine), axis_name)
+    g_v, cosine = options.replica_mean((g_v, cosine))  # the state: one on every replica
     return g_s, state._replace(g_v=g_v, cosine=cosine)
 
   def skip_rule(g_0: PyTree, state: LookSAMState, params: PyTree) -> tuple[PyTree, LookSAMState]:
@@ -195,19 +181,4 @@ def looksam(
     reused = tm.tree_scale_by_norm(n_0, alpha, n_v.inverse().apply_tree(state.g_v))
     return jax.tree.map(lambda g, v: g + v.astype(g.dtype), g_0, reused), state
 
-  return base.sharpness_aware_transform(
-    "looksam",
-    rho=rho,
-    num_steps=1,
-    init_fn=init_fn,
-    rule=rule,
-    skip_rule=skip_rule,
-    axis_name=axis_name,
-    adaptive=adaptive,
-    eta=eta,
-    adaptive_mask=adaptive_mask,
-    m_sharpness=m_sharpness,
-    perturb_mask=perturb_mask,
-    perturb_every=k,
-    perturb_start=perturb_start,
-  )
+  return base.transform(options, init_fn=init_fn, rule=rule, skip_rule=skip_rule)

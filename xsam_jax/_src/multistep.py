@@ -25,12 +25,8 @@ class MultiStepSAMState(NamedTuple):
     grad_norm: float32 ``|g_K|``, the norm of the output (diagnostic).
     cosine: float32 cosine between the output and ``g_K`` (1 means the
       method stepped exactly as SAM would; diagnostic).
-    perturbed_loss: float32 ``L(w + d_K)``, the loss at the ascent point of
-      the last step that perturbed (0 before the first; the replicas' mean
-      with ``axis_name``). Minus the clean loss, it is the sharpness the
-      method minimizes; it comes with the ascent's gradient, at no extra
-      cost. Find it anywhere in a chain with ``optax.tree.get(state,
-      "perturbed_loss")``.
+    perturbed_loss: float32 ``L(w + d_K)`` of the last step that perturbed
+      (:ref:`perturbed-loss`).
   """
 
   count: jax.Array  # type: ignore[assignment]  # optax's name for the step counter; shadows tuple.count
@@ -87,22 +83,9 @@ def rescaled_combination(
 
 
 def _multistep_sam(
-  method: str,
-  rho: optax.ScalarOrSchedule,
-  num_steps: int,
-  first: int,
-  last: int,
-  normalize_each: bool,
-  axis_name: AxisName | None,
-  adaptive: bool,
-  eta: Scalar,
-  adaptive_mask: PyTree | Callable[[PyTree], PyTree],
-  *,
-  perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
-  perturb_every: int = 1,
-  perturb_start: int = 0,
+  options: base.Options, *, first: int, last: int, normalize_each: bool
 ) -> optax.GradientTransformationExtraArgs:
-  """The transformation that combines ``grads[first:last]`` of the ascent trace."""
+  """The transformation that combines ``grads[first : len(grads) + last]`` of the ascent trace."""
 
   def init_fn(params: optax.Params) -> MultiStepSAMState:
     del params
@@ -115,22 +98,10 @@ def _multistep_sam(
     del params, loss_fn
     grads = trace.grads[first : len(trace.grads) + last]
     output, g_norm, cosine = rescaled_combination(grads, trace.grads[-1], normalize_each=normalize_each)
-    return output, state._replace(grad_norm=g_norm.astype(jnp.float32), cosine=cosine.astype(jnp.float32))
+    diagnostics = options.replica_mean(jnp.stack([g_norm.astype(jnp.float32), cosine.astype(jnp.float32)]))
+    return output, state._replace(grad_norm=diagnostics[0], cosine=diagnostics[1])
 
-  return base.sharpness_aware_transform(
-    method,
-    rho=rho,
-    num_steps=num_steps,
-    init_fn=init_fn,
-    rule=rule,
-    axis_name=axis_name,
-    adaptive=adaptive,
-    eta=eta,
-    adaptive_mask=adaptive_mask,
-    perturb_mask=perturb_mask,
-    perturb_every=perturb_every,
-    perturb_start=perturb_start,
-  )
+  return base.transform(options, init_fn=init_fn, rule=rule)
 
 
 def msam(
@@ -142,6 +113,7 @@ def msam(
   adaptive: bool = False,
   eta: Scalar = 0.01,
   adaptive_mask: PyTree | Callable[[PyTree], PyTree] = None,
+  m_sharpness: bool = False,
   perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
   perturb_every: int = 1,
   perturb_start: int = 0,
@@ -167,34 +139,20 @@ def msam(
       schedule of the step count (values >= 0).
     num_steps: number of ascent steps K (a Python int >= 1).
     plus: MSAM+ (also average the incoming gradient ``g_0``); a bool.
-    axis_name: for data parallelism under ``shard_map``/``pmap``: the
-      incoming and ascent gradients are averaged over this axis, so every
-      replica takes the same ascent and returns the same output.
-    adaptive: ASAM's adaptive neighbourhood (Kwon et al. 2021) for the
-      ascent: each step is ``rho/K * T^2 g / |T g|`` with ``T = |w| + eta``.
-      It changes where the gradients are taken, not how they are combined:
-      the rule still sums the plain gradients (normalized in the plain norm)
-      and rescales to ``|g_K|``, as ASAM's own output is the plain ``g_K``.
-    eta: ASAM's offset, >= 0.
-    adaptive_mask: which leaves get ``T`` (pytree of bools, or a callable on
-      params, as in ``optax.masked``); default all leaves. The official
-      ASAM adapts weights only, e.g. ``lambda p: jax.tree.map(lambda x:
-      x.ndim > 1, p)``.
-    perturb_mask, perturb_every, perturb_start: training controls, as for
-      every method (docs/controls.md): perturb only the leaves the mask
-      marks (a pytree of bools or a callable on params, as in
-      ``optax.masked``; the others get their gradient at the perturbed
-      point), and only on the steps ``count >= perturb_start`` with
-      ``(count - perturb_start) % perturb_every == 0`` (the others output
-      ``g_0`` with no extra pass).
+    axis_name, m_sharpness: data parallelism (:ref:`common-options`); with
+      ``m_sharpness`` each replica combines its own ascent's gradients and
+      the outputs are averaged (the diagnostics too).
+    adaptive, eta, adaptive_mask: ASAM's neighbourhood for the ascent
+      (:ref:`asam-options`). It changes where the gradients are taken, not
+      how they are combined: the rule still sums the plain gradients and
+      rescales to ``|g_K|``, as ASAM's own output is the plain ``g_K``.
+    perturb_mask, perturb_every, perturb_start: the training controls
+      (:ref:`perturb-mask`, :ref:`perturb-every`).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with state
-    :class:`MultiStepSAMState`; call ``update(grads, state, params,
-    loss_fn=loss_fn)``.
-    ``params`` and ``grads`` need real floating-point leaves (a Python
-    float is taken as a 0-d array); integer, bool or complex leaves raise a
-    ``ValueError`` naming the leaf.
+    An ``optax.GradientTransformationExtraArgs``; its state,
+    :class:`MultiStepSAMState`, reports in ``cosine`` how far the output
+    turned from SAM's (:ref:`calling-update`).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, xsam_jax
@@ -214,22 +172,9 @@ def msam(
     Kim et al., Exploring the Effect of Multi-step Ascent in Sharpness-Aware
     Minimization, https://arxiv.org/abs/2302.10181, 2023.
   """
+  options = base.Options.from_arguments("msam", locals())
   plus = validation.check_bool("plus", plus)
-  return _multistep_sam(
-    "msam",
-    rho,
-    num_steps,
-    0 if plus else 1,
-    0,
-    False,
-    axis_name,
-    adaptive,
-    eta,
-    adaptive_mask,
-    perturb_mask=perturb_mask,
-    perturb_every=perturb_every,
-    perturb_start=perturb_start,
-  )
+  return _multistep_sam(options, first=0 if plus else 1, last=0, normalize_each=False)
 
 
 def lsam(
@@ -241,6 +186,7 @@ def lsam(
   adaptive: bool = False,
   eta: Scalar = 0.01,
   adaptive_mask: PyTree | Callable[[PyTree], PyTree] = None,
+  m_sharpness: bool = False,
   perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
   perturb_every: int = 1,
   perturb_start: int = 0,
@@ -266,24 +212,16 @@ def lsam(
   Cost: K extra forward+backward passes per call, as multi-step SAM.
 
   Args:
-    rho, num_steps, axis_name, adaptive, eta, adaptive_mask: as in
-      :func:`msam` (ASAM changes where the gradients are taken; they are
-      still normalized in the plain norm).
+    rho, num_steps: as in :func:`msam`.
     plus: LSAM+ (sum ``g_0 .. g_{K-1}``: the direction of ``d_K``); a bool.
-    perturb_mask, perturb_every, perturb_start: training controls, as for
-      every method (docs/controls.md): perturb only the leaves the mask
-      marks (a pytree of bools or a callable on params, as in
-      ``optax.masked``; the others get their gradient at the perturbed
-      point), and only on the steps ``count >= perturb_start`` with
-      ``(count - perturb_start) % perturb_every == 0`` (the others output
-      ``g_0`` with no extra pass).
+    axis_name, m_sharpness: as in :func:`msam`.
+    adaptive, eta, adaptive_mask: as in :func:`msam` (ASAM changes where
+      the gradients are taken; they are still normalized in the plain norm).
+    perturb_mask, perturb_every, perturb_start: as in :func:`msam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
     :class:`MultiStepSAMState`.
-    ``params`` and ``grads`` need real floating-point leaves (a Python
-    float is taken as a 0-d array); integer, bool or complex leaves raise a
-    ``ValueError`` naming the leaf.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, xsam_jax
@@ -300,19 +238,6 @@ def lsam(
     Effective Implementation, ICLR 2026, https://arxiv.org/abs/2603.10048
     (LSAM and LSAM+ as written there).
   """
+  options = base.Options.from_arguments("lsam", locals())
   plus = validation.check_bool("plus", plus)
-  return _multistep_sam(
-    "lsam",
-    rho,
-    num_steps,
-    0 if plus else 1,
-    -1 if plus else 0,
-    True,
-    axis_name,
-    adaptive,
-    eta,
-    adaptive_mask,
-    perturb_mask=perturb_mask,
-    perturb_every=perturb_every,
-    perturb_start=perturb_start,
-  )
+  return _multistep_sam(options, first=0 if plus else 1, last=-1 if plus else 0, normalize_each=True)

@@ -105,18 +105,7 @@ def check_rho(name: str, value: Any) -> None:
 
 def check_start(name: str, value: Any) -> None:
   """A first step: an int >= 0 (a 0-d integer array, possibly traced, too)."""
-  if isinstance(value, (np.ndarray, jax.Array)):  # tracers included
-    if value.shape != () or not np.issubdtype(value.dtype, np.integer):
-      raise ValueError(f"`{name}` must be an int >= 0, got an array of shape {value.shape} and dtype {value.dtype}.")
-    if isinstance(value, jax.core.Tracer):
-      return
-    v = int(np.asarray(value))
-  elif isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, (bool, np.bool_)):
-    v = int(value)
-  else:
-    raise ValueError(f"`{name}` must be an int >= 0, got {value!r}.")
-  if v < 0:
-    raise ValueError(f"`{name}` must be an int >= 0, got {v}.")
+  _check_int(name, value, 0, "an int >= 0")
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -143,9 +132,14 @@ def check_static_int(name: str, value: Any, minimum: int = 1, *, inject_hint: bo
 
 def check_period(name: str, value: Any, *, allow_none: bool = True) -> None:
   """Checks a period: an int >= 1 (a 0-d integer array, possibly traced, too), or None if allowed."""
-  requirement = "None or an int >= 1" if allow_none else "an int >= 1"
   if value is None and allow_none:
     return
+  _check_int(name, value, 1, "None or an int >= 1" if allow_none else "an int >= 1")
+
+
+def _check_int(name: str, value: Any, minimum: int, requirement: str) -> None:
+  """Raises ValueError unless ``value`` is an int >= ``minimum``: a Python or NumPy int (not a bool), or a
+  0-d integer array (a tracer passes unchecked); ``requirement`` words the message."""
   if isinstance(value, (np.ndarray, jax.Array)):  # tracers included
     if value.shape != () or not np.issubdtype(value.dtype, np.integer):
       raise ValueError(f"`{name}` must be {requirement}, got an array of shape {value.shape} and dtype {value.dtype}.")
@@ -156,7 +150,7 @@ def check_period(name: str, value: Any, *, allow_none: bool = True) -> None:
     v = int(value)
   else:
     raise ValueError(f"`{name}` must be {requirement}, got {value!r}.")
-  if v < 1:
+  if v < minimum:
     raise ValueError(f"`{name}` must be {requirement}, got {v}.")
 
 

@@ -25,12 +25,8 @@ class VaSSOState(NamedTuple):
     grad_norm: float32 ``|g_1|``, the norm of the output (diagnostic).
     ema: the gradient average ``d_t`` of the last call, a pytree like params
       in wide precision (float32 or wider); zeros before the first call.
-    perturbed_loss: float32 ``L(w + d_K)``, the loss at the ascent point of
-      the last step that perturbed (0 before the first; the replicas' mean
-      with ``axis_name``). Minus the clean loss, it is the sharpness the
-      method minimizes; it comes with the ascent's gradient, at no extra
-      cost. Find it anywhere in a chain with ``optax.tree.get(state,
-      "perturbed_loss")``.
+    perturbed_loss: float32 ``L(w + d_K)`` of the last step that perturbed
+      (:ref:`perturbed-loss`).
   """
 
   count: jax.Array  # type: ignore[assignment]  # optax's name for the step counter; shadows tuple.count
@@ -44,6 +40,10 @@ def vasso(
   *,
   theta: Scalar = 0.9,
   axis_name: AxisName | None = None,
+  adaptive: bool = False,
+  eta: Scalar = 0.01,
+  adaptive_mask: PyTree | Callable[[PyTree], PyTree] = None,
+  m_sharpness: bool = False,
   perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
   perturb_every: int = 1,
   perturb_start: int = 0,
@@ -71,24 +71,22 @@ def vasso(
     rho: perturbation radius, > 0, or an optax schedule of the step count (values >= 0).
     theta: weight of the new gradient in the average, in ``(0, 1]``
       (``1``: SAM). VaSSO's runs use values such as 0.4 and 0.9.
-    axis_name: for data parallelism under ``shard_map``/``pmap``: the
-      incoming and perturbed gradients are averaged over this axis before
-      they enter ``d_t`` or the output, so every replica keeps the same
-      average.
-    perturb_mask, perturb_every, perturb_start: training controls, as for
-      every method (docs/controls.md): perturb only the leaves the mask
-      marks (a pytree of bools or a callable on params, as in
-      ``optax.masked``; the others get their gradient at the perturbed
-      point), and only on the steps ``count >= perturb_start`` with
-      ``(count - perturb_start) % perturb_every == 0`` (the others output
-      ``g_0`` with no extra pass).
+    axis_name, m_sharpness: data parallelism (:ref:`common-options`): with
+      ``axis_name`` the gradients are averaged over the axis before they
+      enter ``d_t`` or the output; with ``m_sharpness`` each replica
+      perturbs along ``(1 - theta) d_{t-1} + theta g_t`` with its own
+      ``g_t``, and the average kept is the replicas' mean (the average of
+      their mean gradient, the same on every replica;
+      :ref:`m-sharpness-states`).
+    adaptive, eta, adaptive_mask: ASAM's neighbourhood (:ref:`asam-options`):
+      the perturbation is ``rho T^2 d_t / |T d_t|``, ``T = |w| + eta``.
+    perturb_mask, perturb_every, perturb_start: the training controls
+      (:ref:`perturb-mask`, :ref:`perturb-every`); only a step that
+      perturbs updates ``d_t``.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with state
-    :class:`VaSSOState`; call ``update(grads, state, params, loss_fn=loss_fn)``.
-    ``params`` and ``grads`` need real floating-point leaves (a Python
-    float is taken as a 0-d array); integer, bool or complex leaves raise a
-    ``ValueError`` naming the leaf.
+    An ``optax.GradientTransformationExtraArgs``; :class:`VaSSOState` keeps
+    ``d_t`` (:ref:`calling-update`).
 
   Example:
     >>> import jax, jax.numpy as jnp, xsam_jax
@@ -104,6 +102,7 @@ def vasso(
     Li & Giannakis, Enhancing Sharpness-Aware Optimization Through Variance
     Suppression, NeurIPS 2023, https://arxiv.org/abs/2309.15639.
   """
+  options = base.Options.from_arguments("vasso", locals(), num_steps=1)
   t = validation.check_positive("theta", theta)
   if t is not None and t > 1.0:
     raise ValueError(f"`theta` must be a finite real number in (0, 1], got {t!r}.")
@@ -125,21 +124,7 @@ def vasso(
   def rule(trace: AscentTrace, state: VaSSOState, params: PyTree, loss_fn: LossFn) -> tuple[PyTree, VaSSOState]:
     del params, loss_fn
     g_1 = trace.grads[-1]
-    new_state = state._replace(
-      grad_norm=tm.tree_norm(g_1).astype(jnp.float32),
-      ema=tm.tree_cast_like(trace.first_direction, state.ema),
-    )
-    return g_1, new_state
+    grad_norm, ema = options.replica_mean((tm.tree_norm(g_1).astype(jnp.float32), trace.first_direction))
+    return g_1, state._replace(grad_norm=grad_norm, ema=tm.tree_cast_like(ema, state.ema))
 
-  return base.sharpness_aware_transform(
-    "vasso",
-    rho=rho,
-    num_steps=1,
-    init_fn=init_fn,
-    rule=rule,
-    axis_name=axis_name,
-    first_direction=first_direction,
-    perturb_mask=perturb_mask,
-    perturb_every=perturb_every,
-    perturb_start=perturb_start,
-  )
+  return base.transform(options, init_fn=init_fn, rule=rule, first_direction=first_direction)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from xsam_jax._src import base, collectives, validation
+from xsam_jax._src import base, validation
 from xsam_jax._src import tree_math as tm
 from xsam_jax._src.ascent import AscentTrace
 from xsam_jax._src.types import AxisName, LossFn, PyTree, Scalar
@@ -26,8 +26,8 @@ class WSAMState(NamedTuple):
       point (diagnostic; with ``m_sharpness``, the replicas' mean).
     base_state: the state of ``base_optimizer`` in the decoupled form;
       ``optax.EmptyState()`` otherwise.
-    perturbed_loss: float32 loss at the ascent point (filled in by the
-      shared factory; 0 until then).
+    perturbed_loss: float32 ``L(w + d_K)`` of the last step that perturbed
+      (:ref:`perturbed-loss`).
   """
 
   count: jax.Array  # type: ignore[assignment]  # optax's name for the step counter; shadows tuple.count
@@ -111,32 +111,20 @@ def wsam(
       rate, a number > 0 or an optax schedule of the step count (called
       with this state's ``count``, which advances as an optax schedule's
       does), scaling the decoupled sharpness term.
-    axis_name: for data parallelism under ``shard_map``/``pmap``: the
-      gradients are averaged over this axis, so every replica returns the
-      same output (see :func:`sam`).
-    adaptive: ASAM's adaptive neighbourhood for the ascent step (``rho T^2
-      g / |T g|`` with ``T = |w| + eta``), as the authors' code offers.
-    eta: ASAM's offset, >= 0.
-    adaptive_mask: which leaves get ``T`` (pytree of bools or callable on
-      params); default all.
-    m_sharpness: with ``axis_name``: each replica ascends from its own
-      gradient (the authors' code perturbs per worker); the coupled output,
-      or in the decoupled form ``g_0`` and ``g_1 - g_0``, are averaged over
-      the axis (see :func:`sam`).
-    perturb_mask, perturb_every, perturb_start: training controls, as for
-      every method (docs/controls.md): perturb only the leaves the mask
-      marks (a pytree of bools or a callable on params, as in
-      ``optax.masked``; the others get their gradient at the perturbed
-      point), and only on the steps ``count >= perturb_start`` with
-      ``(count - perturb_start) % perturb_every == 0`` (the others output
-      ``g_0`` with no extra pass).
+    axis_name, m_sharpness: data parallelism (:ref:`common-options`); with
+      ``m_sharpness`` each replica ascends from its own gradient (the
+      authors' code perturbs per worker), and the coupled output, or in the
+      decoupled form ``g_0`` and ``g_1 - g_0``, are averaged over the axis.
+    adaptive, eta, adaptive_mask: ASAM's neighbourhood for the ascent step
+      (:ref:`asam-options`), as the authors' code offers.
+    perturb_mask, perturb_every, perturb_start: the training controls
+      (:ref:`perturb-mask`, :ref:`perturb-every`); the decoupled form takes
+      no ``perturb_mask``, and its steps that do not perturb return the base
+      optimizer's update of ``g_0``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
-    :class:`WSAMState`; call ``update(grads, state, params, loss_fn=loss_fn)``.
-    ``params`` and ``grads`` need real floating-point leaves (a Python
-    float is taken as a 0-d array); integer, bool or complex leaves raise a
-    ``ValueError`` naming the leaf.
+    :class:`WSAMState` (:ref:`calling-update`).
 
   Raises:
     ValueError: ``gamma`` outside ``[0, 1)``; ``learning_rate`` without
@@ -160,6 +148,7 @@ def wsam(
     Yue et al., Sharpness-Aware Minimization Revisited: Weighted Sharpness
     as a Regularization Term, KDD 2023, https://arxiv.org/abs/2305.15817.
   """
+  options = base.Options.from_arguments("wsam", locals(), num_steps=1)
   _check_gamma(gamma)
   decoupled = base_optimizer is not None
   if decoupled != (learning_rate is not None):
@@ -189,15 +178,12 @@ def wsam(
   def rule(trace: AscentTrace, state: WSAMState, params: PyTree, loss_fn: LossFn) -> tuple[PyTree, WSAMState]:
     del loss_fn
     g_0, g_1 = trace.grads[0], trace.grads[-1]
-    grad_norm = tm.tree_norm(g_1).astype(jnp.float32)
-    if m_sharpness:
-      grad_norm = collectives.replica_mean(grad_norm, axis_name)
+    grad_norm = options.replica_mean(tm.tree_norm(g_1).astype(jnp.float32))
     sharpness = jax.tree.map(jnp.subtract, tm.tree_wide(g_1), tm.tree_wide(g_0))  # g_1 - g_0
     if base_optimizer is None:
       output = tm.tree_lincomb(1.0, tm.tree_wide(g_0), weight, sharpness)
       return output, state._replace(grad_norm=grad_norm)
-    if m_sharpness:  # the base optimizer's state must stay the same on every replica
-      g_0, sharpness = collectives.replica_mean((g_0, sharpness), axis_name)
+    g_0, sharpness = options.replica_mean((g_0, sharpness))  # the base optimizer's state: one on every replica
     updates, base_state = base_optimizer.update(g_0, state.base_state, params)
     assert learning_rate is not None  # set with base_optimizer
     lr = jnp.asarray(base.at_step(learning_rate, trace))
@@ -212,24 +198,7 @@ def wsam(
   def skip_rule(g_0: PyTree, state: WSAMState, params: PyTree) -> tuple[PyTree, WSAMState]:
     # A step that does not perturb has no sharpness term: the decoupled form's update is the base optimizer's.
     assert base_optimizer is not None
-    if m_sharpness:
-      g_0 = collectives.replica_mean(g_0, axis_name)
-    updates, base_state = base_optimizer.update(g_0, state.base_state, params)
+    updates, base_state = base_optimizer.update(options.replica_mean(g_0), state.base_state, params)
     return updates, state._replace(base_state=base_state)
 
-  return base.sharpness_aware_transform(
-    "wsam",
-    rho=rho,
-    num_steps=1,
-    init_fn=init_fn,
-    rule=rule,
-    axis_name=axis_name,
-    adaptive=adaptive,
-    eta=eta,
-    adaptive_mask=adaptive_mask,
-    m_sharpness=m_sharpness,
-    skip_rule=skip_rule if decoupled else None,
-    perturb_mask=perturb_mask,
-    perturb_every=perturb_every,
-    perturb_start=perturb_start,
-  )
+  return base.transform(options, init_fn=init_fn, rule=rule, skip_rule=skip_rule if decoupled else None)

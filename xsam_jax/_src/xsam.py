@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from xsam_jax._src import base, collectives, validation
+from xsam_jax._src import base, validation
 from xsam_jax._src import tree_math as tm
 from xsam_jax._src.ascent import AscentTrace
 from xsam_jax._src.batching import map_batched
@@ -41,12 +41,8 @@ class XSAMState(NamedTuple):
     max_loss: float32 loss at the probed maximum of the last probe round;
       NaN if every probe loss of that round was non-finite (alpha was then
       kept unchanged).
-    perturbed_loss: float32 ``L(w + d_K)``, the loss at the ascent point of
-      the last step that perturbed (0 before the first; the replicas' mean
-      with ``axis_name``). Minus the clean loss, it is the sharpness the
-      method minimizes; it comes with the ascent's gradient, at no extra
-      cost. Find it anywhere in a chain with ``optax.tree.get(state,
-      "perturbed_loss")``.
+    perturbed_loss: float32 ``L(w + d_K)`` of the last step that perturbed
+      (:ref:`perturbed-loss`).
   """
 
   count: jax.Array  # type: ignore[assignment]  # optax's name for the step counter; shadows tuple.count
@@ -83,14 +79,38 @@ def slerp_coefficients(alpha: jax.typing.ArrayLike, theta: jax.typing.ArrayLike)
     >>> bool(jnp.allclose(a, b))
     True
   """
+  return scaled_slerp_coefficients(alpha, theta, 1.0, 1.0)
+
+
+def scaled_slerp_coefficients(
+  alpha: jax.typing.ArrayLike, theta: jax.typing.ArrayLike, ka: jax.typing.ArrayLike, kb: jax.typing.ArrayLike
+) -> tuple[jax.Array, jax.Array]:
+  """``(ka a, kb b)`` for :func:`slerp_coefficients`' ``(a, b)``, each formed with its division last.
+
+  A division is the one cheap scalar op XLA on CPU does not copy into every
+  consumer: with the products before it, the coefficients reach each
+  parameter leaf's kernel as one ready number, not as a chain of sines,
+  selects and products recomputed per leaf (a third of the output kernel on
+  a tree of small leaves). ``ka = kb = 1`` gives :func:`slerp_coefficients`
+  bitwise.
+  """
+  num_a, num_b, den = _slerp_parts(alpha, theta, ka, kb)
+  return num_a / den, num_b / den
+
+
+def _slerp_parts(
+  alpha: jax.typing.ArrayLike, theta: jax.typing.ArrayLike, ka: jax.typing.ArrayLike, kb: jax.typing.ArrayLike
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(ka a sin(theta), kb b sin(theta), sin(theta))`` for :func:`slerp_coefficients`' ``(a, b)``,
+  the last broadcast like ``alpha`` (1 where the plane is degenerate)."""
   theta = jnp.asarray(theta)
   alpha = jnp.asarray(alpha, dtype=theta.dtype) if jnp.issubdtype(theta.dtype, jnp.floating) else jnp.asarray(alpha)
   sin_t = jnp.sin(theta)
   degenerate = sin_t < DEGENERATE_SIN
   safe_sin = jnp.where(degenerate, jnp.ones_like(sin_t), sin_t)
-  a = jnp.where(degenerate, 0.0, jnp.sin((1.0 - alpha) * theta) / safe_sin)
-  b = jnp.where(degenerate, 1.0, jnp.sin(alpha * theta) / safe_sin)
-  return a, b
+  num_a = jnp.where(degenerate, 0.0, jnp.sin((1.0 - alpha) * theta)) * ka
+  num_b = jnp.where(degenerate, 1.0, jnp.sin(alpha * theta)) * kb
+  return num_a, num_b, jnp.broadcast_to(safe_sin, jnp.shape(num_a))
 
 
 def plane_scalars(
@@ -294,9 +314,8 @@ def probe_losses(
   Returns:
     A 1-D array of losses, one per alpha.
   """
-  coef_a, coef_b = slerp_coefficients(alphas, theta)
   return _probe_combinations(
-    loss_fn, params, v0, v1, coef_a, coef_b, rho_max, batch_size=batch_size, axis_name=axis_name
+    loss_fn, params, v0, v1, _slerp_parts(alphas, theta, 1.0, 1.0), rho_max, batch_size=batch_size, axis_name=axis_name
   )
 
 
@@ -305,29 +324,61 @@ def _probe_combinations(
   params: PyTree,
   x0: PyTree,
   x1: PyTree,
-  coef_a: jax.Array,
-  coef_b: jax.Array,
+  parts: tuple[jax.Array, jax.Array, jax.Array],
   rho_max: Scalar,
   *,
   batch_size: int | None,
   axis_name: AxisName | None,
   pow2: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
-  """Losses ``L(w + rho_max (a_i p0 x0 + b_i p1 x1))``, batched over the coefficient arrays
-  (``pow2 = (p0, p1)``, default ``(1, 1)``; see :func:`_combine`)."""
+  """Losses ``L(w + rho_max (a_i p0 x0 + b_i p1 x1))`` with ``a_i = num_a_i / den_i``, ``b_i = num_b_i / den_i``,
+  batched over the probes (``parts = (num_a, num_b, den)`` from :func:`_slerp_parts`; ``pow2 = (p0, p1)``,
+  default ``(1, 1)``; see :func:`_combine`)."""
 
-  def one(coefs: tuple[jax.Array, ...]) -> jax.Array:
-    a, b, *p = coefs
-    return loss_fn(tm.tree_add_to_params(params, _combine(x0, x1, a, b, (p[0], p[1]) if p else None), rho_max))
+  def one(data: tuple[jax.Array, ...]) -> jax.Array:
+    # Each scalar of this probe comes out of a division, so XLA forms it once per probe instead of
+    # copying a slice of the coefficient arrays into every parameter leaf's kernel (1 / (1 / p) = p
+    # exactly for a power of two p).
+    num_a, num_b, den, *inv_p = data
+    p = (1.0 / inv_p[0], 1.0 / inv_p[1]) if inv_p else None
+    return loss_fn(tm.tree_add_to_params(params, _combine(x0, x1, num_a / den, num_b / den, p), rho_max))
 
   # The powers of two travel with each probe's coefficients: a product with a loop-invariant
   # scalar would be hoisted out of jax.lax.map's loop by XLA, one kernel and one params-sized
   # buffer per leaf and vector.
-  per_probe = () if pow2 is None else tuple(jnp.broadcast_to(q, coef_a.shape) for q in pow2)
-  losses = map_batched(one, (coef_a, coef_b, *per_probe), batch_size)
+  per_probe = () if pow2 is None else tuple(jnp.broadcast_to(1.0 / q, parts[0].shape) for q in pow2)
+  losses = map_batched(one, (*parts, *per_probe), batch_size)
   if axis_name is not None:
     losses = jax.lax.pmean(losses, axis_name)
   return losses
+
+
+def _plane_probe_losses(
+  loss_fn: LossFn,
+  params: PyTree,
+  bases: _Bases,
+  theta: jax.Array,
+  scales: tuple[tm.Inverse, tm.Inverse],
+  alphas: jax.Array,
+  rho_max: Scalar,
+  *,
+  batch_size: int | None,
+  axis_name: AxisName | None = None,
+) -> jax.Array:
+  """XSAM's probe losses ``L(w + rho_max v(alpha_i))`` on a plane from :func:`_plain_bases` or
+  :func:`_adaptive_bases` (``scales = (s0, s1)``): ``v0``, ``v1`` are never formed."""
+  (s0, s1), (p0, p1) = scales, bases.probe()
+  return _probe_combinations(
+    loss_fn,
+    params,
+    p0,
+    p1,
+    _slerp_parts(alphas, theta, s0.mant, s1.mant),
+    rho_max,
+    pow2=(s0.pow2, s1.pow2),
+    batch_size=batch_size,
+    axis_name=axis_name,
+  )
 
 
 def _warn_if_low_precision(dtype: Any) -> None:
@@ -419,6 +470,16 @@ def resolve_probe_batch_size(
 
 ALPHA_REFINEMENTS = (None, "parabola")
 """Allowed values of ``xsam(..., alpha_refinement=)``."""
+
+
+def _check_alpha_refinement(alpha_refinement: str | None, alpha_grid: np.ndarray, alphas: Sequence[float]) -> None:
+  """Raises ``ValueError`` unless ``alpha_refinement`` suits the checked grid ``alpha_grid`` (of ``alphas``)."""
+  if alpha_refinement not in ALPHA_REFINEMENTS:
+    raise ValueError(f"`alpha_refinement` must be one of {ALPHA_REFINEMENTS}, got {alpha_refinement!r}.")
+  if alpha_refinement is not None and not np.all(np.diff(alpha_grid) > 0):
+    raise ValueError(
+      f"`alphas` must be strictly increasing with `alpha_refinement={alpha_refinement!r}`, got {alphas!r}."
+    )
 
 
 def parabola_vertex(
@@ -548,21 +609,13 @@ def xsam(
   ``w / T`` (see :func:`adaptive_xsam_plane`): ``v0`` and ``v1`` are the
   unit rescaled displacement ``T^{-1} d_K`` and rescaled gradient
   ``T g_K``, the probes are at ``w + rho_max T v(alpha)`` and the output is
-  ``|T g_K| T^{-1} v(alpha)``. Why not the plane of ``d_K`` and ``g_K`` in
-  the raw coordinates: ASAM's ascent point lies on the ellipsoid
-  ``|T^{-1} d| = rho``, whose Euclidean size is about ``rho`` times a
-  typical ``|w| + eta``, so raw probes at Euclidean radius
-  ``rho_max ~ 2 rho`` would land far outside the neighbourhood the ascent
-  explored, and ``v(0)`` would be the ``T^2``-warped ``d_K`` rather than a
-  gradient direction. In the rescaled coordinates ASAM *is* SAM, so XSAM
-  applies unchanged: ``rho_max`` keeps its meaning (with K = 1, the probe at
-  ``alpha = 0`` and ``rho_max = rho`` is the ascent point), ``alpha = 1``
-  is exactly ASAM's output ``g_K``, and ``alpha = 0`` with ``num_steps=1``
-  is the ``g_0`` direction, as without ASAM. All leaves get ``T`` unless
-  ``adaptive_mask`` says otherwise (the official ASAM adapts weights only);
-  masked-out leaves have ``T = 1``, and an all-False mask is plain XSAM.
+  ``|T g_K| T^{-1} v(alpha)``; ``alpha = 1`` is exactly ASAM's output.
   ``state.theta`` is then the angle in the rescaled coordinates;
   ``state.grad_norm`` stays the plain ``|g_K|``.
+
+  .. seealso:: :ref:`xsam-asam` (docs/methods.md), why the rescaled
+     coordinates; :ref:`memory-aware-probes` (docs/performance.md), how
+     ``probe_batch_size="auto"`` chooses and what each strategy costs.
 
   Args:
     rho: ascent radius, > 0 (the paper: 0.15 on CIFAR with ResNet-18), or an
@@ -581,81 +634,42 @@ def xsam(
       neighbours' probe losses (no extra forward passes; see
       :func:`select_alpha`), so a coarse grid can stand in for a fine one.
       Needs strictly increasing ``alphas``.
-    probe_batch_size: ``"auto"`` (default): decided when the step is traced,
-      from static shapes. Off CPU it is the largest chunk ``c`` whose
-      parameter copies fit the memory budget, ``c * P <= budget`` with
-      ``P`` the bytes of the (perturbed) parameters (the sum of
-      ``leaf.size * itemsize``): ``None`` (one ``vmap``) if all
-      ``len(alphas)`` probes fit, ``1`` if not even one does. On CPU it is
+    probe_batch_size: how the probes run. ``"auto"`` (default): decided
+      when the step is traced, from static shapes: off CPU, the largest
+      chunk whose parameter copies fit the memory budget (``None`` if all
+      ``len(alphas)`` probes fit, ``1`` if not even one does); on CPU,
       ``1`` unless ``probe_memory_budget`` is given (then the same rule).
-      On CPU (``python -m experiments.bench``, 2026-11-23, 2 cores) a full
-      ``vmap`` was 1.4-1.5x (MLP) and 7.8-9.5x (small CNN) slower than a
-      Python loop of forwards, while the sequential scan was 0.92-1.05x and
-      0.95-1.02x (within the machine's noise); on accelerators a ``vmap``
-      is the batched call the hardware wants, as wide as memory allows.
       ``None``: all probes in one ``jax.vmap`` (``len(alphas)`` copies of
       the parameters in memory). An int: ``jax.lax.map(..., batch_size=)``
-      with that many copies at a time; ``1`` is a sequential scan. XLA's
-      temporaries of a compiled probe step stay within SAM's step's plus
-      ``c * P``, two parameter-sized buffers (``g_0``'s direction and
-      ``g_K``, alive through the probes) and ``c`` forward passes'
-      activations (measured: docs/performance.md).
+      with that many copies at a time; ``1`` is a sequential scan.
     probe_memory_budget: bytes that ``probe_batch_size="auto"`` may give
       the probes' parameter copies, an int >= 1; only with ``"auto"``.
       Default ``None``: off CPU, ``PROBE_MEMORY_FRACTION`` (0.5) of the
-      device's free memory, ``bytes_limit - bytes_in_use`` of
-      ``device.memory_stats()`` on the first local device, read when the
-      step is traced (the other half is left for the step's own
-      temporaries: the ascent's gradients and activations, the probes'
-      activations); ``1`` where the device reports no such statistics. On
-      CPU: a sequential scan. The budget counts parameter copies only, not
-      the activations of the probes' forward passes, which also grow with
-      the chunk: lower it for a model whose activations dwarf its
-      parameters.
-    axis_name: for data parallelism inside ``jax.shard_map``, ``jax.pmap``
-      or ``jax.vmap``: the name of the batch axis; ``loss_fn`` is then the
-      replica's loss on its shard. Incoming and ascent gradients become
-      gradients of the replicas' mean loss and the probe losses are
-      averaged over the axis, so every replica takes the same ascent, picks
-      the same alpha and returns the same output, equal to the
-      single-device result on the global batch. Pass ``updates =
-      jax.grad(loss_fn)(params)`` as JAX returns it (see :func:`sam`). Not
-      needed under ``jax.jit`` over sharded arrays (already global).
-    m_sharpness: with ``axis_name``: per-replica perturbation
-      ("m-sharpness", as in the original SAM code): each replica ascends on
-      its own shard from its own gradient, spans its own plane (``v0``,
-      ``v1``) and probes along its own ``v(alpha)``; the probe losses are
-      averaged over the axis for each alpha, so all replicas agree on one
-      alpha, and the outputs ``|g_K| v(alpha)`` are averaged. Results then
-      depend on the number of replicas. Under ``shard_map`` with replicated
-      params, pass the replica's own gradient (see :func:`sam`).
-    adaptive: ASAM's adaptive neighbourhood (see above); default False.
-    eta: ASAM's offset in ``T = |w| + eta``, >= 0 (ASAM: 0.01). With
-      ``eta=0`` a leaf of zeros gets no perturbation and no rescaled
-      gradient; keep ``eta > 0``.
-    adaptive_mask: which leaves get ``T``: a pytree of bools like params, or
-      a callable ``params -> such pytree`` (as in ``optax.masked``); default
-      all leaves. ASAM's choice, weights only:
-      ``lambda p: jax.tree.map(lambda x: x.ndim > 1, p)``.
-    perturb_mask, perturb_every, perturb_start: training controls, as for
-      every method (docs/controls.md): perturb only the leaves the mask
-      marks (a pytree of bools or a callable on params, as in
-      ``optax.masked``; the others get their gradient at the perturbed
-      point), and only on the steps ``count >= perturb_start`` with
-      ``(count - perturb_start) % perturb_every == 0`` (the others output
-      ``g_0`` with no extra pass).
+      first local device's free memory, read when the step is traced
+      (``1`` where the device reports none); on CPU, a sequential scan. It
+      counts parameter copies, not the probes' activations: lower it for a
+      model whose activations dwarf its parameters.
+    axis_name, m_sharpness: data parallelism (:ref:`common-options`): with
+      ``axis_name`` the probe losses are averaged over the axis too, so
+      every replica picks the same alpha; with ``m_sharpness`` each replica
+      spans its own plane and probes along its own ``v(alpha)``, the probe
+      losses are averaged for each alpha (one alpha on every replica), and
+      the outputs ``|g_K| v(alpha)`` are averaged.
+    adaptive, eta, adaptive_mask: ASAM's neighbourhood (:ref:`asam-options`),
+      with the plane, the probes and the output in its rescaled coordinates
+      (above); masked-out leaves have ``T = 1``.
+    perturb_mask, perturb_every, perturb_start: the training controls
+      (:ref:`perturb-mask`, :ref:`perturb-every`); ``alpha_update_period``
+      counts the steps that perturb.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
-    :class:`XSAMState`; call ``update(grads, state, params, loss_fn=loss_fn)``.
-    ``params`` and ``grads`` need real floating-point leaves (a Python
-    float is taken as a 0-d array); integer, bool or complex leaves raise a
-    ``ValueError`` naming the leaf. ``loss_fn`` may return ``(loss, aux)``
-    (``aux`` is ignored). Mixed precision: probes compare losses that differ
-    by ~1e-4 relative, below bfloat16's rounding; ``update(...,
-    probe_loss_fn=f)`` evaluates the probes with ``f`` (e.g. the model run in
-    float32 on the same batch) while the ascent uses ``loss_fn``. Probe
-    losses narrower than float32 trigger a warning when traced.
+    :class:`XSAMState` (:ref:`calling-update`). Mixed precision: probes
+    compare losses that differ by ~1e-4 relative, below bfloat16's
+    rounding; ``update(..., probe_loss_fn=f)`` evaluates the probes with
+    ``f`` (e.g. the model run in float32 on the same batch) while the
+    ascent uses ``loss_fn``. Probe losses narrower than float32 trigger a
+    warning when traced.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, xsam_jax
@@ -691,16 +705,12 @@ def xsam(
     Kwon et al., ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant
     Learning of Deep Neural Networks, https://arxiv.org/abs/2102.11600, 2021.
   """
+  options = base.Options.from_arguments("xsam", locals())
   validation.check_rho("rho_max", rho_max)
   alpha_grid = validation.check_grid("alphas", alphas)
   validation.check_finite("alpha_init", alpha_init)
   validation.check_period("alpha_update_period", alpha_update_period)
-  if alpha_refinement not in ALPHA_REFINEMENTS:
-    raise ValueError(f"`alpha_refinement` must be one of {ALPHA_REFINEMENTS}, got {alpha_refinement!r}.")
-  if alpha_refinement is not None and not np.all(np.diff(alpha_grid) > 0):
-    raise ValueError(
-      f"`alphas` must be strictly increasing with `alpha_refinement={alpha_refinement!r}`, got {alphas!r}."
-    )
+  _check_alpha_refinement(alpha_refinement, alpha_grid, alphas)
   if isinstance(probe_batch_size, str) and probe_batch_size != "auto":
     raise ValueError(f'`probe_batch_size` must be "auto", None or an int >= 1, got {probe_batch_size!r}.')
   if probe_batch_size is not None and probe_batch_size != "auto":
@@ -744,19 +754,10 @@ def xsam(
       grid = jnp.asarray(alpha_grid, theta.dtype)
 
       def do_probe(_: None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        coef_a, coef_b = slerp_coefficients(grid, theta)
-        p0, p1 = bases.probe()
-        new = _probe_combinations(
-          loss_fn,
-          params,
-          p0,
-          p1,
-          coef_a * s0.mant,
-          coef_b * s1.mant,
-          base.at_step(rho_max, trace),
-          pow2=(s0.pow2, s1.pow2),
-          batch_size=resolve_probe_batch_size(probe_batch_size, params, n, memory_budget=probe_memory_budget),
-          axis_name=axis_name,
+        batch_size = resolve_probe_batch_size(probe_batch_size, params, n, memory_budget=probe_memory_budget)
+        rho_max_now = base.at_step(rho_max, trace)
+        new = _plane_probe_losses(
+          loss_fn, params, bases, theta, (s0, s1), grid, rho_max_now, batch_size=batch_size, axis_name=axis_name
         )
         _warn_if_low_precision(new.dtype)
         new_alpha, new_max = select_alpha(new, grid, state.alpha, refine=alpha_refinement)
@@ -767,14 +768,11 @@ def xsam(
 
       probe_now = state.count % alpha_update_period == 0
       alpha, losses, max_loss = jax.lax.cond(probe_now, do_probe, keep, None)
-    coef_a, coef_b = slerp_coefficients(alpha.astype(theta.dtype), theta)
     # |g_K| (a v0 + b v1) = scale * ((r a s0) x0 + (r b s1) x1) for |g_K| = scale * r: finite
     # whenever the output is, even if |g_K| itself exceeds float32 (scale is 1 unless it does).
-    a, b = out_scale.r * coef_a * s0.mant, out_scale.r * coef_b * s1.mant
+    a, b = scaled_slerp_coefficients(alpha.astype(theta.dtype), theta, out_scale.r * s0.mant, out_scale.r * s1.mant)
     output = _combine(bases.x0, bases.x1, a, b, (s0.pow2, s1.pow2), out_scale.scale)
-    theta_f32, g_norm_f32 = theta.astype(jnp.float32), g_norm.astype(jnp.float32)
-    if m_sharpness:
-      theta_f32, g_norm_f32 = collectives.replica_mean((theta_f32, g_norm_f32), axis_name)
+    theta_f32, g_norm_f32 = options.replica_mean((theta.astype(jnp.float32), g_norm.astype(jnp.float32)))
     new_state = state._replace(
       alpha=alpha,
       theta=theta_f32,
@@ -784,19 +782,4 @@ def xsam(
     )
     return output, new_state
 
-  return base.sharpness_aware_transform(
-    "xsam",
-    rho=rho,
-    num_steps=num_steps,
-    init_fn=init_fn,
-    rule=rule,
-    axis_name=axis_name,
-    adaptive=adaptive,
-    eta=eta,
-    adaptive_mask=adaptive_mask,
-    m_sharpness=m_sharpness,
-    check_state=check_state,
-    perturb_mask=perturb_mask,
-    perturb_every=perturb_every,
-    perturb_start=perturb_start,
-  )
+  return base.transform(options, init_fn=init_fn, rule=rule, check_state=check_state)
