@@ -51,7 +51,7 @@ def test_workers(args: list[str]) -> list[str]:
   ``loadfile`` keeps each test file in one worker, so module-scoped fixtures (the docs build, the
   notebooks' kernel) are made once.
   """
-  if any(a == "-n" or a.startswith(("-n", "--numprocesses", "--dist")) for a in args):
+  if any(a.startswith(("-n", "--numprocesses", "--dist")) for a in args):
     return []
   return ["-n", str(max(1, min(os.cpu_count() or 1, MAX_TEST_WORKERS))), "--dist", "loadfile"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,19 @@ import optax
 
 
 def cpu_name() -> str:
-  """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+  """The CPU's model name (``/proc/cpuinfo``, else ``lscpu``), else what ``platform`` knows."""
   try:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
       if line.startswith("model name"):
         return line.split(":", 1)[1].strip()
   except OSError:
+    pass
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False, timeout=10).stdout
+    for line in out.splitlines():
+      if line.startswith("Model name"):
+        return line.split(":", 1)[1].strip()
+  except (OSError, subprocess.SubprocessError):
     pass
   return platform.processor() or platform.machine()
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 import os
 import platform
-import subprocess
 from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
 import numpy as np
 
+from experiments import bench_report
 from experiments.protocol import stats
 
 SINGLE_PAIRS = (
@@ -34,25 +34,6 @@ SINGLE_PAIRS = (
 """The single-step comparisons ``(a, b)``: ``a - b`` per seed (those whose methods ran)."""
 
 
-def cpu_model() -> str:
-  """The CPU's model name (``/proc/cpuinfo`` or ``lscpu``; ``platform.processor()`` otherwise)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False, timeout=10).stdout
-    for line in out.splitlines():
-      if line.startswith("Model name"):
-        return line.split(":", 1)[1].strip()
-  except (OSError, subprocess.SubprocessError):
-    pass
-  return platform.processor() or "unknown"
-
-
 def _version(name: str) -> str | None:
   try:
     return metadata.version(name)
@@ -66,7 +47,7 @@ def machine() -> dict[str, Any]:
 
   versions = {name: _version(name) for name in ("jax", "jaxlib", "optax", "flax", "numpy", "mnist1d")}
   return {
-    "cpu": cpu_model(),
+    "cpu": bench_report.cpu_name(),
     "cpu_count": os.cpu_count(),
     "platform": platform.platform(),
     "python": platform.python_version(),
