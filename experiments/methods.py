@@ -22,6 +22,8 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 import xsam_jax
@@ -130,13 +132,28 @@ def _chain(
 
 
 def sgd_base(
-  learning_rate: float, momentum: float, weight_decay: float, total_steps: int
+  learning_rate: float, momentum: float, weight_decay: float, total_steps: int, warmup_steps: int = 0
 ) -> tuple[optax.GradientTransformation, ...]:
   """The studies' base optimizer: decoupled weight decay, then SGD with momentum and a cosine schedule.
 
-  The learning rate follows ``lr * (1 + cos(pi t / T)) / 2`` over ``T = total_steps``.
+  The learning rate follows ``lr * (1 + cos(pi t / T)) / 2`` over ``T = total_steps``;
+  with ``warmup_steps = W > 0`` it is ``lr * t / W`` for ``t < W``, then
+  ``lr * (1 + cos(pi (t - W) / (T - W))) / 2`` (written here rather than
+  ``optax.warmup_cosine_decay_schedule``, which rejects a traced ``lr``).
   """
-  schedule = optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
+  if warmup_steps < 0 or warmup_steps >= max(total_steps, 1):
+    raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps}")
+  if not warmup_steps:
+    return optax.add_decayed_weights(weight_decay), optax.sgd(
+      optax.cosine_decay_schedule(learning_rate, max(total_steps, 1)), momentum=momentum
+    )
+  warm, decay = warmup_steps, total_steps - warmup_steps
+
+  def schedule(count: Any) -> jax.Array:
+    ramp = learning_rate * count / warm
+    t = jnp.clip(count - warm, 0, decay)
+    return jnp.where(count < warm, ramp, learning_rate * 0.5 * (1 + jnp.cos(jnp.pi * t / decay)))
+
   return optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum=momentum)
 
 

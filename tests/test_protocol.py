@@ -305,6 +305,26 @@ def test_config_checks():
   with pytest.raises(ConfigError, match="regimes"):
     ProtocolConfig.default().replace(regimes=("cifar",))
   assert dataclasses.asdict(ProtocolConfig.quick())["mode"] == "quick"
+  with pytest.raises(ConfigError, match="warmup_epochs"):
+    ProtocolConfig.default().replace(warmup_epochs=30)
+
+
+def test_sgd_base_warmup_schedule_closed_form():
+  """The base optimizer's step size: a linear ramp over W steps, then lr (1 + cos(pi (t - W) / (T - W))) / 2."""
+  import optax
+
+  from experiments import methods
+
+  lr, T, W = 0.2, 20, 4
+  for warm in (0, W):
+    tx = optax.chain(*methods.sgd_base(lr, 0.0, 0.0, T, warm))
+    state = tx.init(np.zeros(1, np.float32))
+    for t in range(T):
+      u, state = tx.update(np.ones(1, np.float32), state, np.zeros(1, np.float32))
+      want = lr * t / W if t < warm else lr * (1 + math.cos(math.pi * (t - warm) / (T - warm))) / 2
+      np.testing.assert_allclose(-float(u[0]), want, rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match="warmup_steps"):
+    methods.sgd_base(lr, 0.0, 0.0, T, T)
 
 
 def test_toy2d_stage_calls_the_axes_sweep(monkeypatch):

@@ -47,6 +47,9 @@ class ProtocolConfig(config.StudyConfig):
   epochs: int = setting(30, "training epochs of every run", low=1, group=_TRAIN)
   batch_size: int = setting(100, "training batch size", low=1, group=_TRAIN)
   momentum: float = setting(0.9, "SGD momentum (the paper's base optimizer)", low=0, high=1, high_open=True)
+  warmup_epochs: int = setting(
+    2, "linear lr warmup epochs before the cosine decay (0: none; see the README on why)", low=0, group=_TRAIN
+  )
   tune_seeds: int = setting(3, "seeds per grid point on validation (seeds 0..N-1)", low=1, group=_TRAIN)
   test_seeds: int = setting(10, "fresh seeds of the final test runs", low=1, group=_TRAIN)
   test_seed_offset: int = setting(1000, "the first test seed (test seeds never tune)", low=1, group=_TRAIN)
@@ -91,6 +94,8 @@ class ProtocolConfig(config.StudyConfig):
       raise config.ConfigError(
         "multistep_seeds", f"must be <= test_seeds ({self.test_seeds}), got {self.multistep_seeds}"
       )
+    if self.warmup_epochs >= self.epochs:
+      raise config.ConfigError("warmup_epochs", f"must be < epochs ({self.epochs}), got {self.warmup_epochs}")
     if self.test_seed_offset < self.tune_seeds:
       raise config.ConfigError("test_seed_offset", f"must be >= tune_seeds ({self.tune_seeds}): test seeds are fresh")
 

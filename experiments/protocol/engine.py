@@ -73,6 +73,7 @@ class Static:
     epochs, batch_size: training length; steps per epoch = train size // batch size.
     momentum: SGD momentum of the base optimizer.
     label_noise, train_size: the data regime (see ``experiments.protocol.splits``).
+    warmup_epochs: linear learning-rate warmup before the cosine decay (``methods.sgd_base``).
   """
 
   model: str
@@ -84,6 +85,7 @@ class Static:
   momentum: float
   label_noise: float
   train_size: int | None
+  warmup_epochs: int = 0
 
 
 class Problem(NamedTuple):
@@ -148,7 +150,8 @@ def run_fn(static: Static, steps_per_epoch: int) -> Any:
   def run(
     hp: dict[str, jax.Array], params: Any, order: jax.Array, x_train: jax.Array, y_train: jax.Array
   ) -> tuple[Any, dict[str, jax.Array]]:
-    base = methods.sgd_base(cast(Any, hp["lr"]), static.momentum, cast(Any, hp["wd"]), total)  # traced
+    warmup = static.warmup_epochs * steps_per_epoch
+    base = methods.sgd_base(cast(Any, hp["lr"]), static.momentum, cast(Any, hp["wd"]), total, warmup)  # traced
     kwargs: dict[str, Any] = {k: hp[k] for k in METHOD_READS[static.method]}
     if static.method != "sgd":
       kwargs["num_steps"] = static.num_steps

@@ -120,11 +120,18 @@ def mean_std(s: dict[str, Any], digits: int = 2) -> str:
   return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
-def setting_label(setting: dict[str, Any]) -> str:
-  """``K=2 lr=0.05, wd=0.0005, rho=0.1``-like text of a setting dict."""
+def setting_label(setting: dict[str, Any], name: str | None = None) -> str:
+  """``K=2 lr=0.05, wd=0.0005, rho=0.1``-like text of a setting dict.
+
+  ``name`` is the row's method: when the fixed-alpha baseline selected
+  alpha = 1 (its run is SAM's), the label says so.
+  """
   keys = [k for k in ("lr", "wd", "rho", "rho_max", "alpha", "gamma") if k in setting]
   k = f"K={setting['num_steps']} " if setting.get("num_steps", 1) > 1 else ""
-  return k + ", ".join(f"{n}={setting[n]:g}" for n in keys)
+  text = k + ", ".join(f"{n}={setting[n]:g}" for n in keys)
+  if name == "xsam_fixed" and setting.get("method") == "sam":
+    text += ", alpha=1 (SAM's run)"
+  return text
 
 
 def method_table(tests: dict[str, dict[str, Any]]) -> list[str]:
@@ -136,7 +143,7 @@ def method_table(tests: dict[str, dict[str, Any]]) -> list[str]:
   for name, t in tests.items():
     alpha = f"{t['alpha']['mean']:.2f} ({100 * t['alpha']['at_2']:.0f}%)" if "alpha" in t else ""
     lines.append(
-      f"| {name} | {setting_label(t['setting'])} | {mean_std(t['summary'])} | {t['summary']['n']} | "
+      f"| {name} | {setting_label(t['setting'], name)} | {mean_std(t['summary'])} | {t['summary']['n']} | "
       f"{mean_std(t['train_loss'], 4)} | {mean_std(t['train_acc'])} | {alpha} | {t['time_s']:.1f} |"
     )
   return lines
@@ -155,7 +162,8 @@ def selection_table(selection: dict[str, Any]) -> list[str]:
   """Markdown rows: method, the selected settings, their validation accuracy."""
   lines = ["| method | selected on validation | val acc (%) |", "|---|---|---|"]
   for name, row in selection["selected"].items():
-    lines.append(f"| {name} | {setting_label(row['setting'])} | {100 * row['mean']:.2f} ± {100 * row['std']:.2f} |")
+    acc = f"{100 * row['mean']:.2f} ± {100 * row['std']:.2f}"
+    lines.append(f"| {name} | {setting_label(row['setting'], name)} | {acc} |")
   return lines
 
 

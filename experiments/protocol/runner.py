@@ -126,6 +126,7 @@ class Runner:
       momentum=c.momentum,
       label_noise=arm.regime.label_noise,
       train_size=arm.regime.train_size,
+      warmup_epochs=c.warmup_epochs,
     )
 
   def ident(self, arm: Arm, setting: Setting, seed: int, split: str) -> dict[str, Any]:

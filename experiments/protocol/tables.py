@@ -98,7 +98,8 @@ def markdown(doc: dict[str, Any]) -> str:
     f"{doc['date']}; {m['cpu']} ({m['cpu_count']} cores), {m['platform']}, Python {m['python']}; {versions}.",
     (
       f"Command: `{doc['command']}`. Model {c['model']} width {c['width']}, {c['epochs']} epochs, batch "
-      f"{c['batch_size']}, SGD momentum {c['momentum']} with cosine lr; test split read for: "
+      f"{c['batch_size']}, SGD momentum {c['momentum']} with cosine lr "
+      f"after {c.get('warmup_epochs', 0)} warmup epochs; test split read for: "
       f"{', '.join(doc['test_reads'])} (test phase only)."
     ),
     "",
