@@ -14,6 +14,7 @@ from experiments import bench, bench_models
 from tests.tolerances import f32_bound, f32_rtol
 
 
+@pytest.mark.slow  # the whole quick bench (~2 min on 2 cores); its parts have their own tests below
 def test_bench_quick_report(tmp_path):
   argv = ["--quick", "--models", "mlp", "--repeats", "2", "--no-controls", "--no-probe-memory", "--out", str(tmp_path)]
   report = bench.main(argv)  # the controls and probe-memory benches: tests/test_bench_controls.py, test_probe_memory.py

@@ -7,6 +7,7 @@ import pytest
 from experiments import bench_controls
 
 
+@pytest.mark.slow  # a study end to end: outside CI
 def test_bench_controls_quick_report(tmp_path):
   report = bench_controls.main(["--quick", "--repeats", "1", "--out", str(tmp_path)])
   on_disk = json.loads((tmp_path / "controls.json").read_text())

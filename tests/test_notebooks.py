@@ -22,6 +22,8 @@ nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = ("quickstart", "understanding_xsam")
+SLOW = ("understanding_xsam",)
+"""Run only with ``-m slow`` (about 2 minutes on 2 cores); the quickstart stays in the default run."""
 MAX_IPYNB_BYTES = 300 * 1024
 KERNEL = "python3"
 
@@ -69,7 +71,7 @@ def fresh_data_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("data_cache")
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in NOTEBOOKS])
 def test_notebook_runs(name, fresh_data_dir, monkeypatch):
   """The notebook executes without a cell error in the quick configuration."""
   monkeypatch.setenv("XSAM_NOTEBOOK_QUICK", "1")

@@ -12,6 +12,7 @@ pytest.importorskip("sklearn")
 from experiments import sharpness_study as study
 
 
+@pytest.mark.slow  # a study end to end: outside CI
 def test_quick_mode_outputs(tmp_path):
   config, args, command = study.COMMAND.parse(["--quick", "--out", str(tmp_path)])
   assert (config, args.out) == (study.SharpnessConfig.quick(), str(tmp_path))

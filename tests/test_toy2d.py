@@ -43,6 +43,7 @@ def quick_run(tmp_path_factory):
   return out, payload
 
 
+@pytest.mark.slow  # the quick study end to end (~2 min on 2 cores): outside CI, like the other studies
 def test_quick_writes_well_formed_json(quick_run):
   out, payload = quick_run
   with open(out / "toy2d.json") as fh:
@@ -107,6 +108,7 @@ def test_quick_writes_well_formed_json(quick_run):
   assert data["axes"]["markdown"] in tables
 
 
+@pytest.mark.slow  # the quick study end to end (~2 min on 2 cores): outside CI, like the other studies
 @pytest.mark.parametrize("name", PNGS)
 def test_quick_writes_small_pngs(quick_run, name):
   out, _ = quick_run
@@ -203,6 +205,7 @@ def _axes_cell_keys(cfg):
   return keys
 
 
+@pytest.mark.slow  # the quick study end to end (~2 min on 2 cores): outside CI, like the other studies
 def test_axes_sweep_quick_gives_a_fraction_per_cell(quick_run):
   """Every method x K x setting x momentum x period cell has its fractions in [0, 1]; the dict is JSON."""
   cfg = toy2d.Toy2dConfig.quick()
