@@ -263,7 +263,8 @@ def test_momentum_is_heavy_ball(method):
   out = toy2d.run_grid(x0s, *cells, ones, jnp.asarray([0.0, beta]), method=method, num_steps=1, steps=steps)
   none = toy2d.run_grid(x0s, *cells, ones, method=method, num_steps=1, steps=steps)
   np.testing.assert_allclose(np.asarray(out["x_final"][1]), paths[:, -1], rtol=1e-5, atol=1e-4)
-  np.testing.assert_array_equal(np.asarray(out["x_final"][0]), np.asarray(none["x_final"][0]))
+  # Two programs (a traced momentum of 0 against none): equal up to rounding, not bitwise.
+  np.testing.assert_allclose(np.asarray(out["x_final"][0]), np.asarray(none["x_final"][0]), rtol=1e-5, atol=1e-4)
 
 
 def test_period_axis_sets_when_alpha_is_reestimated():

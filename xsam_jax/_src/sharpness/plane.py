@@ -118,11 +118,16 @@ def _xsam_directions(
   if trace.scale is not None:
     rescale = lambda tree: jax.tree.map(lambda t, x: t * x.astype(t.dtype), trace.scale, tree)
   v0, v1 = rescale(s0.apply_tree(bases.x0)), rescale(s1.apply_tree(bases.x1))
-  # e2: v1 with its v0 component removed; a random direction on a degenerate plane.
+  # e2: v1 with its v0 component removed; a random direction on a degenerate plane. The second
+  # projection ("twice is enough") keeps e2 orthogonal to e1 when v1 is nearly parallel to v0:
+  # the first leaves a residual of rounding size whose own error along v0 is as large as it is,
+  # and whether cos(theta) rounds to exactly 1 (the degenerate branch) depends on the compiler.
   resid = tm.tree_lincomb(1.0, v1, -jnp.cos(theta), v0)
+  resid = tm.tree_lincomb(1.0, resid, -tm.tree_vdot(resid, v0), v0)
   fallback = _gaussian_like(key, v0)
   fallback = tm.tree_lincomb(1.0, fallback, -tm.tree_vdot(fallback, v0), v0)
-  degenerate = jnp.sin(theta) < xsam_lib.DEGENERATE_SIN
+  rounding = jnp.sqrt(jnp.finfo(theta.dtype).eps)  # |v1| = 1: a shorter residual is rounding error
+  degenerate = (jnp.sin(theta) < xsam_lib.DEGENERATE_SIN) | (tm.tree_norm(resid) < rounding)
   e2, _ = tm.tree_normalize(jax.tree.map(lambda r, f: jnp.where(degenerate, f, r), resid, fallback))
 
   def coords(tree: PyTree) -> jax.Array:
@@ -184,8 +189,12 @@ def xsam_directions(
     e_1 = v_0,\quad e_2 = \frac{v_1 - \cos\theta\, v_0}{\|v_1 - \cos\theta\, v_0\|},
     \qquad v(\alpha) = \cos(\alpha\theta)\, e_1 + \sin(\alpha\theta)\, e_2 .
 
-  On a degenerate plane (``sin theta < 1e-8``) ``e2`` is a random unit
-  direction orthogonal to ``e1`` (from ``key``). With ``adaptive=True`` all
+  On a degenerate plane ``e2`` is a random unit direction orthogonal to
+  ``e1`` (from ``key``): when ``sin theta < 1e-8``, or when ``v1``'s residual
+  off ``v0`` (projected twice) is shorter than ``sqrt(eps)`` of the dtype, the
+  size of rounding error (in float32 ``theta`` itself cannot come out below
+  about ``3.5e-4`` from ``arccos``, so near-parallel ``v0``, ``v1`` meet
+  this test, not the first). With ``adaptive=True`` all
   of this happens in ASAM's rescaled coordinates (see :class:`XSAMPlane`).
 
   Args:
