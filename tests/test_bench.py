@@ -107,6 +107,22 @@ def test_bench_quick_resnet18(tmp_path):
   assert all(v["median_s"] > 0 for v in m["steps"].values())
 
 
+def test_bench_wide_quick_cases():
+  """The wide-tree compile bench (issue 15) in its quick configuration, once per variant: in the default run
+  (the whole quick bench, which includes it, is slow)."""
+  from experiments import bench_wide
+
+  wide = bench_wide.run(bench_wide.WideConfig.quick().replace(compile_repeats=1))
+  assert set(wide["flat"]) == {"10", "20"}
+  assert wide["transformer"]["leaves"] == 1 + 2 * 12
+  for e in [*wide["flat"].values(), wide["transformer"]]:
+    assert set(e["compile_s"]) == {"sgd", "hand_sam", "sam", "xsam"}
+    assert all(v > 0 for v in e["compile_s"].values())
+    assert e["xsam_over_hand"] == e["compile_s"]["xsam"] / e["compile_s"]["hand_sam"]
+  assert wide["flat_growth"]["leaf_ratio"] == 2.0
+  assert "compile time on wide trees" in "\n".join(bench_wide.format_rows(wide))
+
+
 def test_bench_wide_compile_repeats_is_validated(capsys):
   from experiments import bench_wide
 
