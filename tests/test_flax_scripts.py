@@ -278,7 +278,7 @@ def test_train_state_plain_tx_is_flax_train_state():
       np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("check", ["sync_batchnorm", "per_replica_batchnorm", "without_axis_name"])
+@pytest.mark.parametrize("check", ["sync_batchnorm", "per_replica_batchnorm", "without_axis_name_is"])
 def test_linen_train_state_pmap_checks(check):
   """tests/flax_pmap_checks.py on 8 CPU devices, one check per process (each compiles its own pmap
   steps): a Linen ResNet with BatchNorm in xsam_jax.flax.TrainState under jax.pmap."""

@@ -51,6 +51,7 @@ EVERYWHERE = {
   "adaptive_mask": None,
   "perturb_mask": None,
   "perturb_start": 0,
+  "check_updates": False,
 }
 MULTI_STEP = {"sam", "xsam", "msam", "lsam", "eigen_sam"}  # the methods defined with K ascent steps
 
@@ -79,6 +80,7 @@ def test_every_method_takes_every_shared_option(name):
 def test_options_record_is_checked_once_and_complete():
   arguments = dict(rho=0.1, num_steps=np.int64(2), adaptive=np.bool_(True), m_sharpness=False, other=object())
   arguments |= dict(axis_name=None, eta=0.01, adaptive_mask=None, perturb_mask=None, perturb_start=0)
+  arguments |= dict(check_updates=False)
   options = base.Options.from_arguments("m", arguments, perturb_every=3)
   assert options.method == "m"
   assert (options.num_steps, options.adaptive, options.perturb_every) == (2, True, 3)

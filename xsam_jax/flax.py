@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax.numpy as jnp
 import optax
 
 try:
@@ -43,7 +44,8 @@ def value_grad_and_loss_fn(
   *args: Any,
   wrt: nnx.filterlib.Filter = nnx.Param,
   has_aux: bool = False,
-) -> tuple[Any, nnx.State, Callable[[Any], Any]]:
+  probe_dtype: Any = None,
+) -> Any:
   r"""The clean pass of an NNX step, and a pure ``loss_fn`` for the optimizer.
 
   Replaces ``nnx.value_and_grad`` in a training step: it returns the same
@@ -93,9 +95,21 @@ def value_grad_and_loss_fn(
       then ``(loss, aux)`` from the clean pass, as ``nnx.value_and_grad``
       returns it, and ``loss_fn`` still returns the loss alone (each extra
       pass's aux is discarded).
+    probe_dtype: None, or a float dtype (``jnp.float32``) for a fourth
+      result, ``probe_loss_fn``: ``loss_fn`` on a twin of the model whose
+      every submodule with a ``dtype`` attribute (Flax's computation dtype,
+      as on ``nnx.Linear``, ``nnx.Conv``, ``nnx.MultiHeadAttention``,
+      ``nnx.LayerNorm``) computes in ``probe_dtype``, with the same
+      parameters, state and dropout masks. Pass it as
+      ``optimizer.update(model, grads, loss_fn=loss_fn,
+      probe_loss_fn=probe_loss_fn)``: XSAM's probes compare losses that
+      differ by ~1e-4 relative, below bfloat16's rounding (docs/flax.md,
+      "Mixed precision"). Precision set otherwise (an ``astype`` inside
+      ``__call__``) is not changed.
 
   Returns:
-    ``(loss, grads, loss_fn)``: the clean pass's loss (or ``(loss, aux)``),
+    ``(loss, grads, loss_fn)``, or ``(loss, grads, loss_fn, probe_loss_fn)``
+    with ``probe_dtype``: the clean pass's loss (or ``(loss, aux)``),
     its gradient (an ``nnx.State`` of the ``wrt`` variables) and
     ``loss_fn(params) -> loss``, where ``params`` has the structure of
     ``nnx.state(model, wrt)`` (``Variable`` leaves or raw arrays, as
@@ -142,17 +156,53 @@ def value_grad_and_loss_fn(
   # place: keep their values). Split with args, so NNX objects passed as arguments and references shared
   # with the model are rebuilt too; only the model's `wrt` variables are replaced by `params`.
   optimized = nnx.All(_is_model_path, wrt)
-  graphdef, _, before = nnx.split((model, *args), optimized, ...)  # type: ignore[misc]  # variadic overload
+  graphdef, current, before = nnx.split((model, *args), optimized, ...)  # type: ignore[misc]  # variadic overload
+  twin = None if probe_dtype is None else _with_dtype(graphdef, optimized, current, before, probe_dtype)
   before = nnx.as_pure(before)
 
   value, grads = nnx.value_and_grad(loss_of_model, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)(model, *args)
 
-  def loss_fn(params: Any) -> Any:
-    model_copy, *args_copy = nnx.merge(graphdef, nnx.State({0: nnx.as_pure(params)}), before)
-    out = loss_of_model(model_copy, *args_copy)
-    return out[0] if has_aux else out
+  def loss_in(graph: Any) -> Callable[[Any], Any]:
+    def loss_fn(params: Any) -> Any:
+      model_copy, *args_copy = nnx.merge(graph, nnx.State({0: nnx.as_pure(params)}), before)
+      out = loss_of_model(model_copy, *args_copy)
+      return out[0] if has_aux else out
 
-  return value, grads, loss_fn
+    return loss_fn
+
+  if twin is None:
+    return value, grads, loss_in(graphdef)
+  return value, grads, loss_in(graphdef), loss_in(twin)
+
+
+def _with_dtype(graphdef: Any, optimized: Any, current: Any, before: Any, dtype: Any) -> Any:
+  """The graph definition of ``(model, *args)`` with every module's ``dtype`` attribute set to ``dtype``.
+
+  Module attributes such as ``dtype`` are static: they live in the graph
+  definition, so the twin shares the state (parameters, statistics, RNG
+  counters) of the original and differs only in the precision it computes
+  in. The twin is built from a copy (``nnx.merge``); the model is not touched.
+  """
+  try:
+    ok = jnp.issubdtype(dtype, jnp.floating)
+  except TypeError:
+    ok = False
+  if not ok:
+    raise ValueError(f"value_grad_and_loss_fn: `probe_dtype` must be a float dtype (jnp.float32), got {dtype!r}.")
+  twin = nnx.merge(graphdef, current, before)
+  changed = 0
+  for _, node in nnx.iter_graph(twin):
+    if isinstance(node, nnx.Module) and hasattr(node, "dtype"):
+      node.dtype = jnp.dtype(dtype)
+      changed += 1
+  if not changed:
+    raise ValueError(
+      "value_grad_and_loss_fn: `probe_dtype` found no submodule with a `dtype` attribute to set: the model's "
+      "precision is set otherwise (an `astype` in `__call__`, say). Build its probe loss yourself, e.g. from a "
+      "float32 copy of the model, and pass `probe_loss_fn=` to the optimizer's update."
+    )
+  twin_graphdef, _, _ = nnx.split(twin, optimized, ...)  # type: ignore[misc]  # variadic overload
+  return twin_graphdef
 
 
 class TrainState(train_state.TrainState):
@@ -224,7 +274,14 @@ class TrainState(train_state.TrainState):
     https://flax.readthedocs.io/en/latest/api_reference/flax.training.html.
   """
 
-  def apply_gradients(self, *, grads: Any, loss_fn: Callable[[Any], Any] | None = None, **kwargs: Any) -> TrainState:
+  def apply_gradients(
+    self,
+    *,
+    grads: Any,
+    loss_fn: Callable[[Any], Any] | None = None,
+    probe_loss_fn: Callable[[Any], Any] | None = None,
+    **kwargs: Any,
+  ) -> TrainState:
     """One optimizer step: ``tx.update(grads, opt_state, params, loss_fn=loss_fn)``, then apply it.
 
     Args:
@@ -232,6 +289,11 @@ class TrainState(train_state.TrainState):
         clean pass on the batch.
       loss_fn: ``loss_fn(params) -> scalar`` loss on the same batch, for a
         sharpness-aware ``tx``; may be left out for a plain one.
+      probe_loss_fn: optional, forwarded to ``tx.update`` as
+        ``probe_loss_fn=``: the same loss computed in float32 for a
+        low-precision model, used for XSAM's probes (e.g. with
+        ``self.apply_fn`` of ``model.clone(dtype=jnp.float32)``; docs/flax.md,
+        "Mixed precision").
       **kwargs: other dataclass fields to ``.replace`` (``batch_stats=``).
 
     Returns:
@@ -246,6 +308,8 @@ class TrainState(train_state.TrainState):
     else:
       grads_with_opt, params_with_opt = grads, self.params
     extra_args = {} if loss_fn is None else {"loss_fn": loss_fn}
+    if probe_loss_fn is not None:
+      extra_args["probe_loss_fn"] = probe_loss_fn
     try:
       updates, new_opt_state = optax.with_extra_args_support(self.tx).update(
         grads_with_opt, self.opt_state, params_with_opt, **extra_args

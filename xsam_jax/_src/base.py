@@ -21,6 +21,7 @@ over the call's arrays, would be traced and compiled anew on every call.
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -31,7 +32,7 @@ import numpy as np
 import optax
 
 from xsam_jax._src import ascent as ascent_lib
-from xsam_jax._src import collectives, validation
+from xsam_jax._src import collectives, precision, validation
 from xsam_jax._src import tree_math as tm
 from xsam_jax._src.types import AxisName, LossFn, PyTree, Scalar
 
@@ -64,6 +65,8 @@ class Options(NamedTuple):
     perturb_mask: which leaves are perturbed (None: all).
     perturb_every: the period of the perturbed steps.
     perturb_start: the first perturbed step.
+    check_updates: the first-step check of the incoming updates against
+      ``grad(loss_fn)`` (:func:`check_incoming_updates`), a Python bool.
   """
 
   method: str
@@ -77,6 +80,7 @@ class Options(NamedTuple):
   perturb_mask: PyTree | Callable[[PyTree], PyTree]
   perturb_every: int | jax.Array
   perturb_start: int | jax.Array
+  check_updates: bool
 
   @classmethod
   def from_arguments(cls, method: str, arguments: Mapping[str, Any], **fixed: Any) -> Options:
@@ -120,6 +124,7 @@ class Options(NamedTuple):
       num_steps=num_steps,
       adaptive=validation.check_bool("adaptive", options.adaptive),
       m_sharpness=validation.check_bool("m_sharpness", options.m_sharpness),
+      check_updates=validation.check_bool("check_updates", options.check_updates),
     )
     if options.m_sharpness and options.axis_name is None:
       raise ValueError(
@@ -157,6 +162,7 @@ def sharpness_aware_transform(
   perturb_every: int | jax.Array = 1,
   perturb_start: int | jax.Array = 0,
   skip_rule: SkipRule | None = None,
+  check_updates: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a ``GradientTransformationExtraArgs`` from a direction rule.
 
@@ -222,6 +228,12 @@ def sharpness_aware_transform(
     skip_rule: ``(g0, state, params) -> (output, new_state)`` for the steps
       that do not perturb (``state.count`` as the rule sees it: the number
       of earlier perturbed steps); default ``(g0, state)``.
+    check_updates: on the first call (``count == 0``), compare the incoming
+      ``updates`` with ``jax.grad(loss_fn)(params)`` and raise when they
+      differ beyond rounding, naming the chain order as the likely cause
+      (:func:`check_incoming_updates`). A bool; it adds one gradient
+      evaluation to the first step (under ``jax.lax.cond``: the later steps
+      skip it).
 
   Returns:
     The transformation. Its ``update(updates, state, params, *, loss_fn,
@@ -292,7 +304,9 @@ def transform(
   ) -> tuple[optax.Updates, Any]:
     # Wrapped here, under the eager cache, whose key stays the caller's loss_fn.
     loss_fn = validation.scalar_loss(f"{method}.update", loss_fn)
-    rule_loss_fn = loss_fn if probe_loss_fn is None else validation.scalar_loss(f"{method}.update", probe_loss_fn)
+    rule_loss_fn = (
+      loss_fn if probe_loss_fn is None else validation.scalar_loss(f"{method}.update", probe_loss_fn, "probe_loss_fn")
+    )
     validation.check_float_leaves(f"{method}.update", "params", params)
     validation.check_float_leaves(f"{method}.update", "updates", updates)
     validation.check_updates_match_params(method, updates, params)
@@ -309,6 +323,8 @@ def transform(
     inner = state._replace(count=index)
 
     spec = options._replace(adaptive_mask=mask, perturb_mask=where)  # the masks resolved for these params
+    if options.check_updates:
+      check_incoming_updates(method, updates, params, loss_fn, count, axis_name=options.axis_name)
     perturb = lambda _: _perturbed(spec, rule, first_direction, updates, inner, params, loss_fn, rule_loss_fn, count)
     skip = lambda _: _skipped(spec, skip_rule, updates, inner, params, loss_fn)
     if always_skip:
@@ -317,7 +333,7 @@ def transform(
       output, new_state = perturb(None)
     else:
       output, new_state = jax.lax.cond(_perturbs(count, perturb_every, perturb_start), perturb, skip, None)
-    return output, new_state._replace(count=optax.safe_increment(count))
+    return output, keep_state_if_nonfinite(output, new_state._replace(count=optax.safe_increment(count)), state)
 
   eager = _EagerCache(method, core)
 
@@ -331,6 +347,7 @@ def transform(
     **extra_args: Any,
   ) -> tuple[optax.Updates, Any]:
     del extra_args
+    validation.check_not_in_multisteps(method)
     validation.check_call(method, params, loss_fn, probe_loss_fn)
     assert loss_fn is not None  # for the type checker: check_call raised otherwise
     params = validation.as_array_leaves(method, "params", params)
@@ -340,6 +357,99 @@ def transform(
     return eager(updates, state, params, loss_fn, probe_loss_fn)
 
   return optax.GradientTransformationExtraArgs(init, update_fn)
+
+
+def keep_state_if_nonfinite(output: PyTree, new_state: Any, state: Any) -> Any:
+  """``new_state``, or the previous ``state`` with ``new_state``'s ``count`` when ``output`` is not all finite.
+
+  One bad batch (a NaN loss, a float16 overflow at the ascent point) then
+  costs one step and nothing more: a moving average, a stored direction or
+  XSAM's alpha made from it would otherwise stay NaN for the rest of the run
+  (``optax.apply_if_finite`` after the transformation skips the base
+  optimizer's step but cannot repair this transformation's state). The
+  count still advances, as on every call (the contract: one call is one
+  step, and a ``count`` that depended on the data would turn every
+  ``jax.lax.cond`` on it into a select under ``jax.vmap``). The output
+  itself is returned unchanged (non-finite), for ``apply_if_finite`` to see.
+  """
+  ok = tm.tree_all_finite(output)
+  kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+  return kept._replace(count=new_state.count)
+
+
+def check_incoming_updates(
+  method: str,
+  updates: PyTree,
+  params: PyTree,
+  loss_fn: LossFn,
+  count: jax.Array,
+  *,
+  axis_name: AxisName | None = None,
+) -> None:
+  r"""On the first call (``count == 0``), raise unless ``updates`` is ``jax.grad(loss_fn)(params)`` within rounding.
+
+  The incoming ``updates`` must be the plain gradient of ``loss_fn`` at
+  ``params``. A transformation placed before the sharpness-aware one in the
+  chain (``optax.clip_by_global_norm``, ``optax.add_decayed_weights``,
+  ``optax.scale_by_adam``) changes them, and the sharpness-aware output,
+  made from fresh gradients of ``loss_fn``, silently drops that change. The
+  check computes ``g = jax.grad(loss_fn)(params)`` (under ``jax.lax.cond``:
+  later steps pay nothing) and compares
+
+  .. math::
+
+    r = \frac{\|u - g\|}{\|g\|} \quad \text{with the tolerance} \quad
+    \tau = \max\big(10^{-3}, \min(0.25,\ 32\, \epsilon_{\min})\big),
+
+  where :math:`\epsilon_{\min}` is the machine epsilon of the narrowest float
+  among params, updates and the dot/conv operands of ``loss_fn`` (so
+  :math:`\tau = 10^{-3}` for a float32 model, 0.031 for float16 and 0.25
+  for bfloat16 compute: two programs computing one gradient differ by a few
+  roundings of each operand, well below these; a clip, a weight decay or a
+  scale before the transformation moves it by far more). A non-finite ``u`` or ``g`` is not checked (a
+  bad batch is :func:`keep_state_if_nonfinite`'s case). With ``axis_name``
+  both sides are averaged over the axis first.
+
+  The comparison runs on the device; a mismatch raises a ``ValueError``
+  from a ``jax.debug.callback`` (under ``jax.jit`` it arrives wrapped in
+  JAX's runtime error, with this message).
+  """
+  narrow = precision.narrowest_float(loss_fn, params, extra=(*jax.tree.leaves(updates), *jax.tree.leaves(params)))
+  tol = max(1e-3, min(0.25, 32.0 * float(jnp.finfo(narrow).eps)))
+
+  def check(_: None) -> None:
+    g = jax.grad(loss_fn)(params)
+    u = updates
+    if axis_name is not None:
+      u, g = collectives.replica_mean((u, g), axis_name)
+    diff = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), u, g)
+    jax.debug.callback(
+      functools.partial(_report_mismatch, method, tol),
+      tm.tree_norm(diff).astype(jnp.float32),
+      tm.tree_norm(g).astype(jnp.float32),
+      tm.tree_norm(u).astype(jnp.float32),
+    )
+
+  jax.lax.cond(count == 0, check, lambda _: None, None)
+
+
+def _report_mismatch(method: str, tol: float, diff: Any, ref: Any, got: Any) -> None:
+  """The host side of :func:`check_incoming_updates`: raises when ``diff / ref > tol`` (all finite)."""
+  diff, ref, got = (float(np.max(np.asarray(x))) for x in (diff, ref, got))
+  if not all(np.isfinite(x) for x in (diff, ref, got)):
+    return
+  if diff <= tol * ref:
+    return
+  raise ValueError(
+    f"{method}: check_updates=True: the `updates` reaching {method}.update are not the gradient of `loss_fn` "
+    f"at `params`: |updates - grad(loss_fn)| = {diff:.4g} against |grad(loss_fn)| = {ref:.4g} "
+    f"(|updates| = {got:.4g}; tolerance {tol:.1g} relative). The likely cause is the chain order: a "
+    f"transformation before {method} in optax.chain (clip_by_global_norm, add_decayed_weights, a scale) "
+    f"changed the gradient, and {method}'s output, made from fresh gradients of `loss_fn`, drops that change. "
+    f"Put {method} first: optax.chain({method}(...), optax.clip_by_global_norm(...), "
+    "optax.add_decayed_weights(...), base_optimizer). Other causes: `grads` taken on another batch, "
+    "another loss, or other parameters than `loss_fn` and `params`."
+  )
 
 
 def _perturbed(

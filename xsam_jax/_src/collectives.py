@@ -153,9 +153,9 @@ def gradient_sync(
 def _check_not_per_replica(loss_fn: LossFn, params: PyTree) -> Callable[[PyTree], PyTree]:
   """Without ``axis_name``: ``sync(g)`` returns ``g``, raising if it is visibly a replica's own gradient.
 
-  Outside ``shard_map`` (or with ``check_vma=False``, or under ``pmap``) no
-  value carries a varying type and nothing can be checked: there a missing
-  ``axis_name`` is silent, as the README says. Inside ``shard_map`` with
+  Under ``pmap`` (and inside ``shard_map`` with ``check_vma=False``) no
+  value carries a varying type, but the mapped axes are bound: a missing
+  ``axis_name`` there is a ``ValueError`` naming the axis. Inside ``shard_map`` with
   ``check_vma=True`` a gradient that varies over an axis its parameter does
   not (replicated params, per-shard gradients), or a loss that varies over a
   mesh axis (each replica's own batch), means every replica would ascend on
@@ -164,7 +164,18 @@ def _check_not_per_replica(loss_fn: LossFn, params: PyTree) -> Callable[[PyTree]
   same axis, an invariant loss) pass. ``loss_fn`` is traced (``jax.eval_shape``)
   once, here, and only inside such a ``shard_map``.
   """
-  tracked = tracked_axes(jax.sharding.get_abstract_mesh().manual_axes)
+  manual = frozenset(jax.sharding.get_abstract_mesh().manual_axes)
+  tracked = tracked_axes(manual)
+  if manual - tracked:
+    axis = sorted(manual - tracked, key=str)[0]
+    raise ValueError(
+      f"update is traced inside `jax.pmap` (or `jax.shard_map(..., check_vma=False)`) over the axis {axis!r}, "
+      "but the transformation has no `axis_name`: each replica would perturb with its own shard's gradient "
+      "and the replicas' parameters would drift apart silently (even with a pmean of `grads`). Pass "
+      f"`axis_name={axis!r}` to the transformation (and `m_sharpness=True` with it for per-replica perturbations "
+      "on purpose). For model-parallel shards inside shard_map, keep `check_vma=True`: its types tell a "
+      "parameter shard from a replica, and such shards pass."
+    )
   if not tracked:
     return lambda g: g
   loss_axes = varying_axes(jax.eval_shape(loss_fn, params)) & tracked

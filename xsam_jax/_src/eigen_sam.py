@@ -151,6 +151,7 @@ def eigen_sam(
   perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
   perturb_every: int = 1,
   perturb_start: int = 0,
+  check_updates: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Eigenvector-corrected SAM: SAM's gradient, turned away from the sharpest direction.
 
@@ -205,6 +206,7 @@ def eigen_sam(
     perturb_mask, perturb_every, perturb_start: the training controls
       (:ref:`perturb-mask`, :ref:`perturb-every`); refreshes count the steps
       that perturb.
+    check_updates: a first-step check of the chain order (:ref:`check-updates`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state

@@ -49,6 +49,7 @@ def friendly_sam(
   perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
   perturb_every: int = 1,
   perturb_start: int = 0,
+  check_updates: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Friendly SAM (F-SAM): SAM perturbed along the gradient minus its moving average.
 
@@ -97,6 +98,7 @@ def friendly_sam(
     perturb_mask, perturb_every, perturb_start: the training controls
       (:ref:`perturb-mask`, :ref:`perturb-every`); ``m_t`` is updated on the
       steps that perturb only.
+    check_updates: a first-step check of the chain order (:ref:`check-updates`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state,

@@ -71,6 +71,7 @@ def gsam(
   perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
   perturb_every: int = 1,
   perturb_start: int = 0,
+  check_updates: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GSAM: SAM's gradient minus ``alpha`` times the part of ``g_0`` orthogonal to it.
 
@@ -113,6 +114,7 @@ def gsam(
       (:ref:`asam-options`); the decomposition stays in plain coordinates.
     perturb_mask, perturb_every, perturb_start: the training controls
       (:ref:`perturb-mask`, :ref:`perturb-every`).
+    check_updates: a first-step check of the chain order (:ref:`check-updates`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state

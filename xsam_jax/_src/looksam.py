@@ -60,6 +60,7 @@ def looksam(
   m_sharpness: bool = False,
   perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
   perturb_start: int = 0,
+  check_updates: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LookSAM: SAM's gradient every ``k`` steps, reused in between at the cost of SGD.
 
@@ -123,6 +124,7 @@ def looksam(
       point, or ``g_0`` on the steps that reuse ``g_v``), and the period
       starts at ``perturb_start`` (before it, the output is ``g_0``). The
       period itself is ``k`` (the factory's ``perturb_every``).
+    check_updates: a first-step check of the chain order (:ref:`check-updates`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state

@@ -24,7 +24,9 @@ from xsam_jax._src.types import PyTree
 WHERE = "microbatched"
 
 
-def microbatched(loss: Callable[[PyTree, PyTree], Any], num_microbatches: int) -> Callable[[PyTree, PyTree], Any]:
+def microbatched(
+  loss: Callable[[PyTree, PyTree], Any], num_microbatches: int, *, weighted: bool = False
+) -> Callable[[PyTree, PyTree], Any]:
   r"""``loss(params, batch)`` evaluated one micro-batch at a time, with the full batch's value and gradient.
 
   With the batch's ``N`` examples split into ``k = num_microbatches``
@@ -49,15 +51,31 @@ def microbatched(loss: Callable[[PyTree, PyTree], Any], num_microbatches: int) -
   the backward pass, instead of being stored). The per-micro-batch losses
   are summed in float32, or in the loss's dtype if it is wider.
 
+  A loss that is a *weighted* mean, such as a language model's mean over
+  its non-padding tokens, is not the mean of the micro-batch means when the
+  micro-batches hold different numbers of tokens. With ``weighted=True``,
+  ``loss`` returns the pair ``(weighted_sum, weight_sum)`` of its batch
+  (for example ``(jnp.sum(token_loss * mask), jnp.sum(mask))``) and the
+  result is the full batch's ratio
+
+  .. math::
+
+    L_{mb}(w, B) = \frac{\sum_i S(w, B_i)}{\sum_i W(B_i)},
+
+  exact to rounding with any padding (a micro-batch with no tokens at all
+  adds 0 to both sums).
+
   Passing ``loss_fn=lambda p: loss_mb(p, batch)`` to a sharpness-aware
   transformation runs its ascent gradients, XSAM's probe losses and
   eigen_sam's Hessian-vector products micro-batched as well, so the update
-  is the full-batch update. ``optax.MultiSteps`` is not a substitute: it
-  hands the inner transformation the mean gradient with only the last
-  micro-batch's ``loss_fn``.
+  is the full-batch update. ``optax.MultiSteps`` around the chain is not a
+  substitute (it would hand the transformation the mean gradient with only
+  the last micro-batch's ``loss_fn``, and is an error); inside the chain,
+  around the base optimizer, it averages per-micro-batch sharpness-aware
+  gradients.
 
-  .. seealso:: :doc:`/accumulation`: the measured memory, and what
-     ``optax.MultiSteps`` does with a sharpness-aware transformation.
+  .. seealso:: :doc:`/accumulation`: the measured memory, token-weighted
+     losses, and the two places ``optax.MultiSteps`` can take.
 
   Args:
     loss: ``loss(params, batch)``, the mean loss over the examples of
@@ -66,6 +84,11 @@ def microbatched(loss: Callable[[PyTree, PyTree], Any], num_microbatches: int) -
       leading axis is the example axis.
     num_microbatches: ``k``, a Python int >= 1 dividing the batch size.
       ``1`` calls ``loss`` on the whole batch, without a scan.
+    weighted: ``loss`` returns ``(weighted_sum, weight_sum)`` (two 0-d
+      real arrays; ``weight_sum`` may be an integer count), or
+      ``((weighted_sum, weight_sum), aux)``; the result is
+      ``sum / sum`` over the micro-batches (above), in ``weighted_sum``'s
+      dtype, and ``(ratio, aux)`` with ``aux`` stacked as below.
 
   Returns:
     ``loss_mb(params, batch)``. For a scalar ``loss``, the scalar mean of
@@ -102,6 +125,8 @@ def microbatched(loss: Callable[[PyTree, PyTree], Any], num_microbatches: int) -
   k = validation.check_static_int("num_microbatches", num_microbatches, inject_hint=False)
   if not callable(loss):
     raise ValueError(f"{WHERE}: `loss` must be callable as loss(params, batch), got {type(loss).__name__}.")
+  if validation.check_bool("weighted", weighted):
+    return _weighted(loss, k)
 
   @functools.wraps(loss)
   def loss_mb(params: PyTree, batch: PyTree) -> Any:
@@ -115,6 +140,44 @@ def microbatched(loss: Callable[[PyTree, PyTree], Any], num_microbatches: int) -
     return (mean, outs[1]) if isinstance(outs, tuple) else mean
 
   return loss_mb
+
+
+def _weighted(loss: Callable[[PyTree, PyTree], Any], k: int) -> Callable[[PyTree, PyTree], Any]:
+  """:func:`microbatched` with ``weighted=True``: ``sum_i S_i / sum_i W_i``."""
+
+  @functools.wraps(loss)
+  def loss_mb(params: PyTree, batch: PyTree) -> Any:
+    if k == 1:
+      (total, weight), aux = _checked_weighted(loss(params, batch))
+      ratio = (total / weight.astype(total.dtype)).astype(total.dtype)
+      return ratio if aux is None else (ratio, jax.tree.map(lambda x: jnp.expand_dims(x, 0), aux))
+    one = jax.checkpoint(lambda p, b: _checked_weighted(loss(p, b)))
+    _, ((totals, weights), aux) = jax.lax.scan(lambda c, b: (c, one(params, b)), None, split_batch(batch, k))
+    wide = jnp.promote_types(totals.dtype, jnp.float32)
+    ratio = (jnp.sum(totals, dtype=wide) / jnp.sum(weights.astype(wide))).astype(totals.dtype)
+    return ratio if aux is None else (ratio, aux)
+
+  return loss_mb
+
+
+def _is_real_scalar(x: Any) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype") and tuple(x.shape) == () and validation.is_real_dtype(x.dtype)
+
+
+def _checked_weighted(out: Any) -> tuple[tuple[jax.Array, jax.Array], Any]:
+  """``loss``'s output with ``weighted=True`` as ``((weighted_sum, weight_sum), aux or None)``, or a ValueError."""
+  pair, aux = out, None
+  if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], (tuple, list)):
+    pair, aux = out
+  if isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_real_scalar(x) for x in pair):
+    total, weight = pair
+    if jnp.issubdtype(total.dtype, jnp.floating):
+      return (total, weight), aux
+  raise ValueError(
+    f"{WHERE}: with `weighted=True`, `loss` must return `(weighted_sum, weight_sum)` (two 0-d real arrays, e.g. "
+    "`(jnp.sum(token_loss * mask), jnp.sum(mask))`, the first floating-point) or `((weighted_sum, weight_sum), "
+    f"aux)`; it returned {validation.describe_output(out)}."
+  )
 
 
 def _checked(out: Any) -> Any:

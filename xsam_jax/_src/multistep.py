@@ -117,6 +117,7 @@ def msam(
   perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
   perturb_every: int = 1,
   perturb_start: int = 0,
+  check_updates: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MSAM: the mean of the ascent gradients, at SAM's gradient scale.
 
@@ -148,6 +149,7 @@ def msam(
       rescales to ``|g_K|``, as ASAM's own output is the plain ``g_K``.
     perturb_mask, perturb_every, perturb_start: the training controls
       (:ref:`perturb-mask`, :ref:`perturb-every`).
+    check_updates: a first-step check of the chain order (:ref:`check-updates`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its state,
@@ -190,6 +192,7 @@ def lsam(
   perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
   perturb_every: int = 1,
   perturb_start: int = 0,
+  check_updates: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LSAM: the sum of the normalized ascent gradients, at SAM's gradient scale.
 
@@ -218,6 +221,7 @@ def lsam(
     adaptive, eta, adaptive_mask: as in :func:`msam` (ASAM changes where
       the gradients are taken; they are still normalized in the plain norm).
     perturb_mask, perturb_every, perturb_start: as in :func:`msam`.
+    check_updates: a first-step check of the chain order (:ref:`check-updates`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state

@@ -43,6 +43,7 @@ def sam(
   perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
   perturb_every: int = 1,
   perturb_start: int = 0,
+  check_updates: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization: the gradient at the (multi-step) ascent point.
 
@@ -69,6 +70,7 @@ def sam(
       the output is then ASAM's, the plain gradient at ASAM's ascent point.
     perturb_mask, perturb_every, perturb_start: which parameters and which
       steps perturb (:ref:`perturb-mask`, :ref:`perturb-every`).
+    check_updates: a first-step check of the chain order (:ref:`check-updates`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`SAMState`;

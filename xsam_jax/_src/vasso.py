@@ -47,6 +47,7 @@ def vasso(
   perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
   perturb_every: int = 1,
   perturb_start: int = 0,
+  check_updates: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""VaSSO: SAM perturbed along an average of gradients (variance suppression).
 
@@ -83,6 +84,7 @@ def vasso(
     perturb_mask, perturb_every, perturb_start: the training controls
       (:ref:`perturb-mask`, :ref:`perturb-every`); only a step that
       perturbs updates ``d_t``.
+    check_updates: a first-step check of the chain order (:ref:`check-updates`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; :class:`VaSSOState` keeps

@@ -54,6 +54,7 @@ def wsam(
   perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
   perturb_every: int = 1,
   perturb_start: int = 0,
+  check_updates: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""WSAM: the loss plus a weighted sharpness, ``L + gamma/(1-gamma) (L_SAM - L)``.
 
@@ -121,6 +122,7 @@ def wsam(
       (:ref:`perturb-mask`, :ref:`perturb-every`); the decoupled form takes
       no ``perturb_mask``, and its steps that do not perturb return the base
       optimizer's update of ``g_0``.
+    check_updates: a first-step check of the chain order (:ref:`check-updates`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state

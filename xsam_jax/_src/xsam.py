@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from xsam_jax._src import base, validation
+from xsam_jax._src import base, precision, validation
 from xsam_jax._src import tree_math as tm
 from xsam_jax._src.ascent import AscentTrace
 from xsam_jax._src.batching import map_batched
@@ -381,16 +381,31 @@ def _plane_probe_losses(
   )
 
 
-def _warn_if_low_precision(dtype: Any) -> None:
-  """Warns (at trace time) when probe losses come out in a float narrower than float32."""
-  if jnp.dtype(dtype).itemsize < 4:
-    warnings.warn(
-      f"xsam: the probe losses are {jnp.dtype(dtype).name}, whose rounding (~{float(jnp.finfo(dtype).eps):.0e} "
-      "relative) is as large as the differences between probes: alpha would follow rounding noise. Pass "
-      "`probe_loss_fn=` to `update`, the same loss reduced in float32 (e.g. the model run in float32, or at "
-      "least `jnp.mean(loss_per_example.astype(jnp.float32))`).",
-      stacklevel=2,
-    )
+def _warn_if_low_precision(loss_fn: LossFn, params: PyTree, dtype: Any) -> None:
+  """Warns (at trace time) when the probe losses are computed in a float narrower than float32.
+
+  Either the losses themselves are (``dtype``, the probes' output), or the
+  program of ``loss_fn`` runs its matmuls or convolutions on narrower
+  operands (bfloat16 activations under a float32 loss: the usual
+  mixed-precision transformer), read from its traced program
+  (:func:`~xsam_jax._src.precision.low_precision_contractions`).
+  """
+  narrow = [f"the probe losses are {jnp.dtype(dtype).name}"] if jnp.dtype(dtype).itemsize < 4 else []
+  ops = precision.low_precision_contractions(loss_fn, params)
+  if ops:
+    shown = ", ".join(f"{name} in {d.name}" for name, d in ops)
+    narrow.append(f"the loss computes its matmuls/convolutions in low precision ({shown})")
+  if not narrow:
+    return
+  eps = max(float(jnp.finfo(d).eps) for d in [jnp.dtype(dtype), *(d for _, d in ops)])
+  warnings.warn(
+    f"xsam: {' and '.join(narrow)}, whose rounding (~{eps:.0e} relative) is as large as the differences "
+    "between probes: alpha would follow rounding noise. Pass `probe_loss_fn=` to `update` (or to "
+    "xsam_jax.flax.TrainState.apply_gradients): the same loss with the model run in float32 (a Linen model's "
+    "`model.clone(dtype=jnp.float32)`, an NNX model through `xsam_jax.flax.value_grad_and_loss_fn(..., "
+    'probe_dtype=jnp.float32)`); see docs/flax.md, "Mixed precision".',
+    stacklevel=2,
+  )
 
 
 PROBE_MEMORY_FRACTION = 0.5
@@ -517,7 +532,12 @@ def parabola_vertex(
 def select_alpha(
   losses: jax.Array, alphas: jax.Array, alpha_old: jax.typing.ArrayLike, *, refine: str | None = None
 ) -> tuple[jax.Array, jax.Array]:
-  """The alpha of the first maximal finite loss; ``alpha_old`` if none is finite.
+  """The alpha of the first maximal finite loss; ``alpha_old`` if none is finite or all finite ones are equal.
+
+  A round whose finite probe losses are all equal (a probe radius of 0, as
+  at the start of a ``rho_max`` warm-up; a loss flat around ``w``) shows no
+  direction of ascent: alpha is kept rather than set to the first grid
+  point by the tie.
 
   With ``refine="parabola"`` (``alphas`` strictly increasing), an interior
   maximum whose two neighbours are finite is refined to the vertex of the
@@ -540,7 +560,9 @@ def select_alpha(
   finite = jnp.isfinite(losses)
   masked = jnp.where(finite, losses, -jnp.inf)
   idx = jnp.argmax(masked)
-  any_finite = jnp.any(finite)
+  # All finite losses equal (a probe radius of 0, say, at the start of a warm-up): no direction leads.
+  tied = jnp.all(jnp.where(finite, losses == masked[idx], True))
+  any_finite = jnp.any(finite) & ~tied
   best = alphas[idx]
   if refine == "parabola" and alphas.shape[0] >= 3:
     lo, hi = jnp.maximum(idx - 1, 0), jnp.minimum(idx + 1, alphas.shape[0] - 1)
@@ -549,7 +571,7 @@ def select_alpha(
     vertex = parabola_vertex(alphas[lo], best, alphas[hi], safe(losses[lo]), safe(losses[idx]), safe(losses[hi]))
     best = jnp.where(interior, vertex, best)
   alpha = jnp.where(any_finite, best.astype(jnp.float32), alpha_old)
-  max_loss = jnp.where(any_finite, masked[idx], jnp.nan)
+  max_loss = jnp.where(jnp.any(finite), masked[idx], jnp.nan)
   return alpha, max_loss
 
 
@@ -572,6 +594,7 @@ def xsam(
   perturb_mask: PyTree | Callable[[PyTree], PyTree] = None,
   perturb_every: int = 1,
   perturb_start: int = 0,
+  check_updates: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""XSAM: SAM's gradient scale along the probed direction of the loss maximum.
 
@@ -661,6 +684,7 @@ def xsam(
     perturb_mask, perturb_every, perturb_start: the training controls
       (:ref:`perturb-mask`, :ref:`perturb-every`); ``alpha_update_period``
       counts the steps that perturb.
+    check_updates: a first-step check of the chain order (:ref:`check-updates`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -748,6 +772,9 @@ def xsam(
     # v0 = s0 x0, v1 = s1 x1 are never formed: s0, s1 go into the scalar
     # coefficients, so a non-probe step reads x0 and x1 twice (cosine, output).
     bases, theta, (s0, s1), out_scale = (_adaptive_bases if adaptive else _plain_bases)(trace)
+    # At radius 0 (a rho warm-up's first step) there is no displacement and no plane: theta = 0, so the
+    # output is g_K = g_0 for any alpha (SAM at rho 0) and the probes tie (alpha is kept).
+    theta = jnp.where(jnp.asarray(base.at_step(options.rho, trace)) == 0, jnp.zeros_like(theta), theta)
     g_norm = tm.tree_norm(trace.grads[-1]) if adaptive else out_scale.value
     alpha, losses, max_loss = state.alpha, state.probe_losses, state.max_loss
     if alpha_update_period is not None:
@@ -759,7 +786,7 @@ def xsam(
         new = _plane_probe_losses(
           loss_fn, params, bases, theta, (s0, s1), grid, rho_max_now, batch_size=batch_size, axis_name=axis_name
         )
-        _warn_if_low_precision(new.dtype)
+        _warn_if_low_precision(loss_fn, params, new.dtype)
         new_alpha, new_max = select_alpha(new, grid, state.alpha, refine=alpha_refinement)
         return new_alpha, new.astype(jnp.float32), new_max.astype(jnp.float32)
 
