@@ -2,9 +2,11 @@
 """The project's Quickstart commands, needing nothing but python3.
 
     python3 tasks.py run   [args...]   # the main job: python -m experiments.train
-    python3 tasks.py test  [args...]   # lint, format check, type check, then python -m pytest [args...]
-                                       # on min(CPUs, 4) pytest-xdist workers, one test file each at a time
+    python3 tasks.py test  [args...]   # lint, format check, type check, then python -m pytest [args...]:
+                                       # every test, the `slow` studies included (what CI runs), on
+                                       # min(CPUs, 4) pytest-xdist workers, one test file each at a time
                                        # (pass -n 0 for one process)
+    python3 tasks.py test --fast [args...]   # the local loop: the same without the `slow` tests (-m "not slow")
     python3 tasks.py lint              # only the checks: ruff check, ruff format --check, mypy
     python3 tasks.py docs  [args...]   # the HTML docs: sphinx-build -W -b html docs docs/_build/html
 
@@ -73,10 +75,22 @@ def ensure_venv() -> None:
   STAMP.write_text(_fingerprint())
 
 
+FAST = ["-m", "not slow"]
+"""What ``test --fast`` passes to pytest: every test but the ``slow`` studies."""
+
+
+def fast_args(command: str, args: list[str]) -> list[str]:
+  """``args`` with ``--fast`` (``test`` only) replaced by :data:`FAST`."""
+  if command != "test" or "--fast" not in args:
+    return args
+  return [*FAST, *(a for a in args if a != "--fast")]
+
+
 def main(argv: list[str]) -> int:
   if not argv or argv[0] not in COMMANDS or (argv[1:] and argv[0] not in PASS_THROUGH):
     print(__doc__)
     return 2
+  argv = [argv[0], *fast_args(argv[0], argv[1:])]
   ensure_venv()
   steps = COMMANDS[argv[0]]
   for i, step in enumerate(steps):

@@ -1,6 +1,8 @@
 """``probe_batch_size="auto"`` under a memory budget: the rule, where the budget comes from, and XLA's
 own peak of the compiled probe step against SAM's (experiments/bench_probe_memory.py)."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,16 +97,19 @@ def test_the_budget_counts_the_perturbed_leaves_only(monkeypatch):
   assert _traced_batch_sizes(monkeypatch, tx, PARAMS) == [5]
 
 
-def test_probe_step_peak_is_sams_plus_the_chunks_copies():
+def test_probe_step_peak_is_sams_plus_the_chunks_copies(tmp_path):
   """XLA's temporaries of the compiled probe step <= SAM's + c P + 2 P + c F (the bench's bound, derived there).
 
-  A 0.1M-parameter MLP; budgets of 0.5 P (a scan), 4 P (chunks of 4) and all 21 probes (one vmap).
+  ``python -m experiments.bench_probe_memory --quick`` as the README shows it: a 0.1M-parameter MLP; budgets
+  of 0.5 P (a scan), 4 P (chunks of 4) and all 21 probes (one vmap).
   """
   c = bench_probe_memory.ProbeMemoryConfig.quick()
-  params, loss_of = bench_probe_memory.mlp_problem(c.inputs, c.width, c.depth, c.batch)
+  params, _ = bench_probe_memory.mlp_problem(c.inputs, c.width, c.depth, c.batch)
   p = tree_bytes(params)
   assert 10**5 <= p // 4 <= 10**6
-  report = bench_probe_memory.measure(params, loss_of, [int(m * p) for m in c.budgets])
+  report = bench_probe_memory.main(["--quick", "--out", str(tmp_path)])
+  assert json.loads((tmp_path / "probe_memory.json").read_text())["rows"] == json.loads(json.dumps(report["rows"]))
+  assert report["param_bytes"] == p
   rows = report["rows"]
   assert [r["chunk"] for r in rows] == [1, 4, None]
   for r in rows:

@@ -1,0 +1,55 @@
+"""Per-file test durations, stamped with the machine: where the suite's time goes.
+
+``tests/conftest.py`` sums each test file's setup, call and teardown times
+when ``XSAM_JAX_DURATIONS=PATH`` is set and calls :func:`write` at the end of
+the run. The sum over files is the CPU-side test time across all workers,
+not the wall-clock time of a parallel run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from pathlib import Path
+
+
+def _cpu_name() -> str:
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def format_table(durations: dict[str, float], *, exitstatus: int, cpu: str, cores: int | None, date: str) -> str:
+  """A markdown table of the files, slowest first, with their share of the total."""
+  total = sum(durations.values())
+  lines = [
+    "# Test durations per file",
+    "",
+    f"Machine: {cpu}, {cores} cores; date {date}; pytest exit status {exitstatus}.",
+    f"Total test time {total:.0f} s (summed over files and workers; not the wall-clock time).",
+    "",
+    "| file | seconds | share |",
+    "|---|---:|---:|",
+  ]
+  for name, seconds in sorted(durations.items(), key=lambda kv: -kv[1]):
+    lines.append(f"| {name} | {seconds:.1f} | {100 * seconds / total:.1f}% |")
+  return "\n".join(lines) + "\n"
+
+
+def write(path: str, durations: dict[str, float], *, exitstatus: int) -> None:
+  """Writes :func:`format_table` of ``durations`` for this machine and today to ``path``."""
+  text = format_table(
+    durations,
+    exitstatus=exitstatus,
+    cpu=_cpu_name(),
+    cores=os.cpu_count(),
+    date=datetime.date.today().isoformat(),
+  )
+  out = Path(path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(text)
