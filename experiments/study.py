@@ -57,6 +57,8 @@ def run_study(
     count is recorded in every ``config`` (``devices``).
 
   Raises:
+    experiments.checkpoint.CheckpointError: a run's checkpoint folder in
+      ``workdir`` is damaged (with ``resume``), found before any run trains.
     experiments.config.ConfigError: (a ``ValueError``) for anything
       :func:`experiments.checks.check_study` rejects: an unknown or repeated
       method, hyperparameters a method's constructor rejects, a data set,
@@ -66,6 +68,10 @@ def run_study(
   checks.check_study(base, method_names)
   start = time.perf_counter()
   data = data_lib.load_dataset(base.dataset, base.data_dir, download=download)
+  if workdir is not None and resume:  # every run's checkpoint is readable, before any run trains
+    for name in method_names:
+      for seed in seeds:
+        trainer.check_checkpoint(base.replace(method=name, seed=seed), workdir, data=data)
   results, completed = {}, True
   for name in method_names:
     entry: dict[str, Any] = {"seeds": [], "final_test_accuracy": [], "train_time_s": [], "histories": []}

@@ -48,6 +48,9 @@ from experiments import data as data_lib
 from experiments import study as study_lib
 from experiments.configs import MAX_SEED, TrainConfig
 
+MAX_SEEDS = 10_000
+"""The most ``--seeds`` a study takes: each is one training run per method (checked before any list is built)."""
+
 DEFAULT_METHODS = "sgd,sam,xsam"
 
 
@@ -74,7 +77,12 @@ def build_parser(quick: bool = False) -> argparse.ArgumentParser:
   g = p.add_argument_group("study")
   g.add_argument("--method", help="train a single method (a name of experiments.methods.METHODS)")
   g.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated methods to compare")
-  g.add_argument("--seeds", type=config.integer(1), default=1 if quick else 3, help="number of seeds per method")
+  g.add_argument(
+    "--seeds",
+    type=config.integer(1, MAX_SEEDS),
+    default=1 if quick else 3,
+    help=f"number of seeds per method (1 to {MAX_SEEDS}: each is a training run)",
+  )
   g.add_argument("--seed0", type=config.integer(0, MAX_SEED), default=0, help=f"first seed (0 to {MAX_SEED})")
   g.add_argument("--workdir", type=_folder, default="runs/quick" if quick else "runs/train", help="checkpoint folder")
   g.add_argument(
@@ -128,10 +136,11 @@ def method_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
     if not args.method.strip():
       parser.error("argument --method: expected a method name (sgd, sam, xsam, ...), got ''")
     return [args.method.strip()]
-  names = [m.strip() for m in args.methods.split(",") if m.strip()]
-  if not names:
+  names = [m.strip() for m in args.methods.split(",")]
+  if not any(names) or not all(names):
     parser.error(
-      f"argument --methods: expected comma-separated method names (e.g. {DEFAULT_METHODS}), got {args.methods!r}"
+      f"argument --methods: expected comma-separated method names with none empty (e.g. {DEFAULT_METHODS}), "
+      f"got {args.methods!r}"
     )
   return names
 
@@ -185,9 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except config.ConfigError as err:  # the flags' types check each field already
     _config_error(parser, args, err)
   names = method_names(parser, args)
+  if args.seed0 + args.seeds - 1 > MAX_SEED:  # checked before the list of seeds is built
+    parser.error(f"argument --seeds: --seed0 {args.seed0} with {args.seeds} seeds passes the largest seed {MAX_SEED}")
   seeds = seeds_from_args(args)
-  if seeds[-1] > MAX_SEED:
-    parser.error(f"argument --seeds: --seed0 {args.seed0} with {len(seeds)} seeds passes the largest seed {MAX_SEED}")
   check_study(parser, args, base, names)
   workdir, output_dir = args.workdir, args.output_dir
   check_folder(parser, "--output-dir", output_dir)

@@ -326,6 +326,28 @@ def _open_run(
   return checkpointer, state, step, history, elapsed
 
 
+def check_checkpoint(config: TrainConfig, workdir: str, *, data: data_lib.Dataset) -> None:
+  """Reads the run's checkpoint, if its folder exists, and raises if it is damaged; trains nothing.
+
+  What a study runs for every (method, seed) before it trains any: a damaged
+  checkpoint of the last method is then found before the first methods have
+  trained again, not after.
+
+  Raises:
+    experiments.checkpoint.CheckpointError: as :func:`train_and_evaluate` with ``resume``.
+  """
+  data = data.subset(config.train_subset, config.test_subset)
+  config, _, state = init_run(config, data)
+  run_dir = os.path.join(workdir, run_name(config))
+  if not os.path.lexists(run_dir):
+    return
+  steps_per_epoch = len(data.y_train) // config.batch_size
+  checkpointer, *_ = _open_run(
+    run_dir, state, resume=True, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * config.epochs
+  )
+  checkpointer.close()
+
+
 def train_and_evaluate(
   config: TrainConfig,
   workdir: str | None,

@@ -148,7 +148,7 @@ def test_state_structure_and_dtypes_are_stable(name):
   ],
 )
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.filterwarnings("ignore:xsam. the probe losses are bfloat16:UserWarning")  # expected with a bf16 loss
+@pytest.mark.filterwarnings("ignore:xsam. the probe losses are b?float16:UserWarning")  # expected with a 16-bit loss
 def test_params_dtype_is_kept(name, dtype):
   with jax.enable_x64(dtype == "float64"):
     params, loss_fn = problems.mlp_problem(seed=15, dtype=jnp.dtype(dtype))

@@ -374,3 +374,62 @@ def test_disable_jit_runs_the_update_op_by_op():
       outs.append(tx.update(jax.grad(loss_fn)(PARAMS), state, PARAMS, loss_fn=loss_fn)[0])
   for a, b in zip(jax.tree.leaves(outs[1]), jax.tree.leaves(outs[0]), strict=True):
     np.testing.assert_allclose(a, 2.0 * b, rtol=1e-5)
+
+
+# Third round: arguments that failed late, deep inside JAX, or silently.
+
+
+def test_eigen_sam_seed_beyond_the_prng_range_is_named():
+  xsam_jax.eigen_sam(0.1, alpha=0.5, seed=2**63 - 1)  # the largest PRNG seed is fine
+  with pytest.raises(ValueError, match=r"`seed` must be an int in \[0, 9223372036854775807\]"):
+    xsam_jax.eigen_sam(0.1, alpha=0.5, seed=2**70)
+
+
+@pytest.mark.parametrize("lr", [lambda count: jnp.nan, lambda count: -1.0, lambda count: jnp.inf])
+def test_wsam_learning_rate_schedule_is_checked_at_step_0(lr):
+  with pytest.raises(ValueError, match=r"`learning_rate\(0\)` must be a finite real number >= 0"):
+    xsam_jax.wsam(0.1, gamma=0.5, base_optimizer=optax.sgd(0.1), learning_rate=lr)
+
+
+def test_eager_update_warns_once_when_every_call_recompiles():
+  """A fresh functools.partial holding a Python float each call defeats the eager cache: one warning, naming
+  the cure; jax.tree_util.Partial with array arguments neither recompiles nor warns."""
+  import functools
+  import warnings
+
+  def loss(p, scale):
+    return scale * _loss(p)
+
+  tx = xsam_jax.sam(0.1)
+  state = tx.init(PARAMS)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for scale in (1.0, 2.0, 3.0, 4.0):
+      loss_fn = functools.partial(loss, scale=scale)
+      tx.update(jax.grad(loss_fn)(PARAMS), state, PARAMS, loss_fn=loss_fn)
+  messages = [str(w.message) for w in caught if "compiles the update again" in str(w.message)]
+  assert len(messages) == 1
+  assert "jax.tree_util.Partial" in messages[0]
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    tx2 = xsam_jax.sam(0.1)
+    for scale in (1.0, 2.0, 3.0, 4.0):
+      loss_fn = jax.tree_util.Partial(loss, scale=jnp.float32(scale))
+      tx2.update(jax.grad(loss_fn)(PARAMS), state, PARAMS, loss_fn=loss_fn)
+  assert not [w for w in caught if "compiles the update again" in str(w.message)]
+
+
+def test_sharpness_toolkit_names_bad_radii_coordinates_and_trees():
+  loss_fn = lambda p: jnp.sum(p["w"] ** 2)
+  params = {"w": jnp.ones(3), "b": jnp.zeros(2)}
+  with pytest.raises(ValueError, match=r"`rho` must be a finite real number >= 0"):
+    xsam_jax.sharpness.average_sharpness(loss_fn, params, jax.random.key(0), rho=-1.0, num_directions=2)
+  d = jax.tree.map(jnp.ones_like, params)
+  with pytest.raises(ValueError, match=r"`xs` must hold finite coordinates"):
+    xsam_jax.sharpness.loss_surface(loss_fn, params, d, d, xs=[0.0, float("nan")], ys=[0.0])
+  with pytest.raises(ValueError, match=r"loss_surface: `direction1` must have the tree structure.*\['b'\]"):
+    xsam_jax.sharpness.loss_surface(loss_fn, params, {"w": jnp.ones(3)}, d, xs=[0.0], ys=[0.0])
+  with pytest.raises(ValueError, match=r"direction2 leaf \['w'\] has shape \(2,\)"):
+    xsam_jax.sharpness.loss_surface(loss_fn, params, d, {"w": jnp.ones(2), "b": jnp.ones(2)}, xs=[0.0], ys=[0.0])
+  with pytest.raises(ValueError, match=r"hessian_vector_product: vector leaf \['w'\] has shape \(4,\)"):
+    xsam_jax.sharpness.hessian_vector_product(loss_fn, params, {"w": jnp.ones(4), "b": jnp.ones(2)})

@@ -136,10 +136,26 @@ def test_store_skips_a_cut_short_last_line(tmp_path):
   s.add("a", {"x": 1}, {"eval_acc": np.float32(0.5)}, 1.0)
   with open(s.path, "a") as f:
     f.write('{"key": "b", "ident"')  # killed while writing
-  again = store.Store(str(tmp_path))
+  with pytest.warns(UserWarning, match=r"runs\.jsonl, line 2: not a run record"):
+    again = store.Store(str(tmp_path))
   assert set(again.records) == {"a"}
-  again.add("c", {"x": 2}, {}, 1.0)
-  assert set(store.Store(str(tmp_path)).records) == {"a", "c"}
+  again.add("c", {"x": 2}, {}, 1.0)  # on a line of its own: the cut-short line was ended
+  with pytest.warns(UserWarning, match=r"line 2: not a run record"):
+    assert set(store.Store(str(tmp_path)).records) == {"a", "c"}
+
+
+@pytest.mark.parametrize(
+  "line", [b"\xff\xfe not utf-8", b"[]", b"{}", b'{"key": "b", "ident": {}}', b'{"key": 3, "result": {}}', b"7"]
+)
+def test_store_skips_damaged_lines_with_a_warning_naming_them(tmp_path, line):
+  s = store.Store(str(tmp_path))
+  s.add("a", {"x": 1}, {"eval_acc": 0.5}, 1.0)
+  with open(s.path, "ab") as f:
+    f.write(line + b"\n")
+  s.add("c", {"x": 2}, {"eval_acc": 0.25}, 1.0)
+  with pytest.warns(UserWarning, match=r"runs\.jsonl, line 2: not a run record"):
+    again = store.Store(str(tmp_path))
+  assert set(again.records) == {"a", "c"}
 
 
 def test_validation_split_is_disjoint_and_test_is_untouched():

@@ -98,7 +98,7 @@ def test_float32_model_does_not_warn():
 
 def test_train_state_forwards_probe_loss_fn_from_the_float32_twin():
   """``apply_gradients(probe_loss_fn=)`` reaches XSAM: the probes run the ``clone(dtype=float32)`` twin (no
-  warning), and the probe losses are those of the float32 model at the probe points."""
+  warning), and their curve over alpha is the smooth float32 one, not bfloat16's rounding noise."""
   state, model = _lm_state(jnp.bfloat16, _xsam_tx())
   twin = model.clone(dtype=jnp.float32)
   seen = []

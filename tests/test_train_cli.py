@@ -59,7 +59,7 @@ def _usage_error(argv, capsys):
     (["--epochs", "0"], "--epochs", "must be an integer >= 1, got 0"),
     (["--batch-size", "0"], "--batch-size", "must be an integer >= 1, got 0"),
     (["--batch-size", "-5"], "--batch-size", "must be an integer >= 1, got -5"),
-    (["--seeds", "0"], "--seeds", "must be an integer >= 1, got 0"),
+    (["--seeds", "0"], "--seeds", "must be an integer in [1, 10000], got 0"),
     (["--methods", ",,,"], "--methods", "expected comma-separated method names"),
     (["--width", "0"], "--width", "must be an integer >= 1, got 0"),
     (["--test-subset", "0"], "--test-subset", "must be an integer >= 1 or none, got 0"),
@@ -76,6 +76,9 @@ def _usage_error(argv, capsys):
     (["--stop-after-epochs", "0"], "--stop-after-epochs", "must be an integer >= 1 or none"),
     (["--seed0", "-1"], "--seed0", f"must be an integer in [0, {MAX_SEED}], got -1"),
     (["--seed0", str(MAX_SEED), "--seeds", "2"], "--seeds", f"largest seed {MAX_SEED}"),
+    (["--seeds", "100000000000000000000"], "--seeds", "must be an integer in [1, 10000]"),  # no OverflowError
+    (["--seeds", "1000000000"], "--seeds", "must be an integer in [1, 10000]"),  # no list of a billion seeds
+    (["--methods", "sgd,,sam"], "--methods", "with none empty"),
     (["--model", "vgg"], "--model", "must be one of mlp, cnn1d, cnn2d, resnet18"),
     (["--model", "cnn2d"], "--model", "mnist1d holds 1-D series: use mlp or cnn1d"),
     (["--dataset", "digits", "--model", "cnn1d"], "--model", "digits holds images"),
@@ -321,6 +324,21 @@ def test_damaged_checkpoint_is_a_clear_error(mode, finished_run, tmp_path, capfd
   # resume=False (--fresh) deletes the damaged folder and trains the run again
   again = trainer.train_and_evaluate(config, str(tmp_path / "work"), data=mnist1d, progress=False, resume=False)
   assert again.completed
+
+
+def test_damaged_checkpoint_of_a_later_method_is_found_before_any_training(finished_run, tmp_path, capsys):
+  """`--methods sam,sgd` with sgd's checkpoint damaged: the study stops before sam trains."""
+  work, run, argv = finished_run
+  shutil.copytree(work, tmp_path / "work")
+  _damage(tmp_path / "work" / run, "meta_truncated")
+  i = argv.index("--methods")
+  argv = [*argv[:i], "--methods", "sam,sgd", *argv[i + 2 : -4]]
+  argv += ["--workdir", str(tmp_path / "work"), "--output-dir", str(tmp_path / "out")]
+  with pytest.raises(SystemExit) as info:
+    train.main(argv)
+  assert info.value.code == 1
+  assert f"the checkpoint folder {tmp_path / 'work' / run} is unreadable" in capsys.readouterr().err
+  assert sorted(os.listdir(tmp_path / "work")) == [run]  # sam never started
 
 
 def test_damaged_checkpoint_stops_the_cli_until_fresh(finished_run, tmp_path, capsys):

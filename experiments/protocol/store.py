@@ -3,8 +3,10 @@
 Every trained run is appended to ``runs.jsonl`` in the work folder (and
 flushed) as soon as it finishes; a run whose key is already there is never
 trained again, so an interrupted protocol continues where it stopped and a
-finished one re-writes its reports without training. A truncated last line
-(the process killed while writing) is ignored. The key hashes everything
+finished one re-writes its reports without training. A line that is not a
+run record (cut short when the process was killed while writing, not UTF-8,
+not a JSON object with a ``key`` and a ``result``) is skipped with a warning
+naming the file and line, and its run is trained again. The key hashes everything
 that determines the run's result: the engine version, the data split and
 regime, the model, the method and its hyperparameters, the seed and the
 evaluation split.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from typing import Any
 
 ENGINE_VERSION = 1
@@ -37,6 +40,20 @@ def _jsonable(value: Any) -> Any:
   return value
 
 
+def _record(raw: bytes) -> dict[str, Any] | None:
+  """One line of the store as a run record, or None if it is not one (cut short, not UTF-8, not a JSON
+  object with a string ``key`` and a dict ``result``)."""
+  try:
+    record = json.loads(raw.decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError):
+    return None
+  if (
+    not isinstance(record, dict) or not isinstance(record.get("key"), str) or not isinstance(record.get("result"), dict)
+  ):
+    return None
+  return record
+
+
 class Store:
   """The run records of one work folder (see the module docstring).
 
@@ -52,11 +69,15 @@ class Store:
     self.records: dict[str, dict[str, Any]] = {}
     self.trained = 0
     if os.path.exists(self.path):
-      with open(self.path) as f:
-        for line in f:
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError:  # a line cut short by an interruption
+      with open(self.path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+          record = _record(raw)
+          if record is None:  # cut short by an interruption, damaged or edited
+            warnings.warn(
+              f"{self.path}, line {number}: not a run record (cut short, damaged or edited); skipped, so its "
+              "run is trained again",
+              stacklevel=2,
+            )
             continue
           self.records[record["key"]] = record
       with open(self.path, "rb+") as f:  # end a cut-short last line, so the next record starts on its own line

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import functools
 import threading
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -573,10 +574,14 @@ class _EagerCache:
   """
 
   SIZE = 4
+  WARN_AFTER = 3
+  """New compilations for one loss function's code after which a warning says the cache is defeated."""
 
   def __init__(self, method: str, core: Callable[..., tuple[optax.Updates, Any]]) -> None:
     self._method = method
     self._core = core
+    self._compiles: collections.Counter[Any] = collections.Counter()
+    self._warned = False
     # key -> (the (loss_fn, probe_loss_fn) an id-keyed entry was made for, or Nones; the jitted update)
     self._entries: collections.OrderedDict[tuple[Any, ...], tuple[Any, Callable[..., Any]]] = collections.OrderedDict()
     self._lock = threading.Lock()
@@ -619,8 +624,32 @@ class _EagerCache:
 
         run.__name__ = run.__qualname__ = f"{self._method}_update"  # names it in jax.log_compiles
         entry = (fns if by_id else (None, None), jax.jit(run))
+        self._note_new_entry(loss_fn)
         self._entries[key] = entry
         while len(self._entries) > self.SIZE:
           self._entries.popitem(last=False)
       self._entries.move_to_end(key)
     return entry[1](updates, state, params, leaves)
+
+  def _note_new_entry(self, loss_fn: LossFn) -> None:
+    """Warns once when the same loss function's code keeps making new entries (a recompilation each)."""
+    origin = _origin(loss_fn)
+    if origin is None:
+      return
+    self._compiles[origin] += 1
+    if self._compiles[origin] >= self.WARN_AFTER and not self._warned:
+      self._warned = True
+      warnings.warn(
+        f"{self._method}.update: called outside jax.jit with a new `loss_fn` object on every call (a new "
+        "closure or functools.partial of the same function), so each call compiles the update again "
+        f"({self._compiles[origin]} compilations so far). Pass `jax.tree_util.Partial(loss, batch)` with the "
+        "changing values as array arguments, or put the whole step under `jax.jit`.",
+        stacklevel=4,
+      )
+
+
+def _origin(loss_fn: Any) -> Any:
+  """The code object behind ``loss_fn`` (through ``functools.partial`` and ``jax.tree_util.Partial``), if any."""
+  while isinstance(loss_fn, functools.partial):
+    loss_fn = loss_fn.func
+  return getattr(loss_fn, "__code__", None)

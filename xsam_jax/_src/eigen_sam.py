@@ -50,15 +50,21 @@ class EigenSAMState(NamedTuple):
 def _unit_or(tree: PyTree, fallback: PyTree) -> tuple[PyTree, jax.Array]:
   """``(tree / |tree|, True)``, or ``(fallback, False)`` if ``|tree|`` is 0 or not finite.
 
-  No eps here: :func:`tree_math.tree_norm` is exact at any scale, so the
-  result is a unit vector whenever the norm is positive.
+  No eps here: :func:`tree_math.tree_norm_parts` is exact at any scale, and
+  the tree is divided by it as a power of two and a mantissa, so the result
+  is a unit vector whenever the norm is positive, from 1e-38 up to trees
+  whose norm exceeds float32's largest value.
   """
   wide = tm.tree_wide(tree)
-  norm = tm.tree_norm(wide)
-  ok = (norm > 0) & jnp.isfinite(norm)
-  safe = jnp.where(ok, norm, jnp.ones_like(norm))
-  unit = jax.tree.map(lambda x, f: jnp.where(ok, x / safe.astype(x.dtype), f.astype(x.dtype)), wide, fallback)
+  norm = tm.tree_norm_parts(wide)  # |tree| = scale * r: no overflow to inf for a finite tree near float32's max
+  ok = (norm.r > 0) & jnp.isfinite(norm.r)
+  inverse = tm.Inverse(norm.inv_scale, 1.0 / jnp.where(ok, norm.r, jnp.ones_like(norm.r)))
+  unit = jax.tree.map(lambda x, f: jnp.where(ok, inverse.apply(x), f.astype(x.dtype)), wide, fallback)
   return unit, ok
+
+
+MAX_SEED = 2**63 - 1
+"""The largest ``seed`` ``jax.random.PRNGKey`` takes (a signed 64-bit integer)."""
 
 
 def initial_eigvec(params: PyTree, seed: int = 0) -> PyTree:
@@ -194,7 +200,7 @@ def eigen_sam(
     eig_update_period: refresh ``v`` every this many calls (int >= 1).
     power_iterations: Hessian-vector products per refresh (Python int >= 1).
     num_steps: ascent steps K of the SAM gradient (Python int >= 1).
-    seed: Python int >= 0 choosing the start vector of the first refresh.
+    seed: Python int in ``[0, 2**63 - 1]`` choosing the start vector of the first refresh.
     axis_name, m_sharpness: data parallelism (:ref:`common-options`): the
       Hessian-vector products are always those of the replicas' mean loss,
       so every replica holds the same ``v``; with ``m_sharpness`` each
@@ -234,6 +240,8 @@ def eigen_sam(
   validation.check_period("eig_update_period", eig_update_period, allow_none=False)
   power_iterations = validation.check_static_int("power_iterations", power_iterations)
   seed = validation.check_static_int("seed", seed, minimum=0)
+  if seed > MAX_SEED:
+    raise ValueError(f"`seed` must be an int in [0, {MAX_SEED}] (a PRNG seed: a signed 64-bit int), got {seed}.")
 
   def init_fn(params: optax.Params) -> EigenSAMState:
     zero = jnp.zeros([], jnp.float32)

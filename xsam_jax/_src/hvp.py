@@ -24,7 +24,7 @@ def hessian_vector_product(loss_fn: LossFn, params: PyTree, vector: PyTree) -> P
     loss_fn: ``params -> scalar`` (a fixed batch).
     params: the point ``w``, any pytree of float arrays.
     vector: a pytree with the structure and shapes of ``params`` (cast to
-      the params' dtypes).
+      the params' dtypes); anything else is a ``ValueError`` naming ``vector``.
 
   Returns:
     ``H v``, a pytree like ``params`` (in the params' dtypes).
@@ -40,6 +40,7 @@ def hessian_vector_product(loss_fn: LossFn, params: PyTree, vector: PyTree) -> P
     Pearlmutter, Fast exact multiplication by the Hessian, Neural
     Computation 1994.
   """
+  validation.check_like_params("hessian_vector_product", "vector", vector, params)
   vector = tm.tree_cast_like(vector, params)
   loss_fn = validation.scalar_loss("hessian_vector_product", loss_fn)
   return jax.jvp(jax.grad(loss_fn), (params,), (vector,))[1]

@@ -373,13 +373,25 @@ def _mismatch_detail(
 
 def check_updates_match_params(method: str, updates: PyTree, params: PyTree) -> None:
   """Raises a ValueError unless ``updates`` has the structure and leaf shapes of ``params``."""
-  u_leaves, p_leaves = _leaves_with_paths(updates), _leaves_with_paths(params)
-  if not _same_structure(updates, params):
-    detail = _mismatch_detail(u_leaves, p_leaves, "missing from updates", "updates are", updates, params)
-    raise ValueError(f"{method}.update: `updates` must have the tree structure of `params` ({detail}).")
-  for (path, u), (_, p) in zip(u_leaves, p_leaves, strict=True):
-    if u.shape != p.shape:
-      raise ValueError(f"{method}.update: updates leaf {path} has shape {u.shape}, but the params leaf has {p.shape}.")
+  check_like_params(f"{method}.update", "updates", updates, params)
+
+
+def check_like_params(where: str, name: str, tree: PyTree, params: PyTree) -> None:
+  """Raises a ValueError naming ``name`` unless ``tree`` has the structure and leaf shapes of ``params``.
+
+  Args:
+    where: the call, for the message (e.g. ``"loss_surface"``).
+    name: the argument's name (``"direction1"``, ``"vector"``).
+    tree: the tree to check (its leaves need a ``shape``, or are taken as arrays).
+    params: the parameters it must match.
+  """
+  t_leaves, p_leaves = _leaves_with_paths(tree), _leaves_with_paths(params)
+  if not _same_structure(tree, params):
+    detail = _mismatch_detail(t_leaves, p_leaves, f"missing from {name}", f"{name} is", tree, params)
+    raise ValueError(f"{where}: `{name}` must have the tree structure of `params` ({detail}).")
+  for (path, t), (_, p) in zip(t_leaves, p_leaves, strict=True):
+    if np.shape(t) != np.shape(p):
+      raise ValueError(f"{where}: {name} leaf {path} has shape {np.shape(t)}, but the params leaf has {np.shape(p)}.")
 
 
 def check_adaptive_mask(method: str, adaptive_mask: Any, params: PyTree) -> PyTree:

@@ -131,7 +131,8 @@ def wsam(
   Raises:
     ValueError: ``gamma`` outside ``[0, 1)``; ``learning_rate`` without
       ``base_optimizer`` or the reverse; ``base_optimizer`` not an optax
-      transformation; ``learning_rate`` not a number > 0 or a callable.
+      transformation; ``learning_rate`` not a number > 0 or a schedule
+      whose value at step 0 is finite and >= 0.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, xsam_jax
@@ -162,8 +163,8 @@ def wsam(
     raise ValueError(
       f"`base_optimizer` must be an optax GradientTransformation or None, got {type(base_optimizer).__name__}."
     )
-  if learning_rate is not None and not callable(learning_rate):
-    validation.check_positive("learning_rate", learning_rate)
+  if learning_rate is not None:  # a number > 0, or a schedule checked at step 0 (finite, >= 0), as rho is
+    validation.check_rho("learning_rate", learning_rate)
   if decoupled and perturb_mask is not None:
     raise ValueError(
       "wsam: `perturb_mask` is not supported with `base_optimizer` (the decoupled form returns the final "

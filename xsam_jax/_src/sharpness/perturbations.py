@@ -127,8 +127,8 @@ def average_sharpness(
     loss_fn: ``params -> scalar``.
     params: the point ``w``.
     key: PRNG key.
-    rho: radius (relative to the filter norms for the default
-      normalization; 0.05 perturbs every filter by 5% of its norm).
+    rho: radius, a finite number >= 0 (relative to the filter norms for the
+      default normalization; 0.05 perturbs every filter by 5% of its norm).
     num_directions: N, a Python int >= 1.
     normalization, vector_leaves: see :func:`normalize_direction`.
     batch_size: see :func:`perturbed_losses`.
@@ -149,6 +149,7 @@ def average_sharpness(
     Neural Nets, NeurIPS 2018, https://arxiv.org/abs/1712.09913. Keskar et
     al., On Large-Batch Training for Deep Learning, ICLR 2017.
   """
+  validation.check_nonnegative("rho", rho)  # a radius (perturbed_losses also takes a signed scale)
   losses = perturbed_losses(
     loss_fn,
     params,

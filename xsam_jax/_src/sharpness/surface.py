@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from xsam_jax._src import tree_math as tm
 from xsam_jax._src import validation
@@ -72,6 +73,11 @@ def loss_surface(
   coords_y = jnp.linspace(-1.0, 1.0, 21, dtype=dtype) if ys is None else jnp.asarray(ys, dtype)
   if coords_x.ndim != 1 or coords_y.ndim != 1 or coords_x.size == 0 or coords_y.size == 0:
     raise ValueError("`xs` and `ys` must be non-empty 1-D coordinate arrays.")
+  for name, coords in (("xs", coords_x), ("ys", coords_y)):
+    if not isinstance(coords, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(coords))):
+      raise ValueError(f"`{name}` must hold finite coordinates, got {np.asarray(coords).tolist()}.")
+  validation.check_like_params("loss_surface", "direction1", direction1, params)
+  validation.check_like_params("loss_surface", "direction2", direction2, params)
   grid_x, grid_y = jnp.meshgrid(coords_x, coords_y)
   points = jnp.stack([grid_x.ravel(), grid_y.ravel()], axis=1)
   losses = _surface_losses(loss_fn, params, direction1, direction2, points, batch_size=batch_size)
