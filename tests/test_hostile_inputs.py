@@ -433,3 +433,29 @@ def test_sharpness_toolkit_names_bad_radii_coordinates_and_trees():
     xsam_jax.sharpness.loss_surface(loss_fn, params, d, {"w": jnp.ones(2), "b": jnp.ones(2)}, xs=[0.0], ys=[0.0])
   with pytest.raises(ValueError, match=r"hessian_vector_product: vector leaf \['w'\] has shape \(4,\)"):
     xsam_jax.sharpness.hessian_vector_product(loss_fn, params, {"w": jnp.ones(4), "b": jnp.ones(2)})
+
+
+@pytest.mark.parametrize(("curvature", "n"), [(1.5e38, 4), (3e38, 4), (1e38, 64)])
+def test_eigen_sam_keeps_a_unit_eigenvector_near_float32s_largest_value(curvature, n):
+  """Gradients and Hessian-vector products near 3e38 (their norms beyond float32): the stored eigenvector stays
+  a unit vector (it used to collapse to 0, the output silently becoming SAM's), and the output is EigenSAM's
+  correction |g_1| unit(u - alpha |<u, v>| v), computed here in float64 on values divided by the curvature."""
+  alpha = 0.5
+  loss = lambda p: 0.5 * curvature * jnp.sum(p["w"] ** 2)
+  params = {"w": jnp.linspace(0.5, 0.9, n)}
+  tx = xsam_jax.eigen_sam(1e-3, alpha=alpha, eig_update_period=1, power_iterations=3)
+  state = tx.init(params)
+  g = jax.grad(loss)(params)
+  for _ in range(2):
+    out, state = tx.update(g, state, params, loss_fn=loss)
+  v = np.asarray(state.eigvec["w"], np.float64)
+  assert bool(state.has_eigvec)
+  np.testing.assert_allclose(np.linalg.norm(v), 1.0, rtol=0, atol=n * 2**-23)
+  w = np.asarray(params["w"], np.float64)
+  g1 = w + 1e-3 * w / np.linalg.norm(w)  # the gradient at the ascent point, over the curvature
+  u = g1 / np.linalg.norm(g1)
+  corrected = u - alpha * abs(u @ v) * v
+  expected = np.linalg.norm(g1) * corrected / np.linalg.norm(corrected)
+  got = np.asarray(out["w"], np.float64) / curvature
+  assert np.all(np.isfinite(got))
+  np.testing.assert_allclose(got, expected, rtol=0, atol=64 * n * 2**-23 * np.max(np.abs(expected)))
