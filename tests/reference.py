@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
-EPS = 1e-12
+
+def inv(n):
+  """1 / n, and 0 for n = 0: an exact division by a norm that leaves a zero vector zero (the authors add
+  eps = 1e-12 to the norm instead; docs/algorithm.md, "Notation")."""
+  return 1.0 / n if n > 0 else 0.0
+
+
 KEYS = ("b1", "b2", "w1", "w2")  # sorted: the order jax flattens a dict in
 
 
@@ -71,9 +77,9 @@ def ascent(grad, w, g0, rho, k_steps, t=None, first=None, mask=None):
     if mask is not None:
       g = np.where(mask, g, 0.0)
     if t is None:
-      d = d + (rho / k_steps) * g / (np.linalg.norm(g) + EPS)
+      d = d + (rho / k_steps) * g * inv(np.linalg.norm(g))
     else:
-      d = d + (rho / k_steps) * t**2 * g / (np.linalg.norm(t * g) + EPS)
+      d = d + (rho / k_steps) * t**2 * g * inv(np.linalg.norm(t * g))
     gs.append(grad(w + d))
   return gs, d
 
@@ -98,9 +104,9 @@ def xsam_output(loss, grad, w, rho, k_steps, rho_max, alphas, alpha, probe, refi
   live on the perturbed coordinates; the others get ``g_K``."""
   gs, d = ascent(grad, w, grad(w), rho, k_steps, mask=mask)
   g_k = gs[-1] if mask is None else np.where(mask, gs[-1], 0.0)
-  v0 = d / (np.linalg.norm(d) + EPS)
+  v0 = d * inv(np.linalg.norm(d))
   nk = np.linalg.norm(g_k)
-  v1 = g_k / (nk + EPS)
+  v1 = g_k * inv(nk)
   theta = np.arccos(np.clip(v0 @ v1, -1.0, 1.0))
   if probe:
     losses = [loss(w + rho_max * slerp(v0, v1, a, theta)) for a in alphas]
@@ -164,7 +170,7 @@ def asam_t(w, eta, mask=None):
 
 
 def unit(v):
-  return v / (np.linalg.norm(v) + EPS)
+  return v * inv(np.linalg.norm(v))
 
 
 def multistep_output(grad, w, rho, k_steps, *, kind, plus, t=None):
@@ -247,7 +253,7 @@ def looksam_output(grad, w, rho, alpha, perturb, g_v, t=None, mask=None):
   g_v = np.zeros(int(m.sum())) if g_v is None else g_v
   if not perturb:
     out = g0.copy()
-    out[m] += alpha * np.linalg.norm(g0[m]) / (np.linalg.norm(g_v) + EPS) * g_v
+    out[m] += alpha * np.linalg.norm(g0[m]) * inv(np.linalg.norm(g_v)) * g_v
     return out, g_v
   gs = ascent(grad, w, g0, rho, 1, t=t, mask=mask)[0][-1]
   u0 = unit(g0[m])

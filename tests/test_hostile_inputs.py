@@ -14,6 +14,9 @@ import optax
 import pytest
 
 import xsam_jax
+from tests import problems
+from tests.registry import CASES
+from tests.tolerances import assert_trees_within, f32_bound
 
 FACTORIES = {
   "sam": lambda **kw: xsam_jax.sam(0.1, **kw),
@@ -404,7 +407,7 @@ def test_eager_update_warns_once_when_every_call_recompiles():
   state = tx.init(PARAMS)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    for scale in (1.0, 2.0, 3.0, 4.0):
+    for scale in (1.0, 2.0, 3.0, 4.0, 5.0, 6.0):
       loss_fn = functools.partial(loss, scale=scale)
       tx.update(jax.grad(loss_fn)(PARAMS), state, PARAMS, loss_fn=loss_fn)
   messages = [str(w.message) for w in caught if "compiles the update again" in str(w.message)]
@@ -459,3 +462,23 @@ def test_eigen_sam_keeps_a_unit_eigenvector_near_float32s_largest_value(curvatur
   got = np.asarray(out["w"], np.float64) / curvature
   assert np.all(np.isfinite(got))
   np.testing.assert_allclose(got, expected, rtol=0, atol=64 * n * 2**-23 * np.max(np.abs(expected)))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_update_is_proportional_to_the_gradient_at_tiny_scales(name):
+  """The loss times s, for s = 1e-13, 1e-20, 1e-30: every method's update is s times the update at s = 1, to
+  float32 rounding (with the authors' |g| + 1e-12 divisions, MSAM's was 0.12x at 1e-13 and XSAM's ~0 at
+  1e-30). One compiled step, the scale a traced argument."""
+  params, loss_fn = problems.mlp_problem(seed=3)
+  tx = CASES[name]()
+
+  @jax.jit
+  def step(s):
+    scaled = lambda p: s * loss_fn(p)
+    return tx.update(jax.grad(scaled)(params), tx.init(params), params, loss_fn=scaled)[0]
+
+  reference = step(jnp.float32(1.0))
+  ops = 10 * problems.LOSS_OPS + 10 * problems.NUM_PARAMS  # one update along two roundings (the battery's)
+  for s in (1e-13, 1e-20, 1e-30):
+    got = jax.tree.map(lambda u, s=s: u / s, step(jnp.float32(s)))
+    assert_trees_within(got, reference, f32_bound(*jax.tree.leaves(reference), n_ops=ops))

@@ -2,13 +2,13 @@
 
 docs/algorithm.md, "The ascent": with ``d_0 = 0`` and ``g_0`` the incoming gradient,
 
-    d_{k+1} = d_k + (rho / K) * g_k / (|g_k| + eps)
+    d_{k+1} = d_k + (rho / K) * g_k / |g_k|      (0 for g_k = 0)
     g_{k+1} = grad L(w + d_{k+1}),          k = 0 .. K-1.
 
 With ``adaptive=True`` (ASAM, Kwon et al. 2021) each step is taken in the
 space rescaled by ``T = |w| + eta`` (element-wise, at the current ``w``):
 
-    d_{k+1} = d_k + (rho / K) * T^2 g_k / (|T g_k| + eps).
+    d_{k+1} = d_k + (rho / K) * T^2 g_k / |T g_k|.
 
 A method may replace the direction of the first step: ``g_0`` above becomes
 any tree ``f(g_0)`` (VaSSO steps along an average of past gradients); the
@@ -186,8 +186,8 @@ def ascent(
     else:
       direction, g_norm = tm.tree_normalize_parts(g)
       if num_steps == 1:
-        # S rho / (|g| + eps) (see AscentTrace) and rho |g| / (|g| + eps): finite however large |g| is.
-        d_scale = jnp.divide(step, g_norm.r + tm.EPS * g_norm.inv_scale)
+        # S rho / |g| (see AscentTrace) and rho |g| / |g|: finite however large or small |g| is.
+        d_scale = jnp.divide(step, g_norm.guarded_r())
         d_norm = step * g_norm.guarded_ratio()
         first_norm = g_norm
     d = add_step(d, direction)

@@ -574,7 +574,7 @@ class _EagerCache:
   """
 
   SIZE = 4
-  WARN_AFTER = 3
+  WARN_AFTER = 5
   """New compilations for one loss function's code after which a warning says the cache is defeated."""
 
   def __init__(self, method: str, core: Callable[..., tuple[optax.Updates, Any]]) -> None:

@@ -16,13 +16,16 @@ import jax.numpy as jnp
 from xsam_jax._src.types import PyTree, Scalar
 
 EPS = 1e-12
-"""Guard added to every norm that divides (docs/algorithm.md: ``eps = 1e-12``).
+"""The authors' guard added to every norm that divides (docs/algorithm.md, "Notation").
 
-Kept exactly as in the authors' code, so results agree with it to rounding.
-A consequence: for gradients whose global norm is far below 1e-12 the guard
-dominates, the ascent shrinks towards zero (SAM tends to the plain gradient)
-and XSAM's unit vectors shrink too (its output tends to zero). Rescale such
-a loss before using these optimizers."""
+The library divides by norms exactly instead (:meth:`Norm.inverse`): a zero
+vector stays zero, and any other becomes a unit vector at every scale, so
+an update is proportional to the gradient down to float32's smallest normal
+numbers (with ``|g| + 1e-12`` the ascent and every unit vector shrank for
+gradients below ~1e-12). In float32 the two agree bitwise wherever
+``|g| > 2e-5`` (adding 1e-12 to such a norm rounds to the norm). The
+sharpness toolkit's filter normalization and the tests' float64 reference
+of the authors' formulas keep it."""
 
 
 def wide_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:
@@ -128,14 +131,21 @@ class Norm(NamedTuple):
     return 1.0 / self.scale
 
   def inverse(self) -> Inverse:
-    """``1 / (|x| + EPS)`` as an :class:`Inverse` (``pow2 = 1 / scale``); bitwise
-    ``1 / (|x| + EPS)`` when ``scale == 1``."""
-    inv_scale = self.inv_scale
-    return Inverse(inv_scale, 1.0 / (self.r + EPS * inv_scale))
+    """``1 / |x|`` as an :class:`Inverse` (``pow2 = 1 / scale``), and 1 for ``x = 0`` (which it leaves 0).
+
+    Exact at any scale (see :data:`EPS`); the division is the last
+    operation, so XLA forms the factor once instead of copying a chain of
+    scalar ops into every leaf's kernel.
+    """
+    return Inverse(self.inv_scale, 1.0 / self.guarded_r())
+
+  def guarded_r(self) -> jax.Array:
+    """``r``, or 1 when ``r = 0`` (a divisor that leaves a zero vector zero)."""
+    return self.r + (self.r == 0).astype(self.r.dtype)
 
   def guarded_ratio(self) -> jax.Array:
-    """``|x| / (|x| + EPS)``, finite for any ``|x|``."""
-    return self.r / (self.r + EPS / self.scale)
+    """``|x| / |x|``: 1, or 0 for ``x = 0``."""
+    return self.r / self.guarded_r()
 
 
 _TINY = 1 << 12
@@ -233,7 +243,7 @@ def tree_norm(tree: PyTree) -> jax.Array:
 
 
 def tree_normalize_parts(tree: PyTree) -> tuple[PyTree, Norm]:
-  """Returns ``(tree / (|tree| + EPS), |tree|)`` in wide precision, the norm as a :class:`Norm`.
+  """Returns ``(tree / |tree|, |tree|)`` in wide precision (0 for a zero tree), the norm as a :class:`Norm`.
 
   The unit vector is finite even when ``|tree|`` overflows the dtype.
   """
@@ -243,7 +253,7 @@ def tree_normalize_parts(tree: PyTree) -> tuple[PyTree, Norm]:
 
 
 def tree_normalize(tree: PyTree) -> tuple[PyTree, jax.Array]:
-  """Returns ``(tree / (|tree| + EPS), |tree|)`` in wide precision (see :func:`tree_normalize_parts`)."""
+  """Returns ``(tree / |tree|, |tree|)`` in wide precision (see :func:`tree_normalize_parts`)."""
   unit, norm = tree_normalize_parts(tree)
   return unit, norm.value
 

@@ -244,7 +244,9 @@ def _plain_bases(trace: AscentTrace) -> _BasesResult:
   else:  # K = 1: d_1 = c u, so v0 = (c / (|d_1| + eps)) u; d_1 is never formed.
     x0 = tm.tree_wide(trace.first_direction)
     assert trace.first_norm is not None  # set with displacement_scale; c = displacement_scale / first_norm.scale
-    s0 = tm.Inverse(trace.first_norm.inv_scale, trace.displacement_scale / (trace.displacement_norm + tm.EPS))
+    d_norm = trace.displacement_norm
+    guarded = d_norm + (d_norm == 0).astype(d_norm.dtype)  # |d_1|, or 1 for d_1 = 0 (v0 = 0)
+    s0 = tm.Inverse(trace.first_norm.inv_scale, trace.displacement_scale / guarded)
     theta, s0, s1, g_norm = plane_scalars(x0, x1, s0=s0)
   return _Bases(x0, x1, lambda: (x0, x1)), theta, (s0, s1), g_norm
 
