@@ -419,3 +419,28 @@ def test_pmap_without_axis_name_is_an_error_naming_the_axis():
   jax.pmap(lambda p, s: good.update(jax.grad(loss_fn)(p), s, p, loss_fn=loss_fn), axis_name="batch")(
     replicate(params), replicate(good.init(params))
   )
+
+
+def test_check_updates_with_axis_name_compares_global_gradients():
+  """Data parallel (``jax.vmap`` with an axis name, two replicas on their own shards, the pmap form): the
+  recipe's order passes, a clip before the method raises."""
+  problem, params = problems.mlp_data(9, n=16)
+  params = jax.tree.map(jnp.asarray, params)
+  batch = problems.mlp_batch(problem)
+  shards = jax.tree.map(lambda x: x.reshape(2, 8, *x.shape[1:]), batch)
+  g_norm = float(optax.tree.norm(jax.grad(problems.mlp_batch_loss)(params, batch)))
+
+  def run(*chain):
+    tx = optax.chain(*chain)
+    state = tx.init(params)
+
+    def replica(b):
+      loss_fn = functools.partial(problems.mlp_batch_loss, batch=b)
+      return tx.update(jax.grad(loss_fn)(params), state, params, loss_fn=loss_fn)[0]
+
+    jax.block_until_ready(jax.jit(jax.vmap(replica, axis_name="batch"))(shards))
+
+  method = lambda: xsam_jax.sam(0.1, axis_name="batch", check_updates=True)
+  run(method(), optax.clip_by_global_norm(0.1 * g_norm), optax.sgd(0.1))
+  with pytest.raises(Exception, match="chain order"):
+    run(optax.clip_by_global_norm(0.1 * g_norm), method(), optax.sgd(0.1))

@@ -409,7 +409,8 @@ def check_incoming_updates(
   roundings of each operand, well below these; a clip, a weight decay or a
   scale before the transformation moves it by far more). A non-finite ``u`` or ``g`` is not checked (a
   bad batch is :func:`keep_state_if_nonfinite`'s case). With ``axis_name``
-  both sides are averaged over the axis first.
+  both sides are first made the global gradient, as the ascent makes them
+  (:func:`~xsam_jax._src.collectives.gradient_sync`).
 
   The comparison runs on the device; a mismatch raises a ``ValueError``
   from a ``jax.debug.callback`` (under ``jax.jit`` it arrives wrapped in
@@ -418,11 +419,10 @@ def check_incoming_updates(
   narrow = precision.narrowest_float(loss_fn, params, extra=(*jax.tree.leaves(updates), *jax.tree.leaves(params)))
   tol = max(1e-3, min(0.25, 32.0 * float(jnp.finfo(narrow).eps)))
 
+  sync = collectives.gradient_sync(axis_name, loss_fn, params)  # any form of a replica's gradient -> the global one
+
   def check(_: None) -> None:
-    g = jax.grad(loss_fn)(params)
-    u = updates
-    if axis_name is not None:
-      u, g = collectives.replica_mean((u, g), axis_name)
+    u, g = sync(updates), sync(jax.grad(loss_fn)(params))
     diff = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), u, g)
     jax.debug.callback(
       functools.partial(_report_mismatch, method, tol),
