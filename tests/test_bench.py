@@ -14,10 +14,12 @@ from experiments import bench, bench_models
 from tests.tolerances import f32_bound, f32_rtol
 
 
-@pytest.mark.slow  # the whole quick bench (~2 min on 2 cores); its parts have their own tests below
+@pytest.mark.slow  # the whole quick bench, every sub-bench included (~1 min on 2 cores)
 def test_bench_quick_report(tmp_path):
-  argv = ["--quick", "--models", "mlp", "--repeats", "2", "--no-controls", "--no-probe-memory", "--out", str(tmp_path)]
-  report = bench.main(argv)  # the controls and probe-memory benches: tests/test_bench_controls.py, test_probe_memory.py
+  """``python -m experiments.bench --quick`` end to end on the MLP: the report, its sub-benches and its table
+  (where a sub-report missing its config once lost a whole run after the measuring)."""
+  argv = ["--quick", "--models", "mlp", "--repeats", "2", "--out", str(tmp_path)]
+  report = bench.main(argv)
   on_disk = json.loads((tmp_path / "bench.json").read_text())
   assert on_disk["device"]
   assert on_disk["models"]["mlp"]["params"] > 0
@@ -39,7 +41,11 @@ def test_bench_quick_report(tmp_path):
   assert on_disk["models"]["mlp"]["microbatched"] == m["microbatched"]
   assert "microbatched value_and_grad temp ratio" in bench.format_table(report)
   _check_quick_wide(report["wide"])
-  assert "compile time on wide trees" in bench.format_table(report)
+  table = bench.format_table(report)
+  assert "compile time on wide trees" in table
+  assert "looksam" in table  # the controls sub-bench
+  assert on_disk["controls"]["config"]["repeats"] == report["controls"]["config"]["repeats"]
+  assert "probe_memory" in on_disk
 
 
 def _check_quick_wide(wide):
@@ -106,7 +112,8 @@ def test_models_flag_is_validated(capsys):
 @pytest.mark.slow
 def test_bench_quick_resnet18(tmp_path):
   """The ResNet-18 row (benched by default off CPU) runs: NNX model, BatchNorm in training mode."""
-  report = bench.main(["--quick", "--models", "resnet18", "--repeats", "1", "--out", str(tmp_path)])
+  argv = ["--quick", "--models", "resnet18", "--repeats", "1", "--probe-chunks", "1", "--out", str(tmp_path)]
+  report = bench.main([*argv, "--no-wide", "--no-controls", "--no-probe-memory"])  # those: the MLP test above
   m = report["models"]["resnet18"]
   assert m["params"] > 11_000_000
   assert all(v["median_s"] > 0 for v in m["steps"].values())
