@@ -42,6 +42,7 @@ extensions = [
   "sphinx.ext.autodoc",  # imports the real objects: signatures are the runtime ones
   "sphinx.ext.napoleon",  # reads the Google-style docstrings (Args:, Returns:, Example:)
   "sphinx.ext.mathjax",
+  "sphinx-mathjax-offline",  # copies MathJax into _static and points mathjax_path at it: no CDN, renders offline
   "myst_parser",  # the guides are Markdown (and include README sections)
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}

@@ -4,6 +4,7 @@ reference covers every public symbol (docs/conf.py fails the build if not)."""
 import doctest
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,12 @@ def test_docs_build_without_warnings_and_document_every_public_symbol(tmp_path, 
       full = f"{module}.{name}"
       anchor = f'id="module-{full}"' if full in conf.PUBLIC_MODULES else f'id="{full}"'
       assert anchor in html, f"{full} has no entry in the API reference"
+  # The maths renders offline: no page loads a script from another host, and MathJax is in the build.
+  remote = re.compile(r"<script[^>]*\ssrc=[\"'](?:https?:)?//", re.I)
+  for page in out.rglob("*.html"):
+    assert not remote.search(page.read_text()), f"{page.relative_to(out)} loads a remote script"
+  assert "_static/mathjax/tex-chtml.js" in (out / "methods.html").read_text()
+  assert (out / "_static" / "mathjax" / "tex-chtml.js").is_file()
   # README sections are included, not copied: the guides show README text.
   assert "Where things go, and what to avoid" in (out / "flax.html").read_text()
   assert "m-sharpness" in (out / "scaling-out.html").read_text()
