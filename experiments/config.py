@@ -122,7 +122,7 @@ class Spec:
       text = ("comma-separated " if cli else f"a tuple of {count}") + self._element(plural=True)
       text = f"{count}{text}" if cli else text
     if cli:
-      words = [*(["none"] if self.optional else []), *self.words]
+      words = [*(["none"] if self.optional else []), *(w if w else "''" for w in self.words)]
     else:
       words = [*(["None"] if self.optional else []), *(repr(v) for v in self.words.values() if v is not None)]
     if not words:

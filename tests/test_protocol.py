@@ -67,6 +67,24 @@ def test_quick_run_end_to_end(quick):
   assert all(0 <= a <= 2 for run in alphas for a in run)
 
 
+def test_main_arm_alone_with_no_optional_stages(quick, tmp_path):
+  """``--stages ''`` (or ``none``): the single-step protocol of the main arm and its test phase, nothing else;
+  the runs are the quick run's own (same keys), so the store of the full quick run serves them all."""
+  _, _, work = quick
+  argv = ["--quick", "--stages", "", "--out", str(tmp_path), "--workdir", work, "--no-progress", "--data-dir", DATA_DIR]
+  config, args, command = COMMAND.parse(argv)
+  assert config.stages == ()
+  assert COMMAND.parse([*argv[:2], "none", *argv[3:]])[0].stages == ()
+  doc = protocol_lib.run(config, args.out, workdir=args.workdir, command=command, progress=False, log=lambda _: None)
+  assert doc["runs_trained"] == 0  # every run found in the store: no split read again
+  assert set(doc["single_step"]["tests"]) == set(quick[0]["single_step"]["tests"])
+  assert doc["single_step"]["comparisons"] == quick[0]["single_step"]["comparisons"]
+  assert doc["rho"] == []
+  assert doc["multistep"] == {}
+  assert doc["regimes"] == {}
+  assert os.path.getsize(os.path.join(str(tmp_path), protocol_lib.TABLES_FILE)) > 0
+
+
 def test_rerun_trains_nothing(quick):
   doc, out, work = quick
   config = ProtocolConfig.quick().replace(data_dir=DATA_DIR)

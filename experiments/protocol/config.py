@@ -85,7 +85,11 @@ class ProtocolConfig(config.StudyConfig):
   label_noise: float = setting(0.25, "symmetric label noise rate of the noise arm", low=0, high=1, high_open=True)
   small_train: int = setting(800, "training examples of the small arm", low=1, group=_DATA)
   stages: tuple[str, ...] = setting(
-    STAGES, "optional stages (the single-step protocol and the test phase always run)", choices=STAGES, group=_STAGES
+    STAGES,
+    "optional stages (the single-step protocol and the test phase always run; none or '': the main arm alone)",
+    choices=STAGES,
+    words={"none": (), "": ()},
+    group=_STAGES,
   )
 
   def __post_init__(self) -> None:
