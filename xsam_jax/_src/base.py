@@ -238,7 +238,9 @@ def sharpness_aware_transform(
 
   Returns:
     The transformation. Its ``update(updates, state, params, *, loss_fn,
-    probe_loss_fn=None, **extra_args)`` ignores unknown extra args.
+    probe_loss_fn=None, **extra_args)`` ignores unknown extra args. A step
+    whose output is not finite keeps every state field but ``count``
+    (:func:`keep_state_if_nonfinite`).
     ``probe_loss_fn``, if given, is what the rule receives as its
     ``loss_fn``: the loss for evaluations other than the ascent gradients
     (XSAM's probe losses, EigenSAM's Hessian-vector products), e.g. the same
@@ -278,11 +280,16 @@ def transform(
   first_direction: Callable[[PyTree, Any], PyTree] | None = None,
   check_state: Callable[[Any], None] | None = None,
   skip_rule: SkipRule | None = None,
+  carried: tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """:func:`sharpness_aware_transform` with the shared options already checked (:meth:`Options.from_arguments`).
 
   What every method's factory returns; the other arguments are those of
-  :func:`sharpness_aware_transform`.
+  :func:`sharpness_aware_transform`, and ``carried`` names the state fields
+  that feed later outputs, kept on a non-finite step
+  (:func:`keep_state_if_nonfinite`): None for every field but ``count``;
+  ``()`` when there are none (only diagnostics), which skips the check and
+  its pass over the output.
   """
   method, perturb_every, perturb_start = options.method, options.perturb_every, options.perturb_start
   always = _is_int(perturb_every, 1) and _is_int(perturb_start, 0)  # static: no cond in the program
@@ -334,7 +341,10 @@ def transform(
       output, new_state = perturb(None)
     else:
       output, new_state = jax.lax.cond(_perturbs(count, perturb_every, perturb_start), perturb, skip, None)
-    return output, keep_state_if_nonfinite(output, new_state._replace(count=optax.safe_increment(count)), state)
+    new_state = new_state._replace(count=optax.safe_increment(count))
+    if carried is None or carried:
+      new_state = keep_state_if_nonfinite(output, new_state, state, carried)
+    return output, new_state
 
   eager = _EagerCache(method, core)
 
@@ -360,22 +370,27 @@ def transform(
   return optax.GradientTransformationExtraArgs(init, update_fn)
 
 
-def keep_state_if_nonfinite(output: PyTree, new_state: Any, state: Any) -> Any:
-  """``new_state``, or the previous ``state`` with ``new_state``'s ``count`` when ``output`` is not all finite.
+def keep_state_if_nonfinite(output: PyTree, new_state: Any, state: Any, fields: tuple[str, ...] | None = None) -> Any:
+  """``new_state`` with ``fields`` (None: all but ``count``) from ``state`` when ``output`` is not all finite.
 
   One bad batch (a NaN loss, a float16 overflow at the ascent point) then
-  costs one step and nothing more: a moving average, a stored direction or
-  XSAM's alpha made from it would otherwise stay NaN for the rest of the run
+  costs one step and nothing more: a moving average or a stored direction
+  made from it would otherwise stay NaN for the rest of the run
   (``optax.apply_if_finite`` after the transformation skips the base
   optimizer's step but cannot repair this transformation's state). The
   count still advances, as on every call (the contract: one call is one
   step, and a ``count`` that depended on the data would turn every
-  ``jax.lax.cond`` on it into a select under ``jax.vmap``). The output
-  itself is returned unchanged (non-finite), for ``apply_if_finite`` to see.
+  ``jax.lax.cond`` on it into a select under ``jax.vmap``); diagnostics not
+  in ``fields`` report the bad step. The output itself is returned
+  unchanged (non-finite), for ``apply_if_finite`` to see.
   """
   ok = tm.tree_all_finite(output)
-  kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
-  return kept._replace(count=new_state.count)
+  names = [f for f in new_state._fields if f != "count"] if fields is None else list(fields)
+  return new_state._replace(
+    **{
+      f: jax.tree.map(lambda new, old: jnp.where(ok, new, old), getattr(new_state, f), getattr(state, f)) for f in names
+    }
+  )
 
 
 def check_incoming_updates(

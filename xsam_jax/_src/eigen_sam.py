@@ -280,4 +280,4 @@ def eigen_sam(
     new_state = state._replace(eigvec=v, eigenvalue=lam, has_eigvec=has_v, grad_norm=g_norm, cosine=cosine)
     return output, new_state
 
-  return base.transform(options, init_fn=init_fn, rule=rule)
+  return base.transform(options, init_fn=init_fn, rule=rule, carried=("eigvec", "eigenvalue", "has_eigvec"))

@@ -142,4 +142,4 @@ def friendly_sam(
     grad_norm, ema = options.replica_mean((tm.tree_norm(g_1).astype(jnp.float32), average(state, trace.grads[0])))
     return g_1, state._replace(grad_norm=grad_norm, ema=ema)
 
-  return base.transform(options, init_fn=init_fn, rule=rule, first_direction=first_direction)
+  return base.transform(options, init_fn=init_fn, rule=rule, first_direction=first_direction, carried=("ema",))

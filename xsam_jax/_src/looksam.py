@@ -183,4 +183,4 @@ def looksam(
     reused = tm.tree_scale_by_norm(n_0, alpha, n_v.inverse().apply_tree(state.g_v))
     return jax.tree.map(lambda g, v: g + v.astype(g.dtype), g_0, reused), state
 
-  return base.transform(options, init_fn=init_fn, rule=rule, skip_rule=skip_rule)
+  return base.transform(options, init_fn=init_fn, rule=rule, skip_rule=skip_rule, carried=("g_v",))

@@ -101,7 +101,7 @@ def _multistep_sam(
     diagnostics = options.replica_mean(jnp.stack([g_norm.astype(jnp.float32), cosine.astype(jnp.float32)]))
     return output, state._replace(grad_norm=diagnostics[0], cosine=diagnostics[1])
 
-  return base.transform(options, init_fn=init_fn, rule=rule)
+  return base.transform(options, init_fn=init_fn, rule=rule, carried=())  # diagnostics only
 
 
 def msam(

@@ -110,4 +110,4 @@ def sam(
     g_k = trace.grads[-1]
     return g_k, state._replace(grad_norm=options.replica_mean(tm.tree_norm(g_k).astype(jnp.float32)))
 
-  return base.transform(options, init_fn=init_fn, rule=rule)
+  return base.transform(options, init_fn=init_fn, rule=rule, carried=())  # diagnostics only

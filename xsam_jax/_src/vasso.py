@@ -129,4 +129,4 @@ def vasso(
     grad_norm, ema = options.replica_mean((tm.tree_norm(g_1).astype(jnp.float32), trace.first_direction))
     return g_1, state._replace(grad_norm=grad_norm, ema=tm.tree_cast_like(ema, state.ema))
 
-  return base.transform(options, init_fn=init_fn, rule=rule, first_direction=first_direction)
+  return base.transform(options, init_fn=init_fn, rule=rule, first_direction=first_direction, carried=("ema",))

@@ -204,4 +204,7 @@ def wsam(
     updates, base_state = base_optimizer.update(options.replica_mean(g_0), state.base_state, params)
     return updates, state._replace(base_state=base_state)
 
-  return base.transform(options, init_fn=init_fn, rule=rule, skip_rule=skip_rule if decoupled else None)
+  carried = ("base_state",) if decoupled else ()  # the decoupled base optimizer's momentum feeds later steps
+  return base.transform(
+    options, init_fn=init_fn, rule=rule, skip_rule=skip_rule if decoupled else None, carried=carried
+  )

@@ -694,8 +694,9 @@ def xsam(
     compare losses that differ by ~1e-4 relative, below bfloat16's
     rounding; ``update(..., probe_loss_fn=f)`` evaluates the probes with
     ``f`` (e.g. the model run in float32 on the same batch) while the
-    ascent uses ``loss_fn``. Probe losses narrower than float32 trigger a
-    warning when traced.
+    ascent uses ``loss_fn``. A probe loss computed below float32 (its
+    output, or the operands of its matmuls and convolutions, read once from
+    its traced program) triggers a warning when the step is traced.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, xsam_jax
@@ -811,4 +812,6 @@ def xsam(
     )
     return output, new_state
 
-  return base.transform(options, init_fn=init_fn, rule=rule, check_state=check_state)
+  # carried=(): alpha needs no guard, select_alpha keeps it when a round's probes are all non-finite (as they are
+  # whenever the ascent or the plane is), and the rest of the state is diagnostics.
+  return base.transform(options, init_fn=init_fn, rule=rule, check_state=check_state, carried=())
