@@ -5,6 +5,7 @@ eager ``update`` calls compile once, not on every call."""
 import contextlib
 import gc
 import logging
+import warnings
 import weakref
 
 import jax
@@ -354,11 +355,14 @@ def test_eager_cache_does_not_keep_every_closure_alive():
     scale = 1.0
 
   refs = []
-  for _ in range(8):
-    batch = Batch()
-    refs.append(weakref.ref(batch))
-    loss_fn = lambda p, batch=batch: batch.scale * _loss(p)
-    _, state = tx.update(jax.grad(loss_fn)(PARAMS), state, PARAMS, loss_fn=loss_fn)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(8):
+      batch = Batch()
+      refs.append(weakref.ref(batch))
+      loss_fn = lambda p, batch=batch: batch.scale * _loss(p)
+      _, state = tx.update(jax.grad(loss_fn)(PARAMS), state, PARAMS, loss_fn=loss_fn)
+  assert sum("compiles the update again" in str(w.message) for w in caught) == 1  # a fresh closure each call
   del batch, loss_fn
   gc.collect()
   assert refs[0]() is None, "an old loss_fn (and its batch) is still held by the eager cache"
@@ -398,7 +402,6 @@ def test_eager_update_warns_once_when_every_call_recompiles():
   """A fresh functools.partial holding a Python float each call defeats the eager cache: one warning, naming
   the cure; jax.tree_util.Partial with array arguments neither recompiles nor warns."""
   import functools
-  import warnings
 
   def loss(p, scale):
     return scale * _loss(p)
