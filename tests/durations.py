@@ -10,18 +10,9 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 from pathlib import Path
 
-
-def _cpu_name() -> str:
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
+from experiments import bench_report
 
 
 def format_table(durations: dict[str, float], *, exitstatus: int, cpu: str, cores: int | None, date: str) -> str:
@@ -46,7 +37,7 @@ def write(path: str, durations: dict[str, float], *, exitstatus: int) -> None:
   text = format_table(
     durations,
     exitstatus=exitstatus,
-    cpu=_cpu_name(),
+    cpu=bench_report.cpu_name(),
     cores=os.cpu_count(),
     date=datetime.date.today().isoformat(),
   )
