@@ -130,11 +130,7 @@ def microbatched(
 
   @functools.wraps(loss)
   def loss_mb(params: PyTree, batch: PyTree) -> Any:
-    if k == 1:
-      out = _checked(loss(params, batch))
-      return (out[0], jax.tree.map(lambda x: jnp.expand_dims(x, 0), out[1])) if isinstance(out, tuple) else out
-    one = jax.checkpoint(lambda p, b: _checked(loss(p, b)))
-    _, outs = jax.lax.scan(lambda carry, b: (carry, one(params, b)), None, split_batch(batch, k))
+    outs = _per_microbatch(lambda p, b: _checked(loss(p, b)), params, batch, k)
     losses = outs[0] if isinstance(outs, tuple) else outs
     mean = jnp.mean(losses, dtype=jnp.promote_types(losses.dtype, jnp.float32)).astype(losses.dtype)
     return (mean, outs[1]) if isinstance(outs, tuple) else mean
@@ -147,17 +143,25 @@ def _weighted(loss: Callable[[PyTree, PyTree], Any], k: int) -> Callable[[PyTree
 
   @functools.wraps(loss)
   def loss_mb(params: PyTree, batch: PyTree) -> Any:
-    if k == 1:
-      (total, weight), aux = _checked_weighted(loss(params, batch))
-      ratio = (total / weight.astype(total.dtype)).astype(total.dtype)
-      return ratio if aux is None else (ratio, jax.tree.map(lambda x: jnp.expand_dims(x, 0), aux))
-    one = jax.checkpoint(lambda p, b: _checked_weighted(loss(p, b)))
-    _, ((totals, weights), aux) = jax.lax.scan(lambda c, b: (c, one(params, b)), None, split_batch(batch, k))
+    (totals, weights), aux = _per_microbatch(lambda p, b: _checked_weighted(loss(p, b)), params, batch, k)
     wide = jnp.promote_types(totals.dtype, jnp.float32)
     ratio = (jnp.sum(totals, dtype=wide) / jnp.sum(weights.astype(wide))).astype(totals.dtype)
     return ratio if aux is None else (ratio, aux)
 
   return loss_mb
+
+
+def _per_microbatch(fn: Callable[[PyTree, PyTree], Any], params: PyTree, batch: PyTree, k: int) -> Any:
+  """``fn(params, B_i)`` for the ``k`` micro-batches, every leaf stacked on a new leading axis.
+
+  A ``jax.lax.scan`` with ``fn`` under ``jax.checkpoint`` (one micro-batch's
+  activations live at a time); ``k = 1`` calls ``fn`` on the whole batch,
+  without a scan.
+  """
+  if k == 1:
+    return jax.tree.map(lambda x: jnp.expand_dims(x, 0), fn(params, batch))
+  one = jax.checkpoint(fn)
+  return jax.lax.scan(lambda carry, b: (carry, one(params, b)), None, split_batch(batch, k))[1]
 
 
 def _is_real_scalar(x: Any) -> bool:
