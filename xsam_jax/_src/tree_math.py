@@ -23,9 +23,8 @@ vector stays zero, and any other becomes a unit vector at every scale, so
 an update is proportional to the gradient down to float32's smallest normal
 numbers (with ``|g| + 1e-12`` the ascent and every unit vector shrank for
 gradients below ~1e-12). In float32 the two agree bitwise wherever
-``|g| > 2e-5`` (adding 1e-12 to such a norm rounds to the norm). The
-sharpness toolkit's filter normalization and the tests' float64 reference
-of the authors' formulas keep it."""
+``|g| > 2e-5`` (adding 1e-12 to such a norm rounds to the norm). Only the
+sharpness toolkit's filter normalization keeps it."""
 
 
 def wide_dtype(dtype: jax.typing.DTypeLike) -> jnp.dtype:

@@ -119,11 +119,14 @@ def plane_scalars(
   r"""The scalars of XSAM's plane spanned by ``x0`` and ``x1``, without forming it.
 
   With ``v0 = s0 x0`` and ``v1 = s1 x1`` for
-  ``s0 = 1/(|x0|+eps)``, ``s1 = 1/(|x1|+eps)``:
+  ``s0 = 1/|x0|``, ``s1 = 1/|x1|`` (a zero vector stays zero):
 
   .. math::
 
-    \theta = \arccos \mathrm{clip}\Big(\textstyle\sum_i (s_0 x_{0,i})(s_1 x_{1,i}), -1, 1\Big).
+    \theta = \arccos \mathrm{clip}\Big(\textstyle\sum_i (s_0 x_{0,i})(s_1 x_{1,i}), -1, 1\Big),
+
+  and ``theta = 0`` when ``v0`` vanishes (``x0 = 0``, or a given ``s0`` of
+  0: no displacement), the degenerate plane whose ``v(alpha)`` is ``v1``.
 
   The unit vectors are never materialized: the cosine is one fused reduction
   over ``x0`` and ``x1`` (each element scaled before the product, so
@@ -138,8 +141,8 @@ def plane_scalars(
     x0, x1: pytrees of one structure (wide precision, see
       ``tree_math.tree_wide``).
     s0: ``v0``'s scale when the caller knows it without reading ``x0``
-      (XSAM with K = 1: ``d_1 = c g_0``, so ``v0 = c / (|d_1| + eps) g_0``);
-      default ``1/(|x0|+eps)``.
+      (XSAM with K = 1: ``d_1 = c g_0``, so ``v0 = c / |d_1| g_0``);
+      default ``1/|x0|``.
 
   Returns:
     ``(theta, s0, s1, |x1|)``: scalars in the trees' wide dtype, ``|x1|`` as
@@ -153,11 +156,17 @@ def plane_scalars(
     [1.5708, 0.5, 0.3333, 3.0]
   """
   if s0 is None:
-    s0 = tm.tree_norm_parts(x0).inverse()
+    n0 = tm.tree_norm_parts(x0)
+    s0, vanishes = n0.inverse(), n0.r == 0
+  else:
+    vanishes = s0.mant == 0
   n1 = tm.tree_norm_parts(x1)
   s1 = n1.inverse()
   cos = tm.tree_scaled_vdot(s0, x0, s1, x1)
-  return jnp.arccos(jnp.clip(cos, -1.0, 1.0)), s0, s1, n1
+  # v0 = 0 (no displacement: a radius of 0, as on a warm-up's first step) spans no plane: theta = 0, the
+  # degenerate plane's v(alpha) = v1, so the output is SAM's g_K = g_0 and the probes tie (alpha is kept).
+  theta = jnp.arccos(jnp.clip(cos, -1.0, 1.0))
+  return jnp.where(vanishes, jnp.zeros_like(theta), theta), s0, s1, n1
 
 
 def xsam_plane(displacement: PyTree, g_k: PyTree) -> tuple[PyTree, PyTree, jax.Array, jax.Array]:
@@ -775,9 +784,6 @@ def xsam(
     # v0 = s0 x0, v1 = s1 x1 are never formed: s0, s1 go into the scalar
     # coefficients, so a non-probe step reads x0 and x1 twice (cosine, output).
     bases, theta, (s0, s1), out_scale = (_adaptive_bases if adaptive else _plain_bases)(trace)
-    # At radius 0 (a rho warm-up's first step) there is no displacement and no plane: theta = 0, so the
-    # output is g_K = g_0 for any alpha (SAM at rho 0) and the probes tie (alpha is kept).
-    theta = jnp.where(jnp.asarray(base.at_step(options.rho, trace)) == 0, jnp.zeros_like(theta), theta)
     g_norm = tm.tree_norm(trace.grads[-1]) if adaptive else out_scale.value
     alpha, losses, max_loss = state.alpha, state.probe_losses, state.max_loss
     if alpha_update_period is not None:
