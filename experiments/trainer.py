@@ -337,10 +337,10 @@ def check_checkpoint(config: TrainConfig, workdir: str, *, data: data_lib.Datase
     experiments.checkpoint.CheckpointError: as :func:`train_and_evaluate` with ``resume``.
   """
   data = data.subset(config.train_subset, config.test_subset)
-  config, _, state = init_run(config, data)
-  run_dir = os.path.join(workdir, run_name(config))
+  run_dir = os.path.join(workdir, run_name(resolve(config, data)))
   if not os.path.lexists(run_dir):
-    return
+    return  # nothing to read: no model is built
+  config, _, state = init_run(config, data)
   steps_per_epoch = len(data.y_train) // config.batch_size
   checkpointer, *_ = _open_run(
     run_dir, state, resume=True, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * config.epochs
