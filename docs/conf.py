@@ -43,15 +43,11 @@ extensions = [
   "sphinx.ext.napoleon",  # reads the Google-style docstrings (Args:, Returns:, Example:)
   "sphinx.ext.mathjax",
   "sphinx-mathjax-offline",  # copies MathJax into _static and points mathjax_path at it: no CDN, renders offline
-  "myst_parser",  # the guides are Markdown (and include README sections)
+  "myst_parser",  # the guides are Markdown
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
 exclude_patterns = ["_build"]
-# The guides include README sections, written with "##" headings for the
-# README: nested under a page title their levels skip one (H1 -> H3), which
-# only changes numbering, not the rendered nesting.
-suppress_warnings = ["myst.header"]
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -301,7 +301,7 @@ show(fig)
 #
 # Three seeds of a small CNN say nothing about the paper's CIFAR results. The repository's main
 # job (`python -m experiments.train`, the same model and recipe) runs this comparison with more
-# seeds and settings; see its results in the README. The diagnostics below show what differs
+# seeds and settings; see its results in docs/experiments.md. The diagnostics below show what differs
 # between the two probe radii.
 
 # %% [markdown]
@@ -422,5 +422,5 @@ for method in ("XSAM", "XSAM rho_max=rho"):
 #   `(v0, v1)` plane and its probes, and what multi-step SAM does to the direction.
 # * `python -m experiments.train`: the same comparison as a script, with checkpoints and more
 #   seeds; `--num-steps K` for multi-step SAM/XSAM.
-# * The README's API table: the fixed-alpha baselines (`alpha_update_period=None`), ASAM's
+# * The API reference (docs/api): the fixed-alpha baselines (`alpha_update_period=None`), ASAM's
 #   adaptive neighbourhood (`adaptive=True`), data-parallel training (`axis_name=`).

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -247,7 +247,7 @@ for label, method in TOY_METHODS:
 #
 # This is the paper's picture (Fig. 3a), but it holds at this large radius and step size only.
 # The repository's full study (`python -m experiments.toy2d`: 961 starts, 23 settings, `K` up to
-# 4; README section "2-D test function") comes to the same verdict: the claim holds in this one
+# 4; docs/experiments.md, "2-D test function") comes to the same verdict: the claim holds in this one
 # setting, not in general.
 
 # %% [markdown]
@@ -666,7 +666,7 @@ show(fig)
 # So on these problems multi-step SAM's `g_K` moves away from `g_0` and towards the ascent
 # path, but it does not measurably move away from the maximum, and the paper's explanation of
 # why multi-step SAM disappoints is not reproduced by these measurements. The repository's
-# training study (`experiments.train`, README "Results") likewise saw no decline of SAM with
+# training study (`experiments.train`, docs/experiments.md "Results") likewise saw no decline of SAM with
 # `K` = 1, 2, 3 on MNIST-1D.
 
 # %% [markdown]

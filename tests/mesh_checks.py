@@ -2,14 +2,13 @@
 
 ``python tests/mesh_checks.py CHECK`` runs one check and prints ``REPORT <json>``:
 
-- ``recipe``: the README's transformer recipe (AdamW, bfloat16 compute, a ``(loss, aux)`` loss,
-  ``probe_loss_fn`` in float32, params sharded over ``fsdp``, batch over ``data``), as written.
+- ``recipe``: the transformer example, ``examples/transformer_mesh.py`` (AdamW, bfloat16 compute, a
+  ``(loss, aux)`` loss, ``probe_loss_fn`` in float32, params sharded over ``fsdp``, batch over ``data``), as written.
 - ``fsdp``: XSAM + SGD in float32 with the same sharding, a few steps; params, alpha and probe
   losses are reported for comparison with the same script on one device.
 """
 
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -19,15 +18,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def readme_block(marker):
-  """The ```python block of README.md that follows ``<!-- recipe: marker -->``."""
-  text = (ROOT / "README.md").read_text()
-  return re.search(rf"<!-- recipe: {marker} -->\s*```python\n(.*?)```", text, flags=re.S).group(1)
+def example(name):
+  """The source of ``examples/<name>.py``."""
+  return (ROOT / "examples" / f"{name}.py").read_text()
 
 
 def recipe():
   scope = {"__name__": "__recipe__"}
-  exec(compile(readme_block("transformer"), "README.md[transformer recipe]", "exec"), scope)
+  exec(compile(example("transformer_mesh"), "examples/transformer_mesh.py", "exec"), scope)
   params = scope["params"]
   return {
     "devices": jax.device_count(),
@@ -48,13 +46,13 @@ def fsdp():
 
   # The recipe's model in float32, with XSAM + SGD (a base optimizer that does not amplify rounding the way
   # Adam's normalisation does at near-zero gradients), 3 steps on fixed data.
-  code = readme_block("transformer").split("loss_bf16, loss_f32 =")[0]
+  code = example("transformer_mesh").split("loss_bf16, loss_f32 =")[0]
   # A narrower model (width 8, ~1,300 parameters), so that the rounding bound of a norm over the
   # parameters stays below the lead of the winning probe.
   assert "V, D, T = 64, 32, 16" in code
   code = code.replace("V, D, T = 64, 32, 16", "V, D, T = 64, 8, 16")
   scope = {"__name__": "__recipe__"}
-  exec(compile(code, "README.md[transformer recipe, model]", "exec"), scope)
+  exec(compile(code, "examples/transformer_mesh.py (model)", "exec"), scope)
   mesh, loss32 = scope["mesh"], scope["make_loss"](jnp.float32)
   tx = optax.chain(xsam_jax.xsam(0.05, 1.0, alphas=(0.0, 0.5, 1.0, 1.5, 2.0), alpha_update_period=2), optax.sgd(0.5))
   fsdp_sharding = lambda a: NamedSharding(mesh, P("fsdp") if a.ndim == 2 else P())

@@ -9,9 +9,9 @@ With ``--process-id I --num-processes 2 --port PORT`` (and 4 devices per
 process) it joins a local two-process CPU cluster and runs the multi-host
 checks instead (``tests/test_multidevice.py`` starts both processes).
 
-The code between ``# [snippet: NAME]`` and ``# [end snippet]`` is the README's
-"Scaling out" examples, verbatim (``tests/test_multidevice.py`` checks that the
-README still shows it unchanged).
+The code between ``# [snippet: NAME]`` and ``# [end snippet]`` is what docs/scaling-out.md
+shows, by ``literalinclude`` (``tests/test_multidevice.py`` checks that the page includes
+every snippet).
 
 Modes checked, for SAM and XSAM with K = 1 and 3 and probes every 1 or 2
 steps:
@@ -58,7 +58,7 @@ if CLUSTER is not None:
   )  # on TPU, Slurm or Open MPI: jax.distributed.initialize() finds these itself
   # [end snippet]
 
-# The README shows the setup snippet verbatim, with `PartitionSpec as P` combined: keep its imports as written.
+# docs/scaling-out.md shows the setup snippet as written, with `PartitionSpec as P` combined: keep its imports.
 # isort: off
 # [snippet: setup]
 import jax

@@ -3,7 +3,6 @@ optax.MultiSteps around a sharpness-aware chain is an error, and MultiSteps insi
 loops that call the optimizer once per micro-batch: tests/test_script_traps.py."""
 
 import functools
-import re
 from pathlib import Path
 
 import jax
@@ -66,14 +65,15 @@ GUIDE_LOSS_OPS, GUIDE_PARAMS = 400, 1664
 
 
 def test_the_guide_runs_and_is_the_full_batch_step():
-  """docs/accumulation.md's example runs as written, and its step is the plain full-batch step."""
-  guide = Path(__file__).resolve().parents[1] / "docs" / "accumulation.md"
-  (block,) = re.findall(r"```python\n(.*?)```", guide.read_text(), flags=re.S)
+  """examples/accumulation.py (the guide's example) runs as written, and its step is the plain full-batch step."""
+  root = Path(__file__).resolve().parents[1]
+  block = (root / "examples" / "accumulation.py").read_text()
+  assert "{literalinclude} ../examples/accumulation.py" in (root / "docs" / "accumulation.md").read_text()
   setup, _ = block.split("loss_mb = ")
   scope: dict = {"__name__": "__guide__"}
-  exec(compile(block, "docs/accumulation.md", "exec"), scope)
+  exec(compile(block, "examples/accumulation.py", "exec"), scope)
   plain: dict = {"__name__": "__guide__"}
-  exec(compile(setup, "docs/accumulation.md (setup)", "exec"), plain)
+  exec(compile(setup, "examples/accumulation.py (setup)", "exec"), plain)
   loss, batch, tx, params = plain["loss"], plain["batch"], plain["tx"], plain["params"]
   value, grads = jax.value_and_grad(loss)(params, batch)
   updates, _ = tx.update(grads, plain["opt_state"], params, loss_fn=functools.partial(loss, batch=batch))

@@ -1,9 +1,9 @@
 """A transformer on a 2-D (data x fsdp) mesh of 8 CPU devices, in the global ``jax.jit`` mode.
 
 The checks run in subprocesses (tests/mesh_checks.py), with 8 devices or one, since the device count is
-fixed when jax starts. (1) The README's transformer recipe, as written: AdamW, bfloat16 compute, a
-``(loss, aux)`` loss, ``probe_loss_fn`` in float32, params sharded over ``fsdp``: it trains, and alpha
-moves only on probe steps. (2) FSDP-sharded params give the one-device result.
+fixed when jax starts. (1) The transformer example (examples/transformer_mesh.py), as written: AdamW,
+bfloat16 compute, a ``(loss, aux)`` loss, ``probe_loss_fn`` in float32, params sharded over ``fsdp``: it
+trains, and alpha moves only on probe steps. (2) FSDP-sharded params give the one-device result.
 """
 
 import json
@@ -44,7 +44,7 @@ def _run(check, devices):
   return json.loads(lines[-1][len("REPORT ") :])
 
 
-def test_readme_transformer_recipe_on_a_2d_mesh():
+def test_transformer_example_on_a_2d_mesh():
   report = _run("recipe", 8)
   assert report["devices"] == 8
   assert report["mesh"] == {"data": 4, "fsdp": 2}

@@ -3,7 +3,7 @@
 A float16 model can overflow at the perturbed point ``w + e`` although the
 clean pass at ``w`` is finite: the ascent gradient, and so the update, is
 then inf/NaN, and a check of the clean gradient (``DynamicScale``'s
-``is_fin``) cannot see it. The README's recipe puts ``optax.apply_if_finite``
+``is_fin``) cannot see it. The recipe (docs/flax.md, "Where things go") puts ``optax.apply_if_finite``
 *after* the sharpness-aware transformation in the chain, where it sees the
 transformation's output.
 """

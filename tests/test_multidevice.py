@@ -1,4 +1,4 @@
-"""Data parallelism: the three modes of README "Scaling out".
+"""Data parallelism: the three modes of docs/scaling-out.md.
 
 The 8-device checks need ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
 before jax starts, so they run in a subprocess (``tests/multidevice_checks.py``);
@@ -12,7 +12,6 @@ import re
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import jax
@@ -77,18 +76,16 @@ def test_two_process_cluster():
     assert "ALL CHECKS PASSED" in out, out[-20000:]
 
 
-def test_readme_scaling_out_shows_the_checked_snippets():
-  """Once README.md has a "Scaling out" section, it shows the snippets of
-  multidevice_checks.py verbatim (so the README's code is the tested code)."""
-  readme = (ROOT / "README.md").read_text()
-  if "## Scaling out" not in readme:
-    pytest.skip("README.md has no 'Scaling out' section yet")
+def test_scaling_out_page_shows_the_checked_snippets():
+  """docs/scaling-out.md shows every snippet of multidevice_checks.py by ``literalinclude`` (so the
+  page's code is the tested code), and the markers it includes by are where the snippets are."""
+  page = (ROOT / "docs" / "scaling-out.md").read_text()
   snippets = SNIPPET.findall(CHECKS.read_text())
   assert len(snippets) >= 6
-  for name, code in snippets:
-    assert textwrap.dedent(code).strip() in readme, (
-      f"README 'Scaling out' does not show snippet {name!r} as in {CHECKS.name}"
-    )
+  for name, _ in snippets:
+    where = f"../{CHECKS.relative_to(ROOT)}"
+    include = f'{{literalinclude}} {where}\n:language: python\n:start-after: "# [snippet: {name}]"'
+    assert include in page, f"docs/scaling-out.md does not include snippet {name!r} of {CHECKS.name}"
 
 
 def test_m_sharpness_needs_axis_name():

@@ -100,7 +100,7 @@ def test_the_budget_counts_the_perturbed_leaves_only(monkeypatch):
 def test_probe_step_peak_is_sams_plus_the_chunks_copies(tmp_path):
   """XLA's temporaries of the compiled probe step <= SAM's + c P + 2 P + c F (the bench's bound, derived there).
 
-  ``python -m experiments.bench_probe_memory --quick`` as the README shows it: a 0.1M-parameter MLP; budgets
+  ``python -m experiments.bench_probe_memory --quick`` as docs/performance.md shows it: a 0.1M-parameter MLP; budgets
   of 0.5 P (a scan), 4 P (chunks of 4) and all 21 probes (one vmap).
   """
   c = bench_probe_memory.ProbeMemoryConfig.quick()

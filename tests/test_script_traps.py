@@ -173,7 +173,7 @@ def test_nnx_probe_dtype_gives_the_float32_twin_with_the_same_dropout_masks():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_one_nan_batch_under_apply_if_finite_costs_one_step(name):
-  """The README's recipe, ``chain(method, apply_if_finite(sgd, 5))``: a NaN batch then 8 good ones ends where
+  """The documented recipe, ``chain(method, apply_if_finite(sgd, 5))``: a NaN batch then 8 good ones ends where
   the run that skips that step ends (its step count advanced, nothing else touched: the same program on the
   same inputs, so bitwise), with finite parameters."""
   problem, params = problems.mlp_data(5)

@@ -48,7 +48,7 @@ class ProtocolConfig(config.StudyConfig):
   batch_size: int = setting(100, "training batch size", low=1, group=_TRAIN)
   momentum: float = setting(0.9, "SGD momentum (the paper's base optimizer)", low=0, high=1, high_open=True)
   warmup_epochs: int = setting(
-    2, "linear lr warmup epochs before the cosine decay (0: none; see the README on why)", low=0, group=_TRAIN
+    2, "linear lr warmup epochs before the cosine decay (0: none; docs/protocol.md says why)", low=0, group=_TRAIN
   )
   tune_seeds: int = setting(3, "seeds per grid point on validation (seeds 0..N-1)", low=1, group=_TRAIN)
   test_seeds: int = setting(10, "fresh seeds of the final test runs", low=1, group=_TRAIN)

@@ -114,6 +114,8 @@ def ascent(
 ) -> AscentTrace:
   """Runs the K-step normalized ascent from ``params``.
 
+  The rule with its edge cases, in one place: :ref:`the algorithm page <alg-ascent>`.
+
   Args:
     loss_fn: ``loss_fn(params) -> scalar`` on the current batch.
     params: the parameters ``w``.

@@ -193,6 +193,8 @@ def eigen_sam(
   ``power_iterations`` Hessian-vector products (each about two
   forward+backward passes) on refresh calls.
 
+  The rule with its edge cases, in one place: :ref:`the algorithm page <alg-eigen-sam>`.
+
   Args:
     rho: ascent radius, > 0, or an optax schedule of the step count (values >= 0).
     alpha: correction strength, finite (the paper uses values in [0, 2];

@@ -78,6 +78,8 @@ def friendly_sam(
   Cost: one extra forward+backward pass per call (as SAM) and one
   parameter-sized average in the state.
 
+  The rule with its edge cases, in one place: :ref:`the algorithm page <alg-friendly-sam>`.
+
   Args:
     rho: perturbation radius, > 0, or an optax schedule of the step count (values >= 0).
     sigma: how much of the average to subtract, a finite real number >= 0

@@ -99,6 +99,8 @@ def gsam(
   Cost: one extra forward+backward pass per call (as SAM) and two norms and
   a dot product over the parameters.
 
+  The rule with its edge cases, in one place: :ref:`the algorithm page <alg-gsam>`.
+
   Args:
     rho: ascent radius, > 0, or an optax schedule of the step count (values >= 0).
     alpha: weight of the orthogonal correction, a finite real number >= 0

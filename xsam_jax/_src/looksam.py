@@ -102,6 +102,8 @@ def looksam(
   on the others, two norms and one combination over the parameters. The
   state holds one parameter-sized ``g_v``.
 
+  The rule with its edge cases, in one place: :ref:`the algorithm page <alg-looksam>`.
+
   Args:
     rho: ascent radius, > 0, or an optax schedule of the step count (values >= 0).
     k: the period of SAM's steps, an int >= 1 (the paper's headline

@@ -135,6 +135,8 @@ def msam(
 
   Cost: K extra forward+backward passes per call, as multi-step SAM.
 
+  The rule with its edge cases, in one place: :ref:`the algorithm page <alg-relatives>`.
+
   Args:
     rho: total ascent radius, > 0 (K steps of length ``rho / K``), or an optax
       schedule of the step count (values >= 0).
@@ -213,6 +215,8 @@ def lsam(
   see :func:`rescaled_combination`).
 
   Cost: K extra forward+backward passes per call, as multi-step SAM.
+
+  The rule with its edge cases, in one place: :ref:`the algorithm page <alg-relatives>`.
 
   Args:
     rho, num_steps: as in :func:`msam`.

@@ -59,6 +59,8 @@ def sam(
   call costs K extra forward+backward passes. The output is meant to be fed
   to a base optimizer later in an ``optax.chain``.
 
+  The rule with its edge cases, in one place: :ref:`the algorithm page <alg-sam>`.
+
   Args:
     rho: total ascent radius, > 0, or an optax schedule of the step count
       (values >= 0; see :func:`xsam_jax.rho_schedule_from_lr`).

@@ -68,6 +68,8 @@ def vasso(
   Cost: one extra forward+backward pass per call (as SAM) and one
   parameter-sized average in the state.
 
+  The rule with its edge cases, in one place: :ref:`the algorithm page <alg-vasso>`.
+
   Args:
     rho: perturbation radius, > 0, or an optax schedule of the step count (values >= 0).
     theta: weight of the new gradient in the average, in ``(0, 1]``

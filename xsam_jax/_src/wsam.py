@@ -101,6 +101,8 @@ def wsam(
   Cost: one extra forward+backward pass per call (as SAM); the decoupled
   form also keeps the base optimizer's state.
 
+  The rule with its edge cases, in one place: :ref:`the algorithm page <alg-wsam>`.
+
   Args:
     rho: ascent radius, > 0, or an optax schedule of the step count (values >= 0).
     gamma: weight of the sharpness, a real number in ``[0, 1)`` (the

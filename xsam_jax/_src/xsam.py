@@ -651,6 +651,8 @@ def xsam(
      coordinates; :ref:`memory-aware-probes` (docs/performance.md), how
      ``probe_batch_size="auto"`` chooses and what each strategy costs.
 
+  The rule with its edge cases, in one place: :ref:`the algorithm page <alg-xsam>`.
+
   Args:
     rho: ascent radius, > 0 (the paper: 0.15 on CIFAR with ResNet-18), or an
       optax schedule of the step count (values >= 0; see
