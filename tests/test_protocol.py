@@ -61,6 +61,19 @@ def test_quick_run_end_to_end(quick):
     md = f.read()
   for heading in ("## Single step on test", "## Varying rho", "## Multi-step", "## Regime noise", "## Cost"):
     assert heading in md
+  # The test curves: every rho_max factor and every coarse fixed alpha on test, paired with SAM, per arm.
+  assert "## XSAM - SAM along the grids" in md
+  assert os.path.getsize(os.path.join(out, "curves.png")) > 0
+  assert set(written["curves"]) == {"main", "noise"}
+  for curve in written["curves"].values():
+    assert [p["x"] for p in curve["rho_max"]] == list(config.rho_max_factors)
+    assert {*config.coarse_alphas, 1.0} <= {p["x"] for p in curve["alpha"]}
+    for p in curve["rho_max"] + curve["alpha"]:
+      assert p["test"]["n"] == config.test_seeds
+      assert "val" in p  # every curve point is a point of the tuning grid
+    sam_point = next(p for p in curve["alpha"] if p["x"] == 1.0)
+    assert sam_point["test"]["mean"] == 0.0  # alpha = 1 is SAM's own run
+  assert "near_ties" in written["rules"]
   # XSAM's diagnostics are recorded per epoch; alpha stays on the probe grid.
   alphas = [r["result"]["epoch_alpha"] for r in _store_lines(work) if "epoch_alpha" in r["result"]]
   assert alphas
@@ -104,12 +117,13 @@ def test_test_split_read_only_in_the_test_phase(quick):
   assert test
   assert max(val) < min(test)
   assert doc["test_reads"] == ["main", "noise"]
-  # Every test run is a selected (or multi-step) setting, on the fresh test seeds only.
+  # Every test run is a selected (multi-step, or test-curve) setting, on the fresh test seeds only.
   planned = []
   for arm in ("main", "noise"):
     planned += [r["setting"] for r in json.loads(json.dumps(doc["selection"][arm]["selected"])).values()]
   planned += [e["selected"][m]["setting"] for e in doc["rho"] for m in ("sam", "xsam", "xsam_fixed")]
   planned += [t["setting"] for t in doc["multistep"]["tests"].values()]
+  planned += [p["setting"] for c in doc["curves"].values() for p in c["rho_max"] + c["alpha"]]  # the test curves
   planned_keys = {json.dumps(p, sort_keys=True) for p in json.loads(json.dumps(planned))}
   for r in lines:
     if r["ident"]["split"] == "test":
@@ -216,6 +230,33 @@ def test_label_noise_rate_and_symmetry():
   np.testing.assert_array_equal(s.y_train != raw.y_train[s.train_index], s.flipped[s.train_index])
   np.testing.assert_array_equal(s.y_val != raw.y_train[s.val_index], s.flipped[s.val_index])
   np.testing.assert_array_equal(s.y_test, raw.y_test)
+
+
+def _row(seed_accs, method, **hp):
+  return {"setting": runner.Setting.make(method, **hp), "per_seed": seed_accs, "mean": sum(seed_accs) / len(seed_accs)}
+
+
+def test_near_tie_rule_prefers_the_baseline_within_one_standard_error():
+  """XSAM's rho_max: 2 rho has the best validation mean, but rho_max = rho is within one paired standard
+  error of it, so the rule picks rho_max = rho; a point outside it is never picked; argmax picks the best."""
+  base = dict(lr=0.1, wd=1e-4, rho=0.1)
+  far = _row([0.90, 0.91, 0.92], "xsam", **base, rho_max=0.3)  # d = (0.06, 0.00, 0.02): mean 0.027 > se 0.018
+  near = _row([0.93, 0.93, 0.93], "xsam", **base, rho_max=0.1)  # d = (0.03, -0.02, 0.01): mean 0.007 <= se 0.015
+  best = _row([0.96, 0.91, 0.94], "xsam", **base, rho_max=0.2)
+  assert stages.near_tie(best, near)
+  assert not stages.near_tie(best, far)
+  assert stages.select([far, near, best], "nearest_within_se", "xsam") is near
+  assert stages.select([far, near, best], "argmax", "xsam") is best
+  assert stages.select([far, near, best], "nearest_within_se", None) is best  # lr / wd grids
+  # Each method's baseline: SAM's rho nearest 0 (SGD); the fixed alpha nearest 1; GSAM's alpha nearest 0;
+  # WSAM's gamma nearest 1/2; a row that is SAM's own run is at distance 0.
+  d = stages.distance_to_baseline
+  hp = dict(lr=0.1, wd=0.0, rho=0.1)
+  assert d(runner.Setting.make("sam", **hp), "sam") == 0.1
+  assert d(runner.Setting.make("xsam_fixed", **hp, alpha=1.5), "xsam_fixed") == 0.5
+  assert d(runner.Setting.make("xsam_fixed", **hp, alpha=1.0), "xsam_fixed") == 0.0  # canonical: SAM's run
+  assert d(runner.Setting.make("wsam", **hp, gamma=0.7), "wsam") == pytest.approx(0.2)
+  assert d(runner.Setting.make("gsam", **hp, alpha=0.05), "gsam") == 0.05
 
 
 def test_t_quantiles_match_the_table():

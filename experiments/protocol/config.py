@@ -15,6 +15,8 @@ MULTISTEP_METHODS = ("sam", "msam", "msam_plus", "lsam", "lsam_plus", "xsam")
 REGIMES = ("noise", "small", "mlp")
 """Extra arms of the single-step protocol: ``noise`` (label noise on the CNN), ``small`` (a reduced
 training split on the CNN), ``mlp`` (the MLP on clean data)."""
+TIE_RULES = ("nearest_within_se", "argmax")
+"""How a method's own hyperparameter is selected on validation (experiments.protocol.stages.select)."""
 STAGES = ("vmap", "rho", "multistep", "regimes", "toy2d")
 """Optional stages; the single-step selection and the test phase always run."""
 
@@ -50,7 +52,14 @@ class ProtocolConfig(config.StudyConfig):
   warmup_epochs: int = setting(
     2, "linear lr warmup epochs before the cosine decay (0: none; docs/protocol.md says why)", low=0, group=_TRAIN
   )
-  tune_seeds: int = setting(3, "seeds per grid point on validation (seeds 0..N-1)", low=1, group=_TRAIN)
+  tune_seeds: int = setting(5, "seeds per grid point on validation (seeds 0..N-1)", low=1, group=_TRAIN)
+  tie_rule: str = setting(
+    "nearest_within_se",
+    "selection of a method's own hyperparameter: nearest its baseline among the points within one paired "
+    "standard error of the best validation mean, or the best mean (argmax)",
+    choices=TIE_RULES,
+    group=_TRAIN,
+  )
   test_seeds: int = setting(10, "fresh seeds of the final test runs", low=1, group=_TRAIN)
   test_seed_offset: int = setting(1000, "the first test seed (test seeds never tune)", low=1, group=_TRAIN)
   multistep_seeds: int = setting(10, "test seeds of the multi-step stage (the first of the test seeds)", low=1)
@@ -132,7 +141,7 @@ class ProtocolConfig(config.StudyConfig):
 COMMAND = config.Command(
   ProtocolConfig,
   prog="python -m experiments.protocol",
-  description="The XSAM paper's tuning and evaluation protocol on MNIST-1D at CPU scale (issue 19).",
+  description="The XSAM paper's tuning and evaluation protocol on MNIST-1D at CPU scale.",
   quick_help="every stage on a tiny scale, < 2 minutes",
   out=(os.path.join("results", "protocol"), os.path.join("results", "protocol", "quick")),
   extra={

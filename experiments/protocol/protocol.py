@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from experiments.protocol import report, stages
+from experiments.protocol import curves, report, stages
 from experiments.protocol.config import ProtocolConfig
 from experiments.protocol.runner import Arm, Runner, Setting
 from experiments.protocol.store import Store
@@ -93,7 +93,7 @@ def run(
     return result
 
   main = stages.main_arm(config)
-  doc: dict[str, Any] = {"study": "the XSAM paper's protocol on MNIST-1D (issue 19)", "mode": config.mode}
+  doc: dict[str, Any] = {"study": "the XSAM paper's protocol on MNIST-1D", "mode": config.mode}
   if "vmap" in config.stages:
     from experiments.protocol import timing  # not at the top: `python -m experiments.protocol.timing` runs it
 
@@ -122,9 +122,12 @@ def run(
   plan += [(main, f"{m}@K={k}", s, config.multistep_seeds) for (m, k), s in multistep.items()]
   for arm in arms:
     plan += [(arm, m, r["setting"], n) for m, r in regimes[arm.name]["selected"].items()]
+  selections = {"main": single, **regimes}
+  for arm in [main, *arms]:
+    plan += [(arm, label, s, n) for label, s in curves.plan(config, selections[arm.name]).items()]
   tests = timed("test phase", lambda: stages.test_phase(runner, plan))
 
-  main_tests = _tests_json(tests.get("main", {}))
+  main_tests = {k: v for k, v in _tests_json(tests.get("main", {})).items() if not k.startswith(curves.PREFIX)}
   single_tests = {m: main_tests[m] for m in single["selected"]}
   doc |= {
     "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -138,13 +141,7 @@ def run(
     "multistep": _multistep_json(config, multistep, main_tests),
     "regimes": {},
   }
-  for arm in arms:
-    t = _tests_json(tests[arm.name])
-    doc["regimes"][arm.name] = {
-      "arm": dataclasses.asdict(arm),
-      "tests": t,
-      "comparisons": report.comparisons(t, REGIME_PAIRS),
-    }
+  doc["regimes"], doc["curves"] = _regimes_and_curves(config, [main, *arms], selections, tests)
   doc["toy2d"] = timed("toy2d axes", lambda: stages.toy2d_stage(config, log)) if "toy2d" in config.stages else {}
   doc["test_reads"] = sorted(set(runner.test_reads))
   doc["runs_trained"] = store.trained
@@ -155,10 +152,28 @@ def run(
   _write(out, JSON_FILE, doc)
   with open(os.path.join(out, TABLES_FILE), "w") as f:
     f.write(markdown(doc))
+  curves.plot(doc["curves"], os.path.join(out, curves.PLOT_FILE))
   log(
     f"[protocol] wrote {out}/{JSON_FILE} and {TABLES_FILE} ({doc['wall_time_s']:.0f} s, {store.trained} runs trained)"
   )
   return doc
+
+
+def _regimes_and_curves(
+  config: ProtocolConfig, arms: list[Arm], selections: dict[str, Any], tests: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The regimes' sections (``arms[1:]``) and every arm's test curves (:mod:`experiments.protocol.curves`)."""
+  regimes, arm_curves = {}, {}
+  for i, arm in enumerate(arms):
+    t = _tests_json(tests[arm.name])
+    if i:
+      regimes[arm.name] = {
+        "arm": dataclasses.asdict(arm),
+        "tests": {k: v for k, v in t.items() if not k.startswith(curves.PREFIX)},
+        "comparisons": report.comparisons(t, REGIME_PAIRS),
+      }
+    arm_curves[arm.name] = curves.curves(config, selections[arm.name], t)
+  return regimes, arm_curves
 
 
 def rules(config: ProtocolConfig) -> dict[str, str]:
@@ -170,14 +185,24 @@ def rules(config: ProtocolConfig) -> dict[str, str]:
     else "K ascent steps of length rho each (the library is given K * rho)"
   )
   seeds = f"seeds 0..{config.tune_seeds - 1}"
+  ties = (
+    "each method's own hyperparameter (SAM's rho, XSAM's rho_max / rho, the fixed alpha, GSAM's alpha, WSAM's "
+    "gamma): among the grid points within one paired standard error of the best validation mean, the one nearest "
+    "the method's baseline (SGD for SAM, SAM for the others); lr and wd: the best mean"
+    if config.tie_rule == "nearest_within_se"
+    else "the best validation mean everywhere"
+  )
   return {
     "split": f"{config.val_fraction:g} of MNIST-1D's 4000 training series held out (split seed "
     f"{config.split_seed}); test (1000 series) read only in the test phase",
     "tuning": f"validation accuracy at the last epoch, mean over {seeds}; SGD full lr x wd grid; SAM coordinate "
     "search rho -> lr -> wd (-> rho) from SGD's lr, wd; XSAM rho_max, fixed alpha, GSAM alpha, WSAM gamma with "
     "SAM's lr, wd, rho",
+    "near_ties": ties,
     "test": f"{config.test_seeds} fresh seeds from {config.test_seed_offset}; paired by seed (same init and data "
     "order); 95% t intervals of the mean difference",
+    "curves": "besides the selected settings, every rho_max factor of the grid and every fixed alpha of the coarse "
+    "grid on test, paired with SAM (XSAM - SAM along the grid, next to the same difference on validation)",
     "multistep_radius": radius,
     "multistep_tuning": "none: SAM's lr, wd, rho and XSAM's rho_max / rho factor from K = 1, as in the paper",
     "xsam_probes": "alpha probed on the grid 0, 0.1, ..., 2 once per epoch (the paper's schedule)",

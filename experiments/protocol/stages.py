@@ -1,7 +1,13 @@
 """The protocol's stages: selection on validation (single step, varying rho, regimes), then the test phase.
 
-Selection (validation split only, mean over the tuning seeds per point;
-ties go to the earlier grid point):
+Selection (validation split only, mean over the tuning seeds per point).
+With the default ``tie_rule="nearest_within_se"``, each method's own
+hyperparameter (SAM's rho; XSAM's rho_max / rho; the fixed alpha; GSAM's
+alpha; WSAM's gamma) is chosen by :func:`select`: among the grid points whose
+validation mean is within one paired standard error of the best one's, the
+point nearest the method's baseline (SAM for SAM's relatives, SGD for SAM);
+learning rate and weight decay take the best mean. ``tie_rule="argmax"``
+takes the best mean everywhere. Remaining ties go to the earlier grid point.
 
 - :func:`tune_single` (paper Sec. 5.2): SGD on the full ``lrs x wds`` grid;
   SAM by one round of coordinate search from SGD's (lr, wd): rho over
@@ -54,6 +60,59 @@ def _best(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
   return max(rows, key=lambda r: r["mean"])
 
 
+def near_tie(best: dict[str, Any], row: dict[str, Any]) -> bool:
+  """Whether ``row``'s validation mean is within one paired standard error of ``best``'s.
+
+  The tuning seeds are shared, so the difference is paired: with ``d`` the per-seed differences
+  best - row, ``mean(d) <= std(d) / sqrt(n)`` (``std`` with ddof 1). One seed: only equal means tie.
+  """
+  d = [a - b for a, b in zip(best["per_seed"], row["per_seed"], strict=True)]
+  mean = sum(d) / len(d)
+  if len(d) < 2:
+    return mean <= 0.0
+  std = (sum((x - mean) ** 2 for x in d) / (len(d) - 1)) ** 0.5
+  return mean <= std / len(d) ** 0.5
+
+
+def distance_to_baseline(setting: Setting, grid: str) -> float:
+  """How far a setting of ``grid`` (the method whose hyperparameter the grid varies) is from its baseline.
+
+  SAM's rho grid: rho (SGD at 0); XSAM: ``|rho_max / rho - 1|`` (the ascent radius, nearest SAM); the
+  fixed alpha: ``|alpha - 1|`` (1 is SAM); GSAM: alpha (0 is SAM); WSAM: ``|gamma - 1/2|`` (1/2 is SAM).
+  In a relative's grid, a row that canonicalised to SAM's run (``Setting.make``) is the baseline itself: 0.
+  """
+  v = setting.values
+  if grid == "sam":
+    return v["rho"]
+  if setting.method == "sam":
+    return 0.0
+  if setting.method == "xsam":
+    return abs(v["rho_max"] / v["rho"] - 1.0)
+  if setting.method == "xsam_fixed":
+    return abs(v["alpha"] - 1.0)
+  if setting.method == "gsam":
+    return v["alpha"]
+  if setting.method == "wsam":
+    return abs(v["gamma"] - 0.5)
+  raise ValueError(f"no baseline distance for {setting.method!r}")
+
+
+def select(rows: Sequence[dict[str, Any]], rule: str, grid: str | None) -> dict[str, Any]:
+  """The selected row of one grid under the tie rule (see the module docstring).
+
+  Args:
+    rows: the grid's validation rows (``{"setting", "mean", "per_seed", ...}``), in grid order.
+    rule: ``"nearest_within_se"`` or ``"argmax"``.
+    grid: the method whose own hyperparameter the rows vary (the rule applies: see
+      :func:`distance_to_baseline`), or None for a learning-rate / weight-decay grid (the best mean).
+  """
+  best = _best(rows)
+  if rule == "argmax" or grid is None:
+    return best
+  near = [r for r in rows if near_tie(best, r)]
+  return min(near, key=lambda r: distance_to_baseline(r["setting"], grid))  # min keeps the first of equals
+
+
 def _unique(settings: Sequence[Setting]) -> list[Setting]:
   return list(dict.fromkeys(settings))
 
@@ -75,16 +134,16 @@ def tune_single(runner: Runner, arm: Arm, *, alphas: Sequence[float], baselines:
 
   seen: dict[Setting, dict[str, Any]] = {}
 
-  def coordinate(settings: list[Setting], desc: str) -> dict[str, float]:
+  def coordinate(settings: list[Setting], desc: str, grid: str | None = None) -> dict[str, float]:
     rows = runner.scores(arm, settings, desc)
     seen.update({r["setting"]: r for r in rows})
-    return _best(rows)["setting"].values
+    return select(rows, c.tie_rule, grid)["setting"].values
 
-  rho = coordinate([sam(lr, wd, r) for r in c.rhos], "SAM rho")["rho"]
+  rho = coordinate([sam(lr, wd, r) for r in c.rhos], "SAM rho", "sam")["rho"]
   best_lr = coordinate([sam(x, wd, rho) for x in c.lrs], "SAM lr")["lr"]
   best_wd = coordinate([sam(best_lr, x, rho) for x in c.wds], "SAM wd")["wd"]
   if (best_lr, best_wd) != (lr, wd):
-    rho = coordinate([sam(best_lr, best_wd, r) for r in c.rhos], "SAM rho again")["rho"]
+    rho = coordinate([sam(best_lr, best_wd, r) for r in c.rhos], "SAM rho again", "sam")["rho"]
   lr, wd = best_lr, best_wd
   grids["sam"] = list(seen.values())
   base = {"lr": lr, "wd": wd, "rho": rho}
@@ -97,7 +156,7 @@ def tune_single(runner: Runner, arm: Arm, *, alphas: Sequence[float], baselines:
     candidates["wsam"] = [Setting.make("wsam", **base, gamma=g) for g in c.wsam_gammas]
   for name, settings in candidates.items():
     grids[name] = runner.scores(arm, _unique(settings), name)
-  selected = {name: _best(rows) for name, rows in grids.items()}
+  selected = {name: select(rows, c.tie_rule, None if name in ("sgd", "sam") else name) for name, rows in grids.items()}
   selected["sam"] = seen[sam(lr, wd, rho)]
   return {"selected": selected, "grids": grids}
 
@@ -125,8 +184,8 @@ def tune_rho(runner: Runner, arm: Arm, single: dict[str, Any]) -> list[dict[str,
         "factor": factor,
         "rho": rho,
         "sam": sam_row,
-        "xsam": _best(xsam),
-        "xsam_fixed": _best(fixed),
+        "xsam": select(xsam, c.tie_rule, "xsam"),
+        "xsam_fixed": select(fixed, c.tie_rule, "xsam_fixed"),
         "grids": [*xsam, *fixed],
       }
     )

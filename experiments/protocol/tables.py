@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from experiments.protocol import report
+from experiments.protocol import curves, report
 
 _RHO_GRIDS = {"xsam": ("xsam",), "xsam_fixed": ("xsam_fixed", "sam")}
 
@@ -137,6 +137,10 @@ def markdown(doc: dict[str, Any]) -> str:
       "",
       *_single(section),
     ]
+  if doc.get("curves"):
+    lines += ["", "## XSAM - SAM along the grids (test curves; curves.png)", ""]
+    for name, curve in doc["curves"].items():
+      lines += [*curves.table(name, curve), ""]
   toy = doc.get("toy2d") or {}
   if toy:
     lines += ["", "## 2-D study: momentum x alpha update period (experiments.toy2d.axes_sweep)", ""]
