@@ -25,7 +25,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # importing the package must not 
 
 import xsam_jax
 
-PUBLIC_MODULES = ("xsam_jax", "xsam_jax.sharpness", "xsam_jax.testfns", "xsam_jax.flax")
+PUBLIC_MODULES = ("xsam_jax", "xsam_jax.building_blocks", "xsam_jax.sharpness", "xsam_jax.testfns", "xsam_jax.flax")
 """Modules whose ``__all__`` the API reference must cover, name by name."""
 
 # -- Project -------------------------------------------------------------------

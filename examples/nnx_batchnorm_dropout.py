@@ -34,7 +34,7 @@ def loss_of_model(model, x, y):
 x = jax.random.normal(jax.random.key(0), (64, 5))
 y = (x.sum(axis=1) > 0).astype(jnp.int32)
 model = Net(nnx.Rngs(0))
-tx = optax.chain(xsam_jax.xsam(0.05, 0.1, alpha_update_period=10), optax.sgd(0.1, momentum=0.9))  # xsam_jax
+tx = optax.chain(xsam_jax.xsam(0.05, 0.05, alpha_update_period=10), optax.sgd(0.1, momentum=0.9))  # xsam_jax
 optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 

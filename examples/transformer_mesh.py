@@ -62,7 +62,7 @@ def make_loss(dtype):  # the model computes in `dtype`; the loss is reduced in f
 
 loss_bf16, loss_f32 = make_loss(jnp.bfloat16), make_loss(jnp.float32)
 tx = optax.chain(
-  xsam_jax.xsam(rho=0.05, rho_max=0.1, alpha_update_period=5),  # first: it needs the raw gradient
+  xsam_jax.xsam(rho=0.05, rho_max=0.05, alpha_update_period=5),  # first: it needs the raw gradient
   optax.clip_by_global_norm(1.0),  # clipping and weight decay act on the sharpness-aware gradient
   optax.adamw(3e-3, weight_decay=0.01),
 )

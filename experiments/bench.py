@@ -267,14 +267,16 @@ def bench_steps(
 def bench_probes(params: Any, loss_of: Callable[[Any], jax.Array], c: BenchConfig) -> dict[str, dict[str, Any]]:
   """One probe round (21 forwards) with every strategy (full vmap, ``lax.map`` of ``c.probe_chunks``, a loop)."""
   g0 = jax.grad(loss_of)(params)
-  trace = xsam_jax.ascent(loss_of, params, g0, rho=c.rho, num_steps=1)
-  v0, v1, theta, _ = xsam_jax.xsam_plane(trace.displacement, trace.grads[-1])
+  trace = xsam_jax.building_blocks.ascent(loss_of, params, g0, rho=c.rho, num_steps=1)
+  v0, v1, theta, _ = xsam_jax.building_blocks.xsam_plane(trace.displacement, trace.grads[-1])
   alphas = jnp.asarray(xsam_jax.DEFAULT_ALPHAS, jnp.float32)
   out: dict[str, dict[str, Any]] = {}
   calls: dict[str, Callable[..., Any]] = {}
   strategies = {"vmap": None, **{f"lax.map(batch_size={b})": b for b in c.probe_chunks}}
   for name, bs in strategies.items():
-    fn = lambda p, bs=bs: xsam_jax.probe_losses(loss_of, p, v0, v1, theta, alphas, c.rho_max, batch_size=bs)
+    fn = lambda p, bs=bs: xsam_jax.building_blocks.probe_losses(
+      loss_of, p, v0, v1, theta, alphas, c.rho_max, batch_size=bs
+    )
     compiled, secs, peak = _compile(fn, params)
     jax.block_until_ready(compiled(params))
     calls[name] = lambda c=compiled: c(params)
@@ -284,7 +286,7 @@ def bench_probes(params: Any, loss_of: Callable[[Any], jax.Array], c: BenchConfi
     return loss_of(jax.tree.map(lambda w, x, y: w + c.rho_max * (a * x + b * y), p, v0, v1))
 
   compiled, secs, peak = _compile(one_probe, params, jnp.float32(0), jnp.float32(1))
-  coefs = [xsam_jax.slerp_coefficients(a, theta) for a in alphas]
+  coefs = [xsam_jax.building_blocks.slerp_coefficients(a, theta) for a in alphas]
 
   def loop():
     return [compiled(params, a, b) for a, b in coefs]

@@ -1,4 +1,5 @@
-"""What the training controls save: time per epoch of SGD, SAM, SAM every 2 and 5 steps, and LookSAM.
+"""What the training controls save: time per epoch of SGD, SAM, SAM every 2 and 5 steps, LookSAM, RWP,
+Momentum-SAM, Preconditioned SAM and Functional SAM (plain and preconditioned).
 
     python -m experiments.bench_controls            # small CNN on scikit-learn's digits, batch 128
     python -m experiments.bench_controls --quick    # narrow model, a short epoch, few repeats (the tests)
@@ -9,9 +10,16 @@ medians and their ratios, which come from the same rounds):
 
 - ``epoch``: one training epoch (``jax.lax.scan`` over the epoch's batches,
   from the same initial state every time) of ``optax`` SGD alone, ``sam``,
-  ``sam(perturb_every=2)``, ``sam(perturb_every=5)`` and ``looksam(k=5)``,
-  each in front of the same base optimizer (decayed weights, SGD with
-  momentum). ``perturbed_steps`` counts the epoch's steps that run the
+  ``sam(perturb_every=2)``, ``sam(perturb_every=5)``, ``looksam(k=5)`` and
+  ``rwp(0.01, alpha=0.5)`` (the authors' CIFAR setting; its extra pass, the
+  gradient at the random point, on the same batch), each in front of the
+  same base optimizer (decayed weights, SGD with
+  momentum), and ``momentum_sam`` (a whole optimizer: the same decayed
+  weights and SGD with momentum, perturbed along the momentum, no extra
+  pass; its bar is 1.05x SGD's epoch), ``preconditioned_sam``,
+  ``functional_sam`` and ``functional_sam(precondition=True)`` (called with
+  ``model_fn`` = the logits and ``output_loss_fn`` = the cross-entropy; its
+  extra pass adds a forward at ``w`` to SAM's). ``perturbed_steps`` counts the epoch's steps that run the
   extra pass; ``expected_ratio`` is ``1 + perturbed_steps / steps``, the
   cost relative to SGD if the extra pass costs one forward+backward and
   nothing else does.
@@ -41,8 +49,25 @@ from experiments import bench_report, config, data, models
 from experiments.bench import _compile, _time_round_robin, make_step
 from experiments.config import setting
 
-EPOCH_VARIANTS = ("sgd", "sam", "sam_every2", "sam_every5", "looksam_k5")
+EPOCH_VARIANTS = (
+  "sgd",
+  "sam",
+  "sam_every2",
+  "sam_every5",
+  "looksam_k5",
+  "rwp",
+  "preconditioned_sam",
+  "functional_sam",
+  "functional_sam_precond",
+  "momentum_sam",
+)
 """The methods timed per epoch (``looksam_k5`` takes ``--k``)."""
+
+PLAIN_VARIANTS = ("sgd", "momentum_sam")
+"""The epoch variants that are plain optimizers: ``update`` without ``loss_fn``."""
+
+SPLIT_VARIANTS = ("functional_sam", "functional_sam_precond")
+"""The epoch variants called with the loss in two parts: ``update(..., model_fn=, output_loss_fn=)``."""
 
 STEP_VARIANTS = ("sgd", "sam", "looksam_reuse", "looksam_sam", "sam_every5_skip")
 """The step kinds timed with the counter pinned."""
@@ -78,6 +103,15 @@ def problem(c: ControlsConfig) -> tuple[Any, Callable[[Any, Any], jax.Array], tu
   training mode; its running statistics are dropped (they do not change the
   cost of a step).
   """
+  params, logits_of, output_loss, batches = split_problem(c)
+  return params, lambda p, batch: output_loss(logits_of(p, batch[0]), batch[1]), batches
+
+
+def split_problem(
+  c: ControlsConfig,
+) -> tuple[Any, Callable[[Any, jax.Array], jax.Array], Callable[[jax.Array, jax.Array], jax.Array], Any]:
+  """:func:`problem` with the loss in two parts: ``(params, logits_of(params, x), output_loss(logits, y),
+  (xs, ys))``, for Functional SAM's ``model_fn`` and ``output_loss_fn``."""
   ds = data.load_digits()
   batches = data.EpochBatches(ds, seed=c.seed, epoch=0, batch_size=c.batch, augment=False)
   steps = len(batches) if c.steps is None else c.steps
@@ -87,11 +121,13 @@ def problem(c: ControlsConfig) -> tuple[Any, Callable[[Any, Any], jax.Array], tu
   model = models.make_model(c.model, ds.input_shape, ds.num_classes, width=c.width, seed=c.seed)
   graphdef, params, *rest = nnx.split(model, nnx.Param, ...)
 
-  def loss(p: Any, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
-    logits = nnx.merge(graphdef, p, *rest, copy=True)(batch[0], train=True)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+  def logits_of(p: Any, x: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, p, *rest, copy=True)(x, train=True)
 
-  return params, loss, (jnp.asarray(np.stack(xs)), jnp.asarray(np.stack(ys)))
+  def output_loss(logits: jax.Array, y: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  return params, logits_of, output_loss, (jnp.asarray(np.stack(xs)), jnp.asarray(np.stack(ys)))
 
 
 def optimizers(c: ControlsConfig) -> dict[str, optax.GradientTransformationExtraArgs]:
@@ -102,12 +138,27 @@ def optimizers(c: ControlsConfig) -> dict[str, optax.GradientTransformationExtra
     "sam_every2": xsam_jax.sam(c.rho, perturb_every=2),
     "sam_every5": xsam_jax.sam(c.rho, perturb_every=5),
     "looksam_k5": xsam_jax.looksam(c.rho, k=c.k, alpha=c.alpha),
+    "rwp": xsam_jax.rwp(0.01, alpha=0.5),
+    "preconditioned_sam": xsam_jax.preconditioned_sam(c.rho),
+    "functional_sam": xsam_jax.functional_sam(c.rho),
+    "functional_sam_precond": xsam_jax.functional_sam(c.rho, precondition=True),
   }
-  return {"sgd": optax.chain(*base), **{name: optax.chain(tx, *base) for name, tx in methods.items()}}
+  # Momentum-SAM is a whole optimizer (the same decayed weights and SGD with momentum inside; no extra pass):
+  # its cost does not depend on rho, so it takes SAM's.
+  whole = xsam_jax.momentum_sam(c.rho, learning_rate=c.learning_rate, momentum=0.9, weight_decay=c.weight_decay)
+  return {
+    "sgd": optax.chain(*base),
+    **{name: optax.chain(tx, *base) for name, tx in methods.items()},
+    "momentum_sam": whole,
+  }
 
 
 def epoch_fn(
-  tx: optax.GradientTransformationExtraArgs, loss: Callable[[Any, Any], jax.Array], *, plain: bool = False
+  tx: optax.GradientTransformationExtraArgs,
+  loss: Callable[[Any, Any], jax.Array],
+  *,
+  plain: bool = False,
+  split: tuple[Callable[[Any, jax.Array], jax.Array], Callable[[jax.Array, jax.Array], jax.Array]] | None = None,
 ) -> Callable[..., tuple[Any, Any, jax.Array]]:
   """``(params, state, xs, ys, counts=None) -> (params, state, mean loss)``: a ``jax.lax.scan`` of training steps.
 
@@ -116,13 +167,22 @@ def epoch_fn(
   (pinned, so that every step is of one kind). It is an argument, not a
   constant, so that XLA cannot fold the method's ``jax.lax.cond`` away.
   ``plain``: ``tx`` is a plain optimizer (no ``loss_fn`` passed).
+  ``split``: ``(logits_of, output_loss)`` (:func:`split_problem`): ``tx``
+  takes ``model_fn`` and ``output_loss_fn`` (Functional SAM) instead of ``loss_fn``.
   """
 
   def body(carry: tuple[Any, Any], batch: tuple[jax.Array, ...]) -> tuple[tuple[Any, Any], jax.Array]:
     params, state = carry
     if len(batch) == 3:
       state = (state[0]._replace(count=batch[2]), *state[1:])
-    step = make_step(tx, lambda p: loss(p, batch[:2]), (lambda lo: {}) if plain else None)
+    extra: Callable[[Any], dict[str, Any]] | None = (lambda lo: {}) if plain else None
+    if split is not None:
+      logits_of, output_loss = split
+      extra = lambda lo: {
+        "model_fn": lambda p: logits_of(p, batch[0]),
+        "output_loss_fn": lambda z: output_loss(z, batch[1]),
+      }
+    step = make_step(tx, lambda p: loss(p, batch[:2]), extra)
     params, state, value = step(params, state)
     return (params, state), value
 
@@ -138,7 +198,18 @@ def epoch_fn(
 
 def perturbed_steps(name: str, steps: int, k: int) -> int:
   """How many of an epoch's ``steps`` (counted from 0) run the extra pass under variant ``name``."""
-  every = {"sgd": None, "sam": 1, "sam_every2": 2, "sam_every5": 5, "looksam_k5": k}[name]
+  every = {
+    "sgd": None,
+    "sam": 1,
+    "sam_every2": 2,
+    "sam_every5": 5,
+    "looksam_k5": k,
+    "rwp": 1,
+    "momentum_sam": None,
+    "preconditioned_sam": 1,
+    "functional_sam": 1,  # its extra pass: a forward+backward at w + e and a forward at w
+    "functional_sam_precond": 1,
+  }[name]
   return 0 if every is None else len(range(0, steps, every))
 
 
@@ -163,11 +234,20 @@ def _prepare(
 
 def run(c: ControlsConfig) -> dict[str, Any]:
   """Times every epoch and step variant of ``c`` in one round-robin; returns the report (see the module docstring)."""
-  params, loss, (xs, ys) = problem(c)
+  params, logits_of, output_loss, (xs, ys) = split_problem(c)
+  loss = lambda p, batch: output_loss(logits_of(p, batch[0]), batch[1])
   steps = int(xs.shape[0])
   txs = optimizers(c)
   states = {name: tx.init(params) for name, tx in txs.items()}
-  jobs = {name: (epoch_fn(tx, loss, plain=name == "sgd"), (params, states[name], xs, ys)) for name, tx in txs.items()}
+  jobs = {
+    name: (
+      epoch_fn(
+        tx, loss, plain=name in PLAIN_VARIANTS, split=(logits_of, output_loss) if name in SPLIT_VARIANTS else None
+      ),
+      (params, states[name], xs, ys),
+    )
+    for name, tx in txs.items()
+  }
   calls, epoch, outputs = _prepare(jobs)
 
   # Pinned counters. LookSAM's reuse steps start from a g_v: the state after an epoch. SGD's and SAM's
@@ -193,6 +273,8 @@ def run(c: ControlsConfig) -> dict[str, Any]:
   sgd_epoch, sgd_step = epoch["sgd"]["median_s"], step["sgd"]["median_s"]
   ratios = {f"epoch {name}/sgd": epoch[name]["median_s"] / sgd_epoch for name in EPOCH_VARIANTS[1:]}
   ratios["epoch looksam_k5/sam_every5"] = epoch["looksam_k5"]["median_s"] / epoch["sam_every5"]["median_s"]
+  for name in ("preconditioned_sam", "functional_sam", "functional_sam_precond"):
+    ratios[f"epoch {name}/sam"] = epoch[name]["median_s"] / epoch["sam"]["median_s"]
   ratios |= {f"step {name}/sgd": step[name]["median_s"] / sgd_step for name in STEP_VARIANTS[1:]}
   ratios["step looksam_sam/sam"] = step["looksam_sam"]["median_s"] / step["sam"]["median_s"]
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
@@ -231,18 +313,18 @@ def format_table(report: dict[str, Any]) -> str:
       f"{p['model']} on {p['dataset']} ({p['params']} params), batch {p['batch']}, {p['steps']} steps an epoch, "
       f"medians of {report['config']['repeats']} round-robin rounds"
     ),
-    f"  {'epoch':<18}{'median ms':>12}{'extra passes':>14}{'expected x':>12}{'measured x':>12}{'compile s':>11}",
+    f"  {'epoch':<24}{'median ms':>12}{'extra passes':>14}{'expected x':>12}{'measured x':>12}{'compile s':>11}",
   ]
   sgd = report["epoch"]["sgd"]["median_s"]
   for name, v in report["epoch"].items():
     lines.append(
-      f"  {name:<18}{1e3 * v['median_s']:>12.2f}{v['perturbed_steps']:>14}{v['expected_ratio']:>12.2f}"
+      f"  {name:<24}{1e3 * v['median_s']:>12.2f}{v['perturbed_steps']:>14}{v['expected_ratio']:>12.2f}"
       f"{v['median_s'] / sgd:>12.2f}{v['compile_s']:>11.2f}"
     )
-  lines.append(f"  {'step (pinned)':<18}{'median ms':>12}{'x sgd':>14}")
+  lines.append(f"  {'step (pinned)':<24}{'median ms':>12}{'x sgd':>14}")
   sgd = report["step"]["sgd"]["median_s"]
   for name, v in report["step"].items():
-    lines.append(f"  {name:<18}{1e3 * v['median_s']:>12.3f}{v['median_s'] / sgd:>14.2f}")
+    lines.append(f"  {name:<24}{1e3 * v['median_s']:>12.3f}{v['median_s'] / sgd:>14.2f}")
   lines.extend(f"  ratio {name}: {r:.3f}" for name, r in report["ratios"].items())
   return "\n".join(lines)
 

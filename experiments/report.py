@@ -194,20 +194,20 @@ def write_json(study: dict, path: str, *, command: list | None = None) -> dict:
       name: {**entry, "diverged": [diverged(h) for h in entry["histories"]]} for name, entry in study["methods"].items()
     },
   }
-  text = json.dumps(_rounded(doc), indent=1, allow_nan=False)
+  text = json.dumps(rounded(doc), indent=1, allow_nan=False)
   with open(path, "w") as f:
     f.write(text)
   return doc
 
 
-def _rounded(obj: Any, digits: int = 6) -> Any:
+def rounded(obj: Any, digits: int = 6) -> Any:
   """Floats rounded to ``digits`` significant digits (keeps the JSON small); NaN and infinities as None (null)."""
   if isinstance(obj, (float, np.floating)):
     return float(f"{obj:.{digits}g}") if math.isfinite(obj) else None
   if isinstance(obj, dict):
-    return {k: _rounded(v, digits) for k, v in obj.items()}
+    return {k: rounded(v, digits) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
-    return [_rounded(v, digits) for v in obj]
+    return [rounded(v, digits) for v in obj]
   return obj
 
 

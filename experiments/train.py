@@ -10,7 +10,9 @@
 
 Prints a table of final test accuracy (mean ± std over seeds) and writes
 ``results.json``, ``accuracy.png`` and ``xsam_alpha_theta.png`` into
-``--output-dir``. Checkpoints go to ``--workdir``; re-running the same
+``--output-dir`` (default ``runs/train``, ignored by git: a run never
+changes the committed reference results, which are the output of
+``--output-dir results/train``). Checkpoints go to ``--workdir``; re-running the same
 command resumes interrupted runs (and reuses finished ones). A run's id
 holds only the hyperparameters its method reads (a new ``--rho`` reuses
 SGD's runs). ``--fresh`` retrains every run; a damaged checkpoint folder
@@ -85,9 +87,7 @@ def build_parser(quick: bool = False) -> argparse.ArgumentParser:
   )
   g.add_argument("--seed0", type=config.integer(0, MAX_SEED), default=0, help=f"first seed (0 to {MAX_SEED})")
   g.add_argument("--workdir", type=_folder, default="runs/quick" if quick else "runs/train", help="checkpoint folder")
-  g.add_argument(
-    "--output-dir", type=_folder, default="runs/quick" if quick else "results/train", help="results folder"
-  )
+  g.add_argument("--output-dir", type=_folder, default="runs/quick" if quick else "runs/train", help="results folder")
   g.add_argument(
     "--fresh",
     action="store_true",

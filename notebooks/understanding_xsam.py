@@ -272,13 +272,13 @@ RHO, RHO_MAX = 5.0, 10.0
 grid_alphas = jnp.asarray(xsam_jax.DEFAULT_ALPHAS)
 
 g0 = jax.grad(f)(w)
-trace = xsam_jax.ascent(f, w, g0, rho=RHO, num_steps=1)
-v0, v1, theta, g_norm = xsam_jax.xsam_plane(trace.displacement, trace.grads[-1])
-probes = xsam_jax.probe_losses(f, w, v0, v1, theta, grid_alphas, RHO_MAX)
+trace = xsam_jax.building_blocks.ascent(f, w, g0, rho=RHO, num_steps=1)
+v0, v1, theta, g_norm = xsam_jax.building_blocks.xsam_plane(trace.displacement, trace.grads[-1])
+probes = xsam_jax.building_blocks.probe_losses(f, w, v0, v1, theta, grid_alphas, RHO_MAX)
 alpha_star = float(grid_alphas[jnp.argmax(probes)])
-coef_a, coef_b = xsam_jax.slerp_coefficients(grid_alphas, theta)
+coef_a, coef_b = xsam_jax.building_blocks.slerp_coefficients(grid_alphas, theta)
 probe_points = w + RHO_MAX * (coef_a[:, None] * v0 + coef_b[:, None] * v1)
-a_star, b_star = xsam_jax.slerp_coefficients(alpha_star, theta)
+a_star, b_star = xsam_jax.building_blocks.slerp_coefficients(alpha_star, theta)
 v_star = a_star * v0 + b_star * v1  # XSAM's direction v(alpha*)
 
 # The loss on the whole rho_max circle, by angle measured from v0 towards v1.
@@ -472,9 +472,9 @@ fig, ax = plt.subplots(figsize=(5.2, 4.6))
 draw_landscape(ax, zoom=((-13, 3), (5, 21)))
 ax.plot(w[0] + RHO * np.cos(t), w[1] + RHO * np.sin(t), "k:", lw=0.8)
 cmap = plt.get_cmap("plasma")
-g_1 = xsam_jax.ascent(f, w, g0, rho=RHO, num_steps=1).grads[-1]
+g_1 = xsam_jax.building_blocks.ascent(f, w, g0, rho=RHO, num_steps=1).grads[-1]
 for i, k in enumerate(KS):
-  tr = xsam_jax.ascent(f, w, g0, rho=RHO, num_steps=k)
+  tr = xsam_jax.building_blocks.ascent(f, w, g0, rho=RHO, num_steps=k)
   print(
     f"K = {k}: |d_K| = {float(jnp.linalg.norm(tr.displacement)):.2f}, theta_K = "
     f"{angle_deg(tr.displacement, tr.grads[-1]):4.1f} deg, g_K is {angle_deg(tr.grads[-1], g0):4.1f} deg from g_0 "
@@ -570,9 +570,9 @@ def nn_measure(w_flat, rho):
   g0_nn = jax.grad(nn_loss)(w_flat)
   per_k = {}
   for k in KS:
-    trace_k = xsam_jax.ascent(nn_loss, w_flat, g0_nn, rho=rho, num_steps=k)
+    trace_k = xsam_jax.building_blocks.ascent(nn_loss, w_flat, g0_nn, rho=rho, num_steps=k)
     plane = sharpness.xsam_directions(nn_loss, w_flat, rho=rho, rho_max=2 * rho, num_steps=k, grads=g0_nn)
-    a, b = xsam_jax.slerp_coefficients(plane.alpha, plane.theta)
+    a, b = xsam_jax.building_blocks.slerp_coefficients(plane.alpha, plane.theta)
     per_k[k] = (trace_k.displacement, trace_k.grads[-1], a * plane.v0 + b * plane.v1, plane)
   # Start the sphere search from g_0 and from SAM's and XSAM's directions for the smallest and
   # largest K; keep the highest point found.

@@ -237,6 +237,19 @@ def friendly_sam_output(grad, w, rho, sigma, lmbda, ema):
   return gs[-1], ema
 
 
+def friendly_sam_code_output(grad, w, rho, sigma, lmbda, ema):
+  """One F-SAM step as the authors' PyTorch code takes it (nblt/F-SAM, ``FriendlySAM.first_step``): on the
+  first step m = g and the perturbation is along g (SAM); afterwards along g - sigma m, and only then
+  m <- lmbda m + (1-lmbda) g. Returns (output, m)."""
+  g = grad(w)
+  if ema is None:
+    direction, ema = g, g.copy()
+  else:
+    direction, ema = g - sigma * ema, lmbda * ema + (1.0 - lmbda) * g
+  gs, _ = ascent(grad, w, g, rho, 1, first=direction)
+  return gs[-1], ema
+
+
 LOOKSAM_PARALLEL_TOL = 1024 * np.finfo(np.float64).eps
 """|g_v| <= this * |g_s|: g_s parallel to g_0 to rounding, g_v = 0 (docs/algorithm.md, LookSAM)."""
 
@@ -313,3 +326,104 @@ class Quartic:
 
   def hvp(self, w, v):
     return self.a @ v + 3.0 * w**2 * v
+
+
+def momentum_sam_sgd(grad, w, steps, *, lr, momentum, wd, rho):
+  """Momentum-SAM with SGD: the authors' ``MSAM.step`` (github.com/MarlonBecker/MSAM, optimizer/msam.py)
+  transcribed onto a flat vector, the training loop's gradient at the held params included.
+
+  ``w``: the initial weights; ``lr(t)``, ``rho(t)``: the values at step ``t`` (0-based). The loop holds the
+  perturbed params ``p``. The factor of the stored momentum, ``coef``, is ``rho / |buf|`` of the step that
+  perturbed (the authors' AdamW keeps it so; their SGD multiplies the stored ``1 / |buf|`` by the current
+  rho: the same for a constant rho), and ``inv`` is exact (the authors: ``1 / (|buf| + 1e-12)``).
+
+  Returns:
+    ``(p, w)``: the held params and the unperturbed ones (``move_back_from_momentumAscent``) after ``steps``.
+  """
+  p, buf, coef = np.array(w, np.float64), np.zeros_like(w), 0.0  # inverse_norm_buffer = 0: unperturbed at first
+  for t in range(steps):
+    d_p = grad(p) + wd * p  # the loop's gradient at the held params, plus L2 weight decay
+    p = p + coef * buf  # move back to w_t
+    buf = momentum * buf + d_p
+    p = p - lr(t) * buf  # the SGD step
+    coef = rho(t) * inv(np.linalg.norm(buf))
+    p = p - coef * buf  # perturb along -buf / |buf|
+  return p, p + coef * buf
+
+
+def momentum_sam_adamw(grad, w, steps, *, lr, b1, b2, eps, wd, rho, authors_decay=False):
+  """Momentum-SAM with AdamW: the authors' ``adamW_msam`` (optimizer/adamW_msam.py) on a flat vector.
+
+  ``authors_decay``: their weight decay, ``p *= 1 - lr wd`` after the Adam step; else optax's (and
+  PyTorch's), ``- lr wd w_t`` in the same step. ``lr``, ``rho``: numbers. Returns ``(p, w)`` as
+  :func:`momentum_sam_sgd`.
+  """
+  p, m, v, coef = np.array(w, np.float64), np.zeros_like(w), np.zeros_like(w), 0.0
+  for t in range(1, steps + 1):
+    g = grad(p)
+    bias_correction1, bias_correction2 = 1 - b1**t, 1 - b2**t
+    p = p + coef * m  # move back
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    denom = np.sqrt(v) / np.sqrt(bias_correction2) + eps
+    if authors_decay:
+      p = p - lr / bias_correction1 * m / denom
+      p = p * (1 - lr * wd)
+    else:
+      p = p - lr * (m / bias_correction1 / denom + wd * p)
+    coef = rho * inv(np.linalg.norm(m))
+    p = p - coef * m  # ascent
+  return p, p + coef * m
+
+
+# ---------------------------------------------------------------------------
+# Functional and preconditioned SAM (Singh, Mobahi, Agarwala & Dauphin 2025; docs/algorithm.md,
+# "Functional and preconditioned SAM"). The MLP's outputs y and its loss l(y) = mean_i 0.5 |y_i - t_i|^2
+# are taken apart: dl/dy = (y - t) / n, and the backward pass of a given output cotangent by hand.
+# ---------------------------------------------------------------------------
+
+
+def mlp_outputs(problem, v):
+  """The reference MLP's outputs y = tanh(x W1 + b1) W2 + b2 at the flat params ``v``."""
+  p = problem.unflatten(v)
+  return np.tanh(problem.x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+
+def mlp_output_loss_grad(problem, y):
+  """dl/dy of l(y) = mean_i 0.5 |y_i - t_i|^2: (y - t) / n."""
+  return (y - problem.t) / problem.x.shape[0]
+
+
+def mlp_vjp(problem, v, r):
+  """J_y(v)^T r: the backward pass of the output cotangent ``r`` (n x dout) at the flat params ``v``."""
+  p = problem.unflatten(v)
+  h = np.tanh(problem.x @ p["w1"] + p["b1"])
+  dz = (r @ p["w2"].T) * (1.0 - h**2)
+  return problem.flatten({"w2": h.T @ r, "b2": r.sum(0), "w1": problem.x.T @ dz, "b1": dz.sum(0)})
+
+
+def preconditioner_step(g, nu, t, b2, eps):
+  """Adam's second moment and the preconditioned direction: nu <- b2 nu + (1 - b2) g^2 (nu = 0 before the
+  first step), u = g / (sqrt(nu / (1 - b2^t)) + eps) with t the number of updates of nu so far, this one
+  included; a coordinate with g = 0 and nu = 0 gets u = 0. Returns (u, nu)."""
+  nu = (1.0 - b2) * g * g if nu is None else b2 * nu + (1.0 - b2) * g * g
+  den = np.sqrt(nu / (1.0 - b2**t)) + eps
+  return np.where(den > 0, g / np.where(den > 0, den, 1.0), 0.0), nu
+
+
+def preconditioned_sam_output(grad, w, rho, b2, eps, count, nu):
+  """One preconditioned SAM step: e = rho u / |u|, output = grad(w + e). Returns (output, nu)."""
+  g = grad(w)
+  u, nu = preconditioner_step(g, nu, count + 1, b2, eps)
+  return grad(w + rho * u * inv(np.linalg.norm(u))), nu
+
+
+def functional_sam_output(problem, w, rho, precondition=None, count=0, nu=None):
+  """One Functional SAM step on the reference MLP: e = rho g / |g| (``precondition=(b2, eps)``: along u),
+  output = J_y(w + e)^T dl/dy(y(w)). Returns (output, nu)."""
+  g = problem.grad(w)
+  u = g
+  if precondition is not None:
+    u, nu = preconditioner_step(g, nu, count + 1, *precondition)
+  e = rho * u * inv(np.linalg.norm(u))
+  return mlp_vjp(problem, w + e, mlp_output_loss_grad(problem, mlp_outputs(problem, w))), nu

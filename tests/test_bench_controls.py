@@ -23,9 +23,24 @@ def test_bench_controls_quick_report(tmp_path):
   for v in on_disk["epoch"].values():
     assert {"median_s", "compile_s", "perturbed_steps", "expected_ratio"} <= set(v)
     assert v["median_s"] > 0
-  # 10 steps: SAM perturbs on all, every 2nd on 5, every 5th (and LookSAM with k = 5) on 2.
+  # 10 steps: SAM (and RWP) perturbs on all, every 2nd on 5, every 5th (and LookSAM with k = 5) on 2.
   extra = {name: v["perturbed_steps"] for name, v in on_disk["epoch"].items()}
-  assert extra == {"sgd": 0, "sam": 10, "sam_every2": 5, "sam_every5": 2, "looksam_k5": 2}
+  assert extra == {
+    "sgd": 0,
+    "sam": 10,
+    "sam_every2": 5,
+    "sam_every5": 2,
+    "looksam_k5": 2,
+    "rwp": 10,
+    "momentum_sam": 0,
+    "preconditioned_sam": 10,
+    "functional_sam": 10,
+    "functional_sam_precond": 10,
+  }
+  assert "epoch functional_sam/sgd" in on_disk["ratios"]
+  assert "epoch preconditioned_sam/sgd" in on_disk["ratios"]
+  assert "epoch momentum_sam/sgd" in on_disk["ratios"]  # a whole optimizer, no extra pass
+  assert "epoch rwp/sgd" in on_disk["ratios"]
   assert all(v["median_s"] > 0 for v in on_disk["step"].values())
   assert "step looksam_reuse/sgd" in on_disk["ratios"]
   assert "epoch looksam_k5/sgd" in on_disk["ratios"]

@@ -73,7 +73,7 @@ def test_slerp_unit_norm_and_rotation_angle(seed, alpha, n):
   v0, v1 = _unit(rng, n), _unit(rng, n)
   theta = float(np.arccos(np.clip(v0 @ v1, -1, 1)))
   with jax.enable_x64(True):
-    a, b = xsam_jax.slerp_coefficients(jnp.float64(alpha), jnp.float64(theta))
+    a, b = xsam_jax.building_blocks.slerp_coefficients(jnp.float64(alpha), jnp.float64(theta))
   v = float(a) * v0 + float(b) * v1
   assert np.isclose(np.linalg.norm(v), 1.0, atol=1e-9)
   if np.sin(theta) > 1e-6:
@@ -86,14 +86,14 @@ def test_slerp_unit_norm_and_rotation_angle(seed, alpha, n):
 @given(theta=st.floats(1e-3, np.pi - 1e-3))
 def test_slerp_endpoints(theta):
   with jax.enable_x64(True):
-    a0, b0 = xsam_jax.slerp_coefficients(0.0, jnp.float64(theta))
-    a1, b1 = xsam_jax.slerp_coefficients(1.0, jnp.float64(theta))
+    a0, b0 = xsam_jax.building_blocks.slerp_coefficients(0.0, jnp.float64(theta))
+    a1, b1 = xsam_jax.building_blocks.slerp_coefficients(1.0, jnp.float64(theta))
   np.testing.assert_allclose([float(a0), float(b0), float(a1), float(b1)], [1.0, 0.0, 0.0, 1.0], atol=1e-12)
 
 
 def test_slerp_degenerate_falls_back_to_v1():
   for theta in (0.0, 1e-10, np.pi, np.pi - 1e-10):
-    a, b = xsam_jax.slerp_coefficients(jnp.asarray([0.0, 0.5, 2.0]), jnp.float32(theta))
+    a, b = xsam_jax.building_blocks.slerp_coefficients(jnp.asarray([0.0, 0.5, 2.0]), jnp.float32(theta))
     # The fallback returns the constants (0, 1): exact is the contract.
     np.testing.assert_array_equal(np.asarray(a), 0.0)
     np.testing.assert_array_equal(np.asarray(b), 1.0)

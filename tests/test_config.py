@@ -190,5 +190,5 @@ def test_main_job_flags_and_quick():
   quick = train.parse_args(["--quick"])
   assert (quick.seeds, quick.workdir, quick.output_dir) == (1, "runs/quick", "runs/quick")
   full = train.parse_args([])
-  assert (full.seeds, full.workdir, full.output_dir) == (3, "runs/train", "results/train")
+  assert (full.seeds, full.workdir, full.output_dir) == (3, "runs/train", "runs/train")  # never the committed results/
   assert isinstance(train.build_parser(), argparse.ArgumentParser)

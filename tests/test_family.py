@@ -128,7 +128,9 @@ def test_xsam_asam_probe_at_alpha0_is_the_ascent_point():
   rho = 0.7
   tx = xsam_jax.xsam(rho, rho, alphas=(0.0,), alpha_update_period=1, adaptive=True)
   _, state = _one_update(tx, params, loss_fn)
-  trace = xsam_jax.ascent(loss_fn, params, jax.grad(loss_fn)(params), rho=rho, num_steps=1, adaptive=True)
+  trace = xsam_jax.building_blocks.ascent(
+    loss_fn, params, jax.grad(loss_fn)(params), rho=rho, num_steps=1, adaptive=True
+  )
   expected = loss_fn(jax.tree.map(jnp.add, params, trace.displacement))
   # Two programs: g_0, T and |T g_0| to the point, then the loss; the probe side renormalizes (|T c_1|).
   tol = f32_bound(expected, n_ops=2 * problems.LOSS_OPS + 2 * problems.NUM_PARAMS)
@@ -139,8 +141,10 @@ def test_adaptive_xsam_plane_is_the_plane_in_rescaled_coordinates():
   """adaptive_xsam_plane against its formulas (T = |w| + eta, v = T x / |T x|),
   and its output side against xsam(adaptive=True) at a fixed alpha."""
   params, loss_fn = problems.mlp_problem(seed=38)
-  trace = xsam_jax.ascent(loss_fn, params, jax.grad(loss_fn)(params), rho=0.5, num_steps=2, adaptive=True, eta=0.02)
-  (p0, p1), (o0, o1), theta, tg_norm = xsam_jax.adaptive_xsam_plane(trace)
+  trace = xsam_jax.building_blocks.ascent(
+    loss_fn, params, jax.grad(loss_fn)(params), rho=0.5, num_steps=2, adaptive=True, eta=0.02
+  )
+  (p0, p1), (o0, o1), theta, tg_norm = xsam_jax.building_blocks.adaptive_xsam_plane(trace)
   t = _flat(trace.scale)
   tc, tg = t * _flat(trace.gradient_displacement), t * _flat(trace.grads[-1])
   v0, v1 = tc / np.linalg.norm(tc), tg / np.linalg.norm(tg)
@@ -154,7 +158,7 @@ def test_adaptive_xsam_plane_is_the_plane_in_rescaled_coordinates():
   alpha = 0.7
   tx = xsam_jax.xsam(0.5, 1.0, num_steps=2, alpha_init=alpha, alpha_update_period=None, adaptive=True, eta=0.02)
   out, _ = _one_update(tx, params, loss_fn)
-  a, b = xsam_jax.slerp_coefficients(jnp.float32(alpha), theta)
+  a, b = xsam_jax.building_blocks.slerp_coefficients(jnp.float32(alpha), theta)
   # Its own (jitted) ascent, then the output; a o0 + b o1 can cancel: the bound is on |a o0| + |b o1|.
   terms = float(tg_norm) * (abs(float(a)) * np.abs(_flat(o0)) + abs(float(b)) * np.abs(_flat(o1)))
   tol = f32_bound(terms, n_ops=3 * problems.LOSS_OPS + 4 * problems.NUM_PARAMS)

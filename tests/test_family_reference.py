@@ -55,7 +55,7 @@ def test_asam_ascent_step_is_rho_t2_g_over_tg():
     with jax.enable_x64(True):
       params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), p0)
       loss_fn = problems.mlp_loss_fn(problem, jnp.float64)
-      trace = xsam_jax.ascent(
+      trace = xsam_jax.building_blocks.ascent(
         loss_fn, params, jax.grad(loss_fn)(params), rho=rho, num_steps=1, adaptive=True, eta=eta, adaptive_mask=mask
       )
       d = reference.MLP.flatten(jax.tree.map(np.asarray, trace.displacement))

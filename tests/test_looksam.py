@@ -130,7 +130,7 @@ def test_parallel_gradients_give_zero_g_v_and_the_plain_gradient():
   params = {"w": jnp.array([0.3, -0.4, 0.1, 0.7]), "b": jnp.array([[0.2, -0.15]])}
   loss_fn = lambda p: 0.5 * (jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2))
   g = jax.grad(loss_fn)(params)
-  trace = xsam_jax.ascent(loss_fn, params, g, rho=0.3, num_steps=1)
+  trace = xsam_jax.building_blocks.ascent(loss_fn, params, g, rho=0.3, num_steps=1)
   noise, n_s, _, _ = orthogonal_part(trace.grads[-1], g)
   noise_norm = np.linalg.norm(_flat(noise))
   assert 0 < noise_norm <= PARALLEL_ULPS * np.finfo(np.float32).eps * float(n_s.value)  # the guard is exercised

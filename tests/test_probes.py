@@ -16,8 +16,8 @@ from xsam_jax._src.xsam import parabola_vertex, select_alpha
 
 def _plane(params, loss_fn, rho=0.3, k=1):
   g0 = jax.grad(loss_fn)(params)
-  trace = xsam_jax.ascent(loss_fn, params, g0, rho=rho, num_steps=k)
-  return xsam_jax.xsam_plane(trace.displacement, trace.grads[-1])
+  trace = xsam_jax.building_blocks.ascent(loss_fn, params, g0, rho=rho, num_steps=k)
+  return xsam_jax.building_blocks.xsam_plane(trace.displacement, trace.grads[-1])
 
 
 @pytest.mark.parametrize("batch_size", [None, 1, 3, 7, 21, 50])
@@ -25,10 +25,12 @@ def test_batched_probes_equal_python_loop(batch_size):
   params, loss_fn = problems.mlp_problem(seed=7)
   v0, v1, theta, _ = _plane(params, loss_fn)
   alphas = jnp.asarray(xsam_jax.DEFAULT_ALPHAS, jnp.float32)
-  got = jax.jit(lambda p: xsam_jax.probe_losses(loss_fn, p, v0, v1, theta, alphas, 0.6, batch_size=batch_size))(params)
+  got = jax.jit(
+    lambda p: xsam_jax.building_blocks.probe_losses(loss_fn, p, v0, v1, theta, alphas, 0.6, batch_size=batch_size)
+  )(params)
   expected = []
   for alpha in xsam_jax.DEFAULT_ALPHAS:
-    a, b = xsam_jax.slerp_coefficients(jnp.float32(alpha), theta)
+    a, b = xsam_jax.building_blocks.slerp_coefficients(jnp.float32(alpha), theta)
     expected.append(loss_fn(jax.tree.map(lambda w, x, y, a=a, b=b: w + 0.6 * (a * x + b * y), params, v0, v1)))
   # Same plane; the slerp coefficients (sin, division: ~10 steps), the probe point (3) and the loss differ.
   np.testing.assert_allclose(got, np.asarray(expected), rtol=0, atol=f32_bound(expected, n_ops=problems.LOSS_OPS + 16))

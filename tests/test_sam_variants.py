@@ -114,6 +114,27 @@ def test_friendly_sam_matches_reference(sigma, lmbda):
   assert int(state[0].count) == STEPS
 
 
+@pytest.mark.parametrize(("sigma", "lmbda"), [(1.0, 0.95), (0.5, 0.9)])
+def test_friendly_sam_first_gradient_is_the_authors_code(sigma, lmbda):
+  """``init="first_gradient"``: the authors' update order and start (m_1 = g_1, then g_t - sigma m_{t-1})."""
+  problem, p0 = problems.mlp_data(seed=35)
+  w_ref, ema_ref = _ref_train(
+    p0, lambda w, c, ema: reference.friendly_sam_code_output(problem.grad, w, RHO, sigma, lmbda, ema)
+  )
+  tx = xsam_jax.friendly_sam(RHO, sigma=sigma, lmbda=lmbda, init="first_gradient")
+  w, state, _ = jax_train_f64(tx, problem, p0, STEPS)
+  np.testing.assert_allclose(w, w_ref, rtol=0, atol=1e-10)
+  np.testing.assert_allclose(_flat(state[0].ema), ema_ref, rtol=0, atol=1e-10)
+  # The paper's start gives another trajectory: the option is not a no-op.
+  w_zero, _, _ = jax_train_f64(xsam_jax.friendly_sam(RHO, sigma=sigma, lmbda=lmbda), problem, p0, STEPS)
+  assert np.abs(w_zero - w).max() > 1e-6
+
+
+def test_friendly_sam_init_is_checked():
+  with pytest.raises(ValueError, match=r"`init` must be one of \('zero', 'first_gradient'\), got 'first'"):
+    xsam_jax.friendly_sam(0.1, init="first")
+
+
 def test_friendly_sam_on_a_quartic_matches_reference():
   """A second problem, pytree leaves of two shapes: the average and the perturbation per leaf."""
   problem, p0 = _quartic()

@@ -314,7 +314,7 @@ CHECKED = ["sam", "xsam", "vasso", "looksam", "wsam_decoupled"]
 
 
 def test_every_method_takes_check_updates():
-  factories = [xsam_jax.sharpness_aware_transform] + [
+  factories = [xsam_jax.building_blocks.sharpness_aware_transform] + [
     getattr(xsam_jax, n)
     for n in ("sam", "xsam", "msam", "lsam", "vasso", "eigen_sam", "gsam", "wsam", "friendly_sam", "looksam")
   ]

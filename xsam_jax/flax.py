@@ -8,7 +8,11 @@ pieces, each a 1-3 line change of a plain Flax training step:
   ``loss_fn`` the optimizer needs, safe with ``nnx.BatchNorm`` and
   ``nnx.Dropout``;
 - :class:`TrainState` (Linen): ``flax.training.train_state.TrainState`` whose
-  ``apply_gradients`` passes ``loss_fn`` on to ``tx.update``.
+  ``apply_gradients`` passes ``loss_fn`` on to ``tx.update``;
+- :func:`value_grad_and_model_fns` (NNX): the same clean pass with the loss
+  in two parts, ``model_fn`` and ``output_loss_fn``, for
+  :func:`xsam_jax.functional_sam` (Linen: ``apply_gradients(grads=...,
+  model_fn=..., output_loss_fn=...)``).
 
 .. seealso:: ``docs/flax.md``, the recipes with BatchNorm, Dropout and
    ``jax.pmap``.
@@ -29,7 +33,7 @@ try:
 except ImportError as e:  # name the extra that provides it
   raise ImportError(f"xsam_jax.flax needs flax: pip install 'xsam_jax[flax]' ({e})") from e
 
-__all__ = ("TrainState", "value_grad_and_loss_fn")
+__all__ = ("TrainState", "value_grad_and_loss_fn", "value_grad_and_model_fns")
 
 
 def _is_model_path(path: tuple[Any, ...], value: Any) -> bool:
@@ -175,6 +179,118 @@ def value_grad_and_loss_fn(
   return value, grads, loss_in(graphdef), loss_in(twin)
 
 
+def value_grad_and_model_fns(
+  model_call: Callable[..., Any],
+  output_loss: Callable[..., Any],
+  model: nnx.Module,
+  *args: Any,
+  wrt: nnx.filterlib.Filter = nnx.Param,
+  has_aux: bool = False,
+) -> tuple[Any, Any, Callable[[Any], Any], Callable[[Any], Any]]:
+  r"""The clean pass of an NNX step, and the pure ``model_fn`` and ``output_loss_fn`` of Functional SAM.
+
+  :func:`value_grad_and_loss_fn` for a loss given in two parts,
+  ``loss = output_loss(model_call(model, *args), *args)``: the model's
+  outputs (the logits) and the loss of those outputs. It returns what
+  :func:`xsam_jax.functional_sam` needs,
+  ``optimizer.update(model, grads, model_fn=model_fn,
+  output_loss_fn=output_loss_fn)``, with
+
+  .. math::
+
+    \text{model\_fn}(p) = \text{model\_call}\big(\text{model}[\text{wrt} \leftarrow p,\
+      \text{other state} \leftarrow \text{other state before the step}],\ \text{args}\big), \qquad
+    \text{output\_loss\_fn}(o) = \text{output\_loss}(o,\ \text{args}).
+
+  - The clean pass is exactly ``nnx.value_and_grad(loss_of_model,
+    argnums=nnx.DiffState(0, wrt), has_aux=has_aux)(model, *args)`` for
+    ``loss_of_model(model, *args) = output_loss(model_call(model, *args),
+    *args)``: it updates ``model`` in place (BatchNorm statistics, RNG
+    counters) as a plain step does.
+  - ``model_fn`` is pure, built as :func:`value_grad_and_loss_fn` builds
+    ``loss_fn``: ``model_call`` on a copy of ``model`` (and of the NNX
+    objects in ``args``) rebuilt from the state before the clean pass, with
+    ``params`` in place of the ``wrt`` variables, every mutation of the copy
+    discarded. BatchNorm in training mode normalises with the statistics of
+    the batch at ``params``; Dropout draws the clean pass's keys, so the
+    outputs at ``w`` and at ``w + e`` come from the same sub-network.
+  - ``output_loss_fn(outputs)`` is ``output_loss(outputs, *args)``: it must
+    depend on ``outputs`` and the arrays of ``args`` only (no RNG draws, no
+    model state).
+
+  Args:
+    model_call: ``model_call(model, *args) -> outputs`` (any pytree, e.g.
+      ``lambda m, x, y: m(x)``).
+    output_loss: ``output_loss(outputs, *args) -> scalar`` (or ``(loss,
+      aux)`` with ``has_aux=True``), e.g. ``lambda logits, x, y:
+      optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()``.
+    model: the ``nnx.Module``; updated in place by the clean pass only.
+    *args: passed to both, after ``model`` and ``outputs``.
+    wrt: filter of the variables to differentiate and optimize (default ``nnx.Param``).
+    has_aux: ``output_loss`` returns ``(loss, aux)``; the first result is
+      then ``(loss, aux)`` from the clean pass, and ``output_loss_fn``
+      returns the pair too (the optimizer keeps the loss).
+
+  Returns:
+    ``(loss, grads, model_fn, output_loss_fn)``: the clean pass's loss (or
+    ``(loss, aux)``), its gradient (an ``nnx.State`` of the ``wrt``
+    variables), ``model_fn(params) -> outputs`` with ``params`` shaped as
+    ``nnx.state(model, wrt)``, and ``output_loss_fn(outputs) -> loss``. Call
+    them inside the same traced step.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, xsam_jax, xsam_jax.flax
+    >>> from flax import nnx
+    >>> class Net(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.hidden = nnx.Linear(3, 8, rngs=rngs)
+    ...     self.dropout = nnx.Dropout(0.2, rngs=rngs)
+    ...     self.out = nnx.Linear(8, 2, rngs=rngs)
+    ...   def __call__(self, x):
+    ...     return self.out(self.dropout(jax.nn.relu(self.hidden(x))))
+    >>> model_call = lambda model, x, y: model(x)
+    >>> output_loss = lambda logits, x, y: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    >>> model = Net(nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, optax.chain(xsam_jax.functional_sam(0.05), optax.sgd(0.1)), wrt=nnx.Param)
+    >>> @nnx.jit
+    ... def train_step(model, optimizer, x, y):
+    ...   loss, grads, model_fn, output_loss_fn = xsam_jax.flax.value_grad_and_model_fns(
+    ...     model_call, output_loss, model, x, y
+    ...   )
+    ...   optimizer.update(model, grads, model_fn=model_fn, output_loss_fn=output_loss_fn)
+    ...   return loss
+    >>> x = jnp.linspace(-1.0, 1.0, 24).reshape(8, 3)
+    >>> y = (x.sum(axis=1) > 0).astype(jnp.int32)
+    >>> losses = [float(train_step(model, optimizer, x, y)) for _ in range(20)]
+    >>> losses[-1] < losses[0]
+    True
+    >>> int(model.dropout.rngs.count[...])  # one dropout key per step: the clean pass's
+    20
+
+  References:
+    Singh, Mobahi, Agarwala & Dauphin, Avoiding spurious sharpness
+    minimization broadens applicability of SAM, ICML 2025,
+    https://arxiv.org/abs/2502.02407.
+  """
+  optimized = nnx.All(_is_model_path, wrt)
+  graphdef, _, before = nnx.split((model, *args), optimized, ...)  # type: ignore[misc]  # variadic overload
+  before = nnx.as_pure(before)
+
+  def loss_of_model(module: nnx.Module, *inputs: Any) -> Any:
+    return output_loss(model_call(module, *inputs), *inputs)
+
+  value, grads = nnx.value_and_grad(loss_of_model, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)(model, *args)
+
+  def model_fn(params: Any) -> Any:
+    model_copy, *args_copy = nnx.merge(graphdef, nnx.State({0: nnx.as_pure(params)}), before)
+    return model_call(model_copy, *args_copy)
+
+  def output_loss_fn(outputs: Any) -> Any:
+    return output_loss(outputs, *args)
+
+  return value, grads, model_fn, output_loss_fn
+
+
 def _with_dtype(graphdef: Any, optimized: Any, current: Any, before: Any, dtype: Any) -> Any:
   """The graph definition of ``(model, *args)`` with every module's ``dtype`` attribute set to ``dtype``.
 
@@ -247,7 +363,7 @@ class TrainState(train_state.TrainState):
     ...   apply_fn=Net().apply,
     ...   params=variables["params"],
     ...   batch_stats=variables["batch_stats"],
-    ...   tx=optax.chain(xsam_jax.xsam(0.05, 0.1, alpha_update_period=5), optax.sgd(0.1)),
+    ...   tx=optax.chain(xsam_jax.xsam(0.05, 0.05, alpha_update_period=5), optax.sgd(0.1)),
     ... )
     >>> @jax.jit
     ... def train_step(state, x, y):
@@ -280,6 +396,8 @@ class TrainState(train_state.TrainState):
     grads: Any,
     loss_fn: Callable[[Any], Any] | None = None,
     probe_loss_fn: Callable[[Any], Any] | None = None,
+    model_fn: Callable[[Any], Any] | None = None,
+    output_loss_fn: Callable[[Any], Any] | None = None,
     **kwargs: Any,
   ) -> TrainState:
     """One optimizer step: ``tx.update(grads, opt_state, params, loss_fn=loss_fn)``, then apply it.
@@ -294,6 +412,11 @@ class TrainState(train_state.TrainState):
         low-precision model, used for XSAM's probes (e.g. with
         ``self.apply_fn`` of ``model.clone(dtype=jnp.float32)``; docs/flax.md,
         "Mixed precision").
+      model_fn, output_loss_fn: optional, forwarded to ``tx.update``: the
+        loss in two parts for :func:`xsam_jax.functional_sam`,
+        ``model_fn(params) -> outputs`` (e.g. ``lambda p:
+        self.apply_fn({"params": p}, x)``) and ``output_loss_fn(outputs) ->
+        scalar`` on the same batch.
       **kwargs: other dataclass fields to ``.replace`` (``batch_stats=``).
 
     Returns:
@@ -310,12 +433,16 @@ class TrainState(train_state.TrainState):
     extra_args = {} if loss_fn is None else {"loss_fn": loss_fn}
     if probe_loss_fn is not None:
       extra_args["probe_loss_fn"] = probe_loss_fn
+    if model_fn is not None:
+      extra_args["model_fn"] = model_fn
+    if output_loss_fn is not None:
+      extra_args["output_loss_fn"] = output_loss_fn
     try:
       updates, new_opt_state = optax.with_extra_args_support(self.tx).update(
         grads_with_opt, self.opt_state, params_with_opt, **extra_args
       )
     except ValueError as e:
-      if loss_fn is not None or "loss_fn" not in str(e):
+      if loss_fn is not None or "loss_fn" not in str(e) or "`model_fn`" in str(e):
         raise
       raise ValueError(
         "TrainState.apply_gradients: this optimizer is sharpness-aware and needs the loss on the batch: call "

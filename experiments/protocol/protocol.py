@@ -23,7 +23,7 @@ from experiments.protocol.config import ProtocolConfig
 from experiments.protocol.runner import Arm, Runner, Setting
 from experiments.protocol.store import Store
 from experiments.protocol.tables import markdown
-from experiments.report import _rounded
+from experiments.report import rounded
 
 JSON_FILE = "protocol.json"
 TABLES_FILE = "tables.md"
@@ -52,7 +52,7 @@ def _tests_json(entries: dict[str, Any]) -> dict[str, Any]:
 
 def _write(out: str, name: str, doc: Any) -> None:
   with open(os.path.join(out, name), "w") as f:
-    f.write(json.dumps(_rounded(doc), indent=1, allow_nan=False) + "\n")
+    f.write(json.dumps(rounded(doc), indent=1, allow_nan=False) + "\n")
 
 
 def run(

@@ -221,7 +221,7 @@ def update_directions(x, rho, rho_max, num_steps):
   sam_out, _ = sam_tx.update(g0, sam_tx.init(x), x, loss_fn=LOSS)
   xsam_tx = methods.chain("xsam", rho=rho, rho_max=rho_max, num_steps=num_steps, alpha_update_period=1)
   xsam_out, xsam_state = xsam_tx.update(g0, xsam_tx.init(x), x, loss_fn=LOSS)
-  trace = xsam_jax.ascent(LOSS, x, g0, rho=rho, num_steps=num_steps)
+  trace = xsam_jax.building_blocks.ascent(LOSS, x, g0, rho=rho, num_steps=num_steps)
   points = [x]
   for g in trace.grads[:-1]:
     points.append(points[-1] + (rho / num_steps) * _unit(g))

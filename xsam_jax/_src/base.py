@@ -25,7 +25,7 @@ import functools
 import threading
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,60 @@ Rule = Callable[[ascent_lib.AscentTrace, Any, PyTree, LossFn], tuple[PyTree, Any
 
 SkipRule = Callable[[PyTree, Any, PyTree], tuple[PyTree, Any]]
 """``skip_rule(g0, state, params) -> (output_tree, new_state)``: the output of a step that does not perturb."""
+
+Perturbation = Callable[["Options", LossFn, PyTree, PyTree, Any, jax.Array], ascent_lib.AscentTrace]
+"""``perturbation(options, loss_fn, params, g0, state, count) -> trace``: a method's own perturbation in place of
+the shared ascent (random weight perturbation), returning what :func:`~xsam_jax._src.ascent.ascent` returns."""
+
+
+class SplitLoss(NamedTuple):
+  """A loss given in two parts, ``output_loss_fn(model_fn(params))``, for a method that needs both (Functional SAM).
+
+  What ``update`` builds from its ``model_fn=`` and ``output_loss_fn=``
+  keyword arguments when the method's factory passes ``split_loss=True``
+  to :func:`transform`; the ascent, the checks and the perturbation see it
+  as the loss (it is callable), and a ``perturbation`` reads its two parts.
+  A NamedTuple: equal parts give equal keys in the eager cache, and
+  ``jax.tree_util.Partial`` parts whose arguments are arrays are passed as
+  traced arguments (:class:`_EagerCache`).
+
+  Attributes:
+    model_fn: ``model_fn(params) -> outputs``, any pytree (the logits).
+    output_loss_fn: ``output_loss_fn(outputs) -> scalar`` (or ``(scalar,
+      aux)``), the loss of the outputs on the batch.
+  """
+
+  model_fn: Callable[[PyTree], PyTree]
+  output_loss_fn: Callable[[PyTree], Any]
+
+  def __call__(self, params: PyTree) -> jax.Array:
+    """The loss ``output_loss_fn(model_fn(params))``."""
+    return self.output_loss_fn(self.model_fn(params))
+
+
+def split_loss_from(method: str, loss_fn: Any, extra_args: Mapping[str, Any]) -> SplitLoss:
+  """The :class:`SplitLoss` of an ``update`` call's ``model_fn=`` and ``output_loss_fn=`` (``loss_fn`` unused).
+
+  Raises:
+    ValueError: either is missing or not callable, naming what to pass.
+  """
+  model_fn, output_loss_fn = extra_args.get("model_fn"), extra_args.get("output_loss_fn")
+  missing = [n for n, v in (("model_fn", model_fn), ("output_loss_fn", output_loss_fn)) if v is None]
+  if missing:
+    given = " (`loss_fn` alone is not enough: the method needs the model and the loss of its outputs apart)"
+    raise ValueError(
+      f"{method}.update needs {' and '.join(f'`{m}`' for m in missing)}"
+      f"{given if loss_fn is not None else ''}: call it as `tx.update(grads, state, params, model_fn=model_fn, "
+      "output_loss_fn=output_loss_fn)`, where `model_fn(params)` returns the model's outputs on the batch (any "
+      "pytree, e.g. the logits), `output_loss_fn(outputs)` the scalar loss of those outputs, and `grads` the "
+      "gradient of `output_loss_fn(model_fn(params))` at `params`. With Flax: "
+      "`xsam_jax.flax.value_grad_and_model_fns` (NNX) gives all four; "
+      "`xsam_jax.flax.TrainState.apply_gradients(grads=..., model_fn=..., output_loss_fn=...)` (Linen) forwards them."
+    )
+  for name, fn in (("model_fn", model_fn), ("output_loss_fn", output_loss_fn)):
+    if not callable(fn):
+      raise ValueError(f"{method}.update: `{name}` must be callable, got {type(fn).__name__}.")
+  return SplitLoss(model_fn, output_loss_fn)  # type: ignore[arg-type]  # checked callable above
 
 
 class Options(NamedTuple):
@@ -281,6 +335,8 @@ def transform(
   check_state: Callable[[Any], None] | None = None,
   skip_rule: SkipRule | None = None,
   carried: tuple[str, ...] | None = None,
+  perturbation: Perturbation | None = None,
+  split_loss: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """:func:`sharpness_aware_transform` with the shared options already checked (:meth:`Options.from_arguments`).
 
@@ -289,7 +345,18 @@ def transform(
   that feed later outputs, kept on a non-finite step
   (:func:`keep_state_if_nonfinite`): None for every field but ``count``;
   ``()`` when there are none (only diagnostics), which skips the check and
-  its pass over the output.
+  its pass over the output. ``perturbation``, if given, replaces the shared
+  ascent on the steps that perturb: ``perturbation(options, loss_fn,
+  params, g0, state, count)`` (the options with the masks resolved, the
+  state as the rule sees it, the true step count) returns the trace the
+  rule receives, with whole-tree gradients as :func:`ascent_lib.ascent`
+  gives them (a method that does not climb: :func:`xsam_jax.rwp`).
+  ``split_loss=True`` (Functional SAM) makes ``update`` take the loss in
+  two parts, ``update(updates, state, params, *, model_fn, output_loss_fn,
+  **extra_args)`` (a ``ValueError`` naming them when either is missing;
+  ``loss_fn``, if passed, is not used): everything that takes a loss
+  receives the :class:`SplitLoss` ``output_loss_fn(model_fn(params))``, whose
+  parts the ``perturbation`` reads.
   """
   method, perturb_every, perturb_start = options.method, options.perturb_every, options.perturb_start
   always = _is_int(perturb_every, 1) and _is_int(perturb_start, 0)  # static: no cond in the program
@@ -311,7 +378,7 @@ def transform(
     updates: optax.Updates, state: Any, params: optax.Params, loss_fn: LossFn, probe_loss_fn: LossFn | None
   ) -> tuple[optax.Updates, Any]:
     # Wrapped here, under the eager cache, whose key stays the caller's loss_fn.
-    loss_fn = validation.scalar_loss(f"{method}.update", loss_fn)
+    loss_fn = _scalar_loss(method, loss_fn)
     rule_loss_fn = (
       loss_fn if probe_loss_fn is None else validation.scalar_loss(f"{method}.update", probe_loss_fn, "probe_loss_fn")
     )
@@ -333,7 +400,9 @@ def transform(
     spec = options._replace(adaptive_mask=mask, perturb_mask=where)  # the masks resolved for these params
     if options.check_updates:
       check_incoming_updates(method, updates, params, loss_fn, count, axis_name=options.axis_name)
-    perturb = lambda _: _perturbed(spec, rule, first_direction, updates, inner, params, loss_fn, rule_loss_fn, count)
+    perturb = lambda _: _perturbed(
+      spec, rule, first_direction, updates, inner, params, loss_fn, rule_loss_fn, count, perturbation
+    )
     skip = lambda _: _skipped(spec, skip_rule, updates, inner, params, loss_fn)
     if always_skip:
       output, new_state = skip(None)
@@ -357,6 +426,7 @@ def transform(
     probe_loss_fn: LossFn | None = None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, Any]:
+    loss_fn = cast(LossFn, split_loss_from(method, loss_fn, extra_args)) if split_loss else loss_fn
     del extra_args
     validation.check_not_in_multisteps(method)
     validation.check_call(method, params, loss_fn, probe_loss_fn)
@@ -478,26 +548,31 @@ def _perturbed(
   loss_fn: LossFn,
   rule_loss_fn: LossFn,
   count: jax.Array,
+  perturbation: Perturbation | None = None,
 ) -> tuple[PyTree, Any]:
-  """A step that perturbs: the ascent, the rule on the perturbed leaves, ``g_K`` on the others.
+  """A step that perturbs: the ascent (or the method's ``perturbation``), the rule on the perturbed leaves,
+  ``g_K`` on the others.
 
   ``options`` holds the masks resolved for ``params`` (see :func:`transform`).
   """
   where = options.perturb_mask
-  trace = ascent_lib.ascent(
-    loss_fn,
-    params,
-    updates,
-    rho=options.rho(count) if callable(options.rho) else options.rho,  # type: ignore[arg-type]  # a scalar either way
-    num_steps=options.num_steps,
-    axis_name=options.axis_name,
-    adaptive=options.adaptive,
-    eta=options.eta,
-    adaptive_mask=options.adaptive_mask,
-    first_direction=None if first_direction is None else (lambda g0: first_direction(g0, state)),
-    m_sharpness=options.m_sharpness,
-    perturb_mask=where,
-  )
+  if perturbation is not None:
+    trace = perturbation(options, loss_fn, params, updates, state, count)
+  else:
+    trace = ascent_lib.ascent(
+      loss_fn,
+      params,
+      updates,
+      rho=options.rho(count) if callable(options.rho) else options.rho,  # type: ignore[arg-type]  # a scalar either way
+      num_steps=options.num_steps,
+      axis_name=options.axis_name,
+      adaptive=options.adaptive,
+      eta=options.eta,
+      adaptive_mask=options.adaptive_mask,
+      first_direction=None if first_direction is None else (lambda g0: first_direction(g0, state)),
+      m_sharpness=options.m_sharpness,
+      perturb_mask=where,
+    )
   g_k = trace.grads[-1]
   trace = trace._replace(grads=tuple(ascent_lib.restrict(g, where) for g in trace.grads), step=count)
   moved_params = ascent_lib.restrict(params, where)
@@ -604,6 +679,12 @@ class _EagerCache:
   @staticmethod
   def _split(loss_fn: LossFn | None) -> tuple[tuple[str, Any], list[Any], Callable[[list[Any]], LossFn | None]]:
     """``(key, traced leaves, rebuild)`` with ``rebuild(leaves)`` the loss to call."""
+    if isinstance(loss_fn, SplitLoss):  # each part looked up as a loss is
+      (k0, xs0, r0), (k1, xs1, r1) = _EagerCache._split(loss_fn.model_fn), _EagerCache._split(loss_fn.output_loss_fn)
+      n = len(xs0)
+      kind = "id" if "id" in (k0[0], k1[0]) else "split"  # "id": the entry is checked against the parts' identity
+      rebuild = lambda xs: cast(LossFn, SplitLoss(r0(xs[:n]), r1(xs[n:])))  # type: ignore[arg-type]  # parts are not None
+      return (kind, (k0, k1)), [*xs0, *xs1], rebuild
     if isinstance(loss_fn, jax.tree_util.Partial):
       leaves, treedef = jax.tree.flatten(loss_fn)
       if all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves):
@@ -631,7 +712,7 @@ class _EagerCache:
     by_id = any(k[0] == "id" for k in key)
     with self._lock:
       entry = self._entries.get(key)
-      if entry is None or (by_id and any(a is not b for a, b in zip(entry[0], fns, strict=True))):
+      if entry is None or (by_id and any(not _same_fn(a, b) for a, b in zip(entry[0], fns, strict=True))):
         core = self._core
 
         def run(updates: optax.Updates, state: Any, params: optax.Params, loss_leaves: list[Any]) -> Any:
@@ -661,6 +742,22 @@ class _EagerCache:
         "changing values as array arguments, or put the whole step under `jax.jit`.",
         stacklevel=4,
       )
+
+
+def _scalar_loss(method: str, loss_fn: LossFn) -> LossFn:
+  """``loss_fn`` returning the scalar loss alone (:func:`validation.scalar_loss`); a :class:`SplitLoss` stays one
+  (its parts readable), with its output loss so wrapped."""
+  if isinstance(loss_fn, SplitLoss):
+    wrapped = validation.scalar_loss(f"{method}.update", loss_fn.output_loss_fn, "output_loss_fn")
+    return cast(LossFn, SplitLoss(loss_fn.model_fn, wrapped))  # callable: mypy does not see a NamedTuple's __call__
+  return validation.scalar_loss(f"{method}.update", loss_fn)
+
+
+def _same_fn(a: Any, b: Any) -> bool:
+  """Whether ``a`` is ``b``, or both are :class:`SplitLoss` of the same parts (each ``is`` the other's)."""
+  if isinstance(a, SplitLoss) and isinstance(b, SplitLoss):
+    return a.model_fn is b.model_fn and a.output_loss_fn is b.output_loss_fn
+  return a is b
 
 
 def _origin(loss_fn: Any) -> Any:

@@ -16,6 +16,9 @@ from xsam_jax._src import tree_math as tm
 from xsam_jax._src.ascent import AscentTrace
 from xsam_jax._src.types import AxisName, LossFn, PyTree, Scalar
 
+FRIENDLY_SAM_INITS = ("zero", "first_gradient")
+"""Allowed values of ``friendly_sam(..., init=)``."""
+
 
 class FriendlySAMState(NamedTuple):
   """State of :func:`friendly_sam`.
@@ -41,6 +44,7 @@ def friendly_sam(
   *,
   sigma: Scalar = 1.0,
   lmbda: Scalar = 0.6,
+  init: str = "zero",
   axis_name: AxisName | None = None,
   adaptive: bool = False,
   eta: Scalar = 0.01,
@@ -68,12 +72,17 @@ def friendly_sam(
   lives in the state; it is the shared ascent with one step whose direction
   is ``g_t - sigma m_t``.
 
-  The average includes ``g_t`` before it is subtracted, as the paper writes
-  it, and starts at ``m_0 = 0``. If ``g_t - sigma m_t = 0`` the perturbation
-  is zero (eps-guarded) and the output is the plain gradient.
+  By default (``init="zero"``) the average includes ``g_t`` before it is
+  subtracted, as the paper writes it, and starts at ``m_0 = 0``.
+  ``init="first_gradient"`` is the authors' code instead: the first call
+  sets ``m_1 = g_1`` and perturbs along ``g_1`` (a SAM step), and every
+  later call perturbs along ``g_t - sigma m_{t-1}`` before ``g_t`` enters
+  the average. The two give different directions for many steps (51
+  degrees apart at step 2 with ``lmbda = 0.6``). If the direction is zero
+  the perturbation is zero and the output is the plain gradient.
 
-  .. seealso:: :ref:`paper-differences` (docs/methods.md): the authors'
-     code subtracts the average before ``g_t`` enters; when the two agree.
+  .. seealso:: :ref:`paper-differences` (docs/methods.md): how far apart
+     the two starts are, measured.
 
   Cost: one extra forward+backward pass per call (as SAM) and one
   parameter-sized average in the state.
@@ -87,6 +96,9 @@ def friendly_sam(
     lmbda: decay of the moving average, a real number in ``[0, 1)``. The
       default 0.6 is the authors' example script (CIFAR, ResNet-18); their
       training script defaults to 0.95.
+    init: ``"zero"`` (the paper: ``m_0 = 0``, the average updated before it
+      is subtracted) or ``"first_gradient"`` (the authors' code: ``m_1 =
+      g_1``, a SAM first step, the previous average subtracted).
     axis_name, m_sharpness: data parallelism (:ref:`common-options`): with
       ``axis_name`` the gradients are averaged over the axis before they
       enter ``m_t`` or the output; with ``m_sharpness`` each replica
@@ -123,6 +135,9 @@ def friendly_sam(
   options = base.Options.from_arguments("friendly_sam", locals(), num_steps=1)
   validation.check_nonnegative("sigma", sigma)
   validation.check_real("lmbda", lmbda, "a real number in [0, 1)", lambda v: 0.0 <= v < 1.0)
+  if init not in FRIENDLY_SAM_INITS:
+    raise ValueError(f"`init` must be one of {FRIENDLY_SAM_INITS}, got {init!r}.")
+  code_form = init == "first_gradient"
 
   def init_fn(params: optax.Params) -> FriendlySAMState:
     ema = jax.tree.map(lambda w: jnp.zeros(w.shape, tm.wide_dtype(w.dtype)), params)
@@ -130,11 +145,19 @@ def friendly_sam(
     return FriendlySAMState(count=base.zero_count(), grad_norm=zero, ema=ema, perturbed_loss=zero)
 
   def average(state: FriendlySAMState, g0: PyTree) -> PyTree:
-    """``m_t = lmbda m_{t-1} + (1 - lmbda) g_t`` (wide precision)."""
-    return tm.tree_lincomb(lmbda, state.ema, 1.0 - lmbda, tm.tree_cast_like(g0, state.ema))
+    """``m_t = lmbda m_{t-1} + (1 - lmbda) g_t`` (wide precision); ``m_1 = g_1`` in the code form."""
+    m_t = tm.tree_lincomb(lmbda, state.ema, 1.0 - lmbda, tm.tree_cast_like(g0, state.ema))
+    if not code_form:
+      return m_t
+    first = state.count == 0  # the rule's count: perturbed steps so far
+    return jax.tree.map(lambda g, m: jnp.where(first, g, m), tm.tree_cast_like(g0, state.ema), m_t)
 
   def first_direction(g0: PyTree, state: FriendlySAMState) -> PyTree:
-    return tm.tree_lincomb(1.0, tm.tree_cast_like(g0, state.ema), -sigma, average(state, g0))
+    g_t = tm.tree_cast_like(g0, state.ema)
+    if not code_form:
+      return tm.tree_lincomb(1.0, g_t, -sigma, average(state, g0))
+    # The authors' code: g_t - sigma m_{t-1}, and g_1 itself on the first call (m_0 is unset there).
+    return tm.tree_lincomb(1.0, g_t, jnp.where(state.count == 0, 0.0, -sigma), state.ema)
 
   def rule(
     trace: AscentTrace, state: FriendlySAMState, params: PyTree, loss_fn: LossFn

@@ -217,7 +217,7 @@ def adaptive_xsam_plane(
   :func:`xsam_plane`.
 
   Args:
-    trace: an adaptive :class:`~xsam_jax.AscentTrace` (``trace.scale`` set).
+    trace: an adaptive :class:`~xsam_jax.building_blocks.AscentTrace` (``trace.scale`` set).
 
   Returns:
     ``((p0, p1), (o0, o1), theta, |T g_K|)``: probes are at
@@ -714,7 +714,7 @@ def xsam(
     >>> params = {"w": jnp.array([1.0, -2.0])}
     >>> loss_fn = lambda p: jnp.sum(p["w"] ** 4) + jnp.prod(p["w"])
     >>> tx = optax.chain(
-    ...     xsam_jax.xsam(rho=0.05, rho_max=0.1, alpha_update_period=10),
+    ...     xsam_jax.xsam(rho=0.05, rho_max=0.05, alpha_update_period=10),
     ...     optax.sgd(0.01, momentum=0.9))
     >>> state = tx.init(params)
     >>> grads = jax.grad(loss_fn)(params)
@@ -725,8 +725,8 @@ def xsam(
     The fixed-alpha baselines never probe. A WSAM-like fixed alpha, and
     "SGD+" (alpha = 0, K = 1), whose output is ``g_0`` rescaled to ``|g_1|``:
 
-    >>> wsam_like = xsam_jax.xsam(0.05, 0.1, alpha_update_period=None, alpha_init=0.5)
-    >>> sgd_plus = xsam_jax.xsam(0.05, 0.1, alpha_update_period=None, alpha_init=0.0)
+    >>> wsam_like = xsam_jax.xsam(0.05, 0.05, alpha_update_period=None, alpha_init=0.5)
+    >>> sgd_plus = xsam_jax.xsam(0.05, 0.05, alpha_update_period=None, alpha_init=0.0)
     >>> out, s = sgd_plus.update(grads, sgd_plus.init(params), params, loss_fn=loss_fn)
     >>> ratio = out["w"] / grads["w"]
     >>> bool(jnp.allclose(ratio, ratio[0])), bool(jnp.allclose(jnp.linalg.norm(out["w"]), s.grad_norm))
@@ -734,7 +734,7 @@ def xsam(
 
     XSAM with ASAM's adaptive neighbourhood on the weights only:
 
-    >>> xsam_asam = xsam_jax.xsam(0.5, 1.0, alpha_update_period=10, adaptive=True,
+    >>> xsam_asam = xsam_jax.xsam(0.5, 0.5, alpha_update_period=10, adaptive=True,
     ...                           adaptive_mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
 
   References:

@@ -24,11 +24,11 @@ class XSAMPlane(NamedTuple):
   gradient there); ``e1, e2`` is its orthonormal basis with ``e1 = v0``.
   The ``*_xy`` fields are 2-vectors in that basis. XSAM's probes are at
   ``w + rho_max (a v0 + b v1)`` for the slerp coefficients ``(a, b)`` of
-  ``xsam_jax.slerp_coefficients``, i.e. on the circle of radius ``rho_max``
+  ``xsam_jax.building_blocks.slerp_coefficients``, i.e. on the circle of radius ``rho_max``
   of the ``(e1, e2)`` coordinates.
 
   With ``adaptive=True`` the plane lives in ASAM's rescaled coordinates
-  ``w / T``, ``T = |w| + eta`` (see ``xsam_jax.adaptive_xsam_plane``): the
+  ``w / T``, ``T = |w| + eta`` (see ``xsam_jax.building_blocks.adaptive_xsam_plane``): the
   unit vectors, the angle and the coordinates are those of that space, and
   the pytrees ``e1, e2, v0, v1`` are their images ``T e`` in the parameter
   space, the displacements that :func:`loss_surface` and the probes add to
@@ -37,8 +37,8 @@ class XSAMPlane(NamedTuple):
 
   Attributes:
     e1, e2: basis pytrees (float32 or wider); orthonormal unless adaptive.
-    v0, v1: XSAM's spanning vectors: ``xsam_jax.xsam_plane``'s unit ``v0``,
-      ``v1``, or the probe pair of ``xsam_jax.adaptive_xsam_plane`` when
+    v0, v1: XSAM's spanning vectors: ``xsam_jax.building_blocks.xsam_plane``'s unit ``v0``,
+      ``v1``, or the probe pair of ``xsam_jax.building_blocks.adaptive_xsam_plane`` when
       adaptive.
     theta: angle between ``v0`` and ``v1``.
     alpha: the interpolation factor used for ``xsam_xy`` (probed, or given).
@@ -175,9 +175,9 @@ def xsam_directions(
 
   Runs XSAM's own code for what one probing :func:`xsam_jax.xsam` update
   with the same options does (docs/algorithm.md): the ``K``-step ascent
-  (``xsam_jax.ascent``) to ``w + d_K``, the plane
-  ``v0, v1, theta`` (``xsam_jax.xsam_plane``, or
-  ``xsam_jax.adaptive_xsam_plane`` with ``adaptive=True``), and (unless
+  (``xsam_jax.building_blocks.ascent``) to ``w + d_K``, the plane
+  ``v0, v1, theta`` (``xsam_jax.building_blocks.xsam_plane``, or
+  ``xsam_jax.building_blocks.adaptive_xsam_plane`` with ``adaptive=True``), and (unless
   ``alpha`` is given) the probes :math:`L(w + \rho_{max} v(\alpha_i))` and
   their first maximiser :math:`\alpha^*` (refined with
   ``alpha_refinement="parabola"``); so ``alpha`` and the direction of
