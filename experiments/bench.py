@@ -44,9 +44,11 @@ MICROBATCHES = 8
 class BenchConfig(config.StudyConfig):
   """What the bench times (the full bench; :meth:`quick` is the tests' tiny one)."""
 
-  rho: float = setting(0.05, "SAM / XSAM ascent radius", low=0, low_open=True)
-  rho_max: float = setting(0.1, "XSAM probe radius", low=0, low_open=True)
-  learning_rate: float = setting(0.05, "learning rate of the base SGD (momentum 0.9)", flag="lr", low=0, low_open=True)
+  rho: float = setting(bench_report.RHO, "SAM / XSAM ascent radius", low=0, low_open=True)
+  rho_max: float = setting(bench_report.RHO_MAX, "XSAM probe radius", low=0, low_open=True)
+  learning_rate: float = setting(
+    bench_report.LEARNING_RATE, "learning rate of the base SGD (momentum 0.9)", flag="lr", low=0, low_open=True
+  )
   weight_decay: float = setting(5e-4, "decoupled weight decay of the base optimizer", low=0)
   batch: int = setting(128, f"batch size (a multiple of {MICROBATCHES} for the microbatched entry)", low=1)
   image: int = setting(32, "image side: the inputs are image x image x 3", low=1)
@@ -68,23 +70,6 @@ class BenchConfig(config.StudyConfig):
 
 def _base(c: BenchConfig) -> list[optax.GradientTransformation]:
   return [optax.add_decayed_weights(c.weight_decay), optax.sgd(c.learning_rate, momentum=0.9)]
-
-
-def make_step(
-  tx: optax.GradientTransformationExtraArgs,
-  loss_of: Callable[[Any], jax.Array],
-  extra: Callable[[Callable[[Any], jax.Array]], dict[str, Any]] | None = None,
-) -> Callable[[Any, Any], tuple[Any, Any, jax.Array]]:
-  """A training step ``(params, state) -> (params, state, loss)``: ``tx.update`` with ``loss_fn=loss_of``,
-  or with the keyword arguments ``extra(loss_of)`` returns (``{}`` for a plain optimizer)."""
-
-  def step(params, state):
-    loss, g = jax.value_and_grad(loss_of)(params)
-    kwargs = extra(loss_of) if extra else {"loss_fn": loss_of}
-    u, state = tx.update(g, state, params, **kwargs)
-    return optax.apply_updates(params, u), state, loss
-
-  return step
 
 
 class _FloorState(NamedTuple):
@@ -137,36 +122,13 @@ def _variants(
   )
   grad_fn = lambda lo: {"grad_fn": jax.grad(lambda p, _: lo(p))}
   return {
-    "sgd": (optax.chain(*base), make_step(optax.chain(*base), loss_of, lambda lo: {})),
-    "sam": (sam, make_step(sam, loss_of)),
-    "plane_floor": (floor, make_step(floor, loss_of)),
-    "xsam_nonprobe": (xs_never, make_step(xs_never, loss_of)),
-    "xsam_probe": (xs_probe, make_step(xs_probe, loss_of)),
-    "optax_contrib_sam": (contrib, make_step(contrib, loss_of, grad_fn)),
+    "sgd": (optax.chain(*base), bench_report.make_step(optax.chain(*base), loss_of, lambda lo: {})),
+    "sam": (sam, bench_report.make_step(sam, loss_of)),
+    "plane_floor": (floor, bench_report.make_step(floor, loss_of)),
+    "xsam_nonprobe": (xs_never, bench_report.make_step(xs_never, loss_of)),
+    "xsam_probe": (xs_probe, bench_report.make_step(xs_probe, loss_of)),
+    "optax_contrib_sam": (contrib, bench_report.make_step(contrib, loss_of, grad_fn)),
   }
-
-
-def _memory(compiled: Any) -> dict[str, int] | None:
-  """XLA's memory estimate of a compiled executable, in bytes (None where the backend gives none).
-
-  ``peak_bytes`` is arguments + outputs + temporaries.
-  """
-  mem = compiled.memory_analysis()
-  if mem is None:
-    return None
-  sizes = {
-    f"{name}_bytes": int(getattr(mem, f"{name}_size_in_bytes")) for name in ("argument", "output", "temp", "alias")
-  }
-  sizes["peak_bytes"] = sizes["argument_bytes"] + sizes["output_bytes"] + sizes["temp_bytes"]
-  return sizes
-
-
-def _compile(fn, *args):
-  t0 = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  seconds = time.perf_counter() - t0
-  mem = _memory(compiled)
-  return compiled, seconds, None if mem is None else mem["peak_bytes"]
 
 
 def bench_microbatched(
@@ -175,7 +137,7 @@ def bench_microbatched(
   """Memory of the full batch against ``xsam_jax.microbatched(loss, k)``: compiled, never run.
 
   For ``k = 1`` (the plain full-batch call) and ``k = num_microbatches``,
-  XLA's memory estimate (:func:`_memory`) and the compile time of two
+  XLA's memory estimate (:func:`experiments.bench_report.memory`) and the compile time of two
   jitted functions: ``value_and_grad`` of the loss, and a whole SAM step
   (``value_and_grad``, then ``sam`` with the micro-batched ``loss_fn``, then
   the base optimizer). ``temp_bytes`` holds the activations.
@@ -211,23 +173,13 @@ def bench_microbatched(
       fn, args = make(xsam_jax.microbatched(loss, k))
       t0 = time.perf_counter()
       compiled = jax.jit(fn).lower(*args).compile()
-      rows[f"k={k}"] = {"compile_s": time.perf_counter() - t0, **(_memory(compiled) or {})}
+      rows[f"k={k}"] = {"compile_s": time.perf_counter() - t0, **(bench_report.memory(compiled) or {})}
     full, micro = rows["k=1"], rows[f"k={num_microbatches}"]
     if "temp_bytes" in full and "temp_bytes" in micro:
       rows["temp_ratio"] = micro["temp_bytes"] / max(full["temp_bytes"], 1)
       rows["peak_ratio"] = micro["peak_bytes"] / max(full["peak_bytes"], 1)
     out[name] = rows
   return out
-
-
-def _time_round_robin(calls: dict, repeats: int) -> dict:
-  times: dict[str, list[float]] = {k: [] for k in calls}
-  for _ in range(repeats):
-    for name, call in calls.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(call())
-      times[name].append(time.perf_counter() - t0)
-  return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bench_steps(
@@ -251,14 +203,14 @@ def bench_steps(
   for _ in range(c.compile_repeats):
     for name, (step, state) in jobs.items():
       jax.clear_caches()  # else the repeat is a cache hit, not a compilation
-      compiled, secs, peak = _compile(step, params, state)
+      compiled, secs, peak = bench_report.compile_timed(step, params, state)
       compile_s[name].append(secs)
       out[name] = {"peak_bytes": peak}
       calls[name] = lambda c=compiled, s=state: c(params, s)
   for name, call in calls.items():
     jax.block_until_ready(call())  # warm-up run
     out[name]["compile_s"] = statistics.median(compile_s[name])
-  medians = _time_round_robin(calls, c.repeats)
+  medians = bench_report.time_round_robin(calls, c.repeats)
   for name, entry in out.items():
     entry["median_s"] = medians[name]
   return out
@@ -277,7 +229,7 @@ def bench_probes(params: Any, loss_of: Callable[[Any], jax.Array], c: BenchConfi
     fn = lambda p, bs=bs: xsam_jax.building_blocks.probe_losses(
       loss_of, p, v0, v1, theta, alphas, c.rho_max, batch_size=bs
     )
-    compiled, secs, peak = _compile(fn, params)
+    compiled, secs, peak = bench_report.compile_timed(fn, params)
     jax.block_until_ready(compiled(params))
     calls[name] = lambda c=compiled: c(params)
     out[name] = {"compile_s": secs, "peak_bytes": peak}
@@ -285,7 +237,7 @@ def bench_probes(params: Any, loss_of: Callable[[Any], jax.Array], c: BenchConfi
   def one_probe(p, a, b):
     return loss_of(jax.tree.map(lambda w, x, y: w + c.rho_max * (a * x + b * y), p, v0, v1))
 
-  compiled, secs, peak = _compile(one_probe, params, jnp.float32(0), jnp.float32(1))
+  compiled, secs, peak = bench_report.compile_timed(one_probe, params, jnp.float32(0), jnp.float32(1))
   coefs = [xsam_jax.building_blocks.slerp_coefficients(a, theta) for a in alphas]
 
   def loop():
@@ -294,7 +246,7 @@ def bench_probes(params: Any, loss_of: Callable[[Any], jax.Array], c: BenchConfi
   jax.block_until_ready(loop())
   calls["python loop"] = loop
   out["python loop"] = {"compile_s": secs, "peak_bytes": peak}
-  medians = _time_round_robin(calls, c.repeats)
+  medians = bench_report.time_round_robin(calls, c.repeats)
   for name, entry in out.items():
     entry["median_s"] = medians[name]
   return out
@@ -361,7 +313,7 @@ def main(argv=None):
       "microbatched": bench_microbatched(params, loss_of, c),
     }
   if c.wide:
-    from experiments import bench_wide  # imports this module's make_step
+    from experiments import bench_wide
 
     wide = bench_wide.WideConfig.quick() if args.quick else bench_wide.WideConfig.default()
     report["wide"] = bench_wide.run(wide.replace(compile_repeats=c.compile_repeats))

@@ -46,7 +46,6 @@ from flax import nnx
 
 import xsam_jax
 from experiments import bench_report, config, data, models
-from experiments.bench import _compile, _time_round_robin, make_step
 from experiments.config import setting
 
 EPOCH_VARIANTS = (
@@ -182,7 +181,7 @@ def epoch_fn(
         "model_fn": lambda p: logits_of(p, batch[0]),
         "output_loss_fn": lambda z: output_loss(z, batch[1]),
       }
-    step = make_step(tx, lambda p: loss(p, batch[:2]), extra)
+    step = bench_report.make_step(tx, lambda p: loss(p, batch[:2]), extra)
     params, state, value = step(params, state)
     return (params, state), value
 
@@ -225,7 +224,7 @@ def _prepare(
   entries: dict[str, dict[str, Any]] = {}
   outputs: dict[str, Any] = {}
   for name, (fn, args) in jobs.items():
-    compiled, seconds, _ = _compile(fn, *args)
+    compiled, seconds, _ = bench_report.compile_timed(fn, *args)
     outputs[name] = jax.block_until_ready(compiled(*args))
     calls[name] = functools.partial(compiled, *args)
     entries[name] = {"compile_s": seconds}
@@ -262,7 +261,7 @@ def run(c: ControlsConfig) -> dict[str, Any]:
   pinned_calls, pinned_entries, _ = _prepare(
     {name: (epoch_fn(tx, loss), (params, s, xs, ys, pin(count))) for name, (tx, s, count) in pinned.items()}
   )
-  medians = _time_round_robin(calls | pinned_calls, c.repeats)  # one round-robin: the same load for all
+  medians = bench_report.time_round_robin(calls | pinned_calls, c.repeats)  # one round-robin: the same load for all
   for name, entry in epoch.items():
     entry["median_s"] = medians[name]
     entry["perturbed_steps"] = perturbed_steps(name, steps, c.k)

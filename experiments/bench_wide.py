@@ -37,11 +37,9 @@ import optax
 
 import xsam_jax
 from experiments import bench_report, config
-from experiments.bench import BenchConfig, make_step
 from experiments.config import setting
 
-_BENCH = BenchConfig.default()
-RHO, RHO_MAX, LR = _BENCH.rho, _BENCH.rho_max, _BENCH.learning_rate
+RHO, RHO_MAX, LR = bench_report.RHO, bench_report.RHO_MAX, bench_report.LEARNING_RATE
 BLOCK_LEAVES = ("ln1", "wq", "wk", "wv", "wo", "bo", "ln2", "w1", "b1", "w2", "b2", "gate")
 
 
@@ -143,10 +141,10 @@ def variants(loss_of: Callable[[Any], jax.Array]) -> dict[str, tuple[Any, Callab
   xsam = optax.chain(xsam_jax.xsam(RHO, RHO_MAX, alpha_update_period=1, probe_batch_size=1), _base())
   sgd = optax.chain(_base())
   return {
-    "sgd": (sgd, make_step(sgd, loss_of, lambda _: {})),
+    "sgd": (sgd, bench_report.make_step(sgd, loss_of, lambda _: {})),
     "hand_sam": hand_sam_step(loss_of),
-    "sam": (sam, make_step(sam, loss_of)),
-    "xsam": (xsam, make_step(xsam, loss_of)),
+    "sam": (sam, bench_report.make_step(sam, loss_of)),
+    "xsam": (xsam, bench_report.make_step(xsam, loss_of)),
   }
 
 
