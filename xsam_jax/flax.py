@@ -166,13 +166,12 @@ def value_grad_and_loss_fn(
 
   value, grads = nnx.value_and_grad(loss_of_model, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)(model, *args)
 
-  def loss_in(graph: Any) -> Callable[[Any], Any]:
-    def loss_fn(params: Any) -> Any:
-      model_copy, *args_copy = nnx.merge(graph, nnx.State({0: nnx.as_pure(params)}), before)
-      out = loss_of_model(model_copy, *args_copy)
-      return out[0] if has_aux else out
+  def loss_value(module: nnx.Module, *inputs: Any) -> Any:
+    out = loss_of_model(module, *inputs)
+    return out[0] if has_aux else out
 
-    return loss_fn
+  def loss_in(graph: Any) -> Callable[[Any], Any]:
+    return _on_copy(graph, before, loss_value)
 
   if twin is None:
     return value, grads, loss_in(graphdef)
@@ -281,14 +280,23 @@ def value_grad_and_model_fns(
 
   value, grads = nnx.value_and_grad(loss_of_model, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)(model, *args)
 
-  def model_fn(params: Any) -> Any:
-    model_copy, *args_copy = nnx.merge(graphdef, nnx.State({0: nnx.as_pure(params)}), before)
-    return model_call(model_copy, *args_copy)
+  model_fn = _on_copy(graphdef, before, model_call)
 
   def output_loss_fn(outputs: Any) -> Any:
     return output_loss(outputs, *args)
 
   return value, grads, model_fn, output_loss_fn
+
+
+def _on_copy(graph: Any, before: Any, fn: Callable[..., Any]) -> Callable[[Any], Any]:
+  """``params -> fn(model_copy, *args_copy)``: ``(model, *args)`` rebuilt from ``graph`` and the pre-step
+  state ``before`` with ``params`` in place of the optimized variables; the copy's mutations are discarded."""
+
+  def call(params: Any) -> Any:
+    model_copy, *args_copy = nnx.merge(graph, nnx.State({0: nnx.as_pure(params)}), before)
+    return fn(model_copy, *args_copy)
+
+  return call
 
 
 def _with_dtype(graphdef: Any, optimized: Any, current: Any, before: Any, dtype: Any) -> Any:

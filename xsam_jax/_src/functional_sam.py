@@ -199,11 +199,7 @@ def functional_sam(
     outputs, pull_model = jax.vjp(model_fn, point)
     (g_f,) = pull_model(cotangent)  # J_f(w + e)^T dl/df(w)
     output = sync(g_f)
-    # A schedule's or an injected radius may be 0: then g_0 itself (a constant schedule's Python 0.0 statically).
-    if isinstance(rho, (int, float)):
-      output = jax.tree.map(lambda a, b: a.astype(b.dtype), g0, output) if rho == 0 else output
-    else:
-      output = jax.tree.map(lambda a, b: jnp.where(jnp.asarray(rho) == 0, a.astype(b.dtype), b), g0, output)
+    output = psam.at_zero_radius(rho, g0, output)  # a schedule's or an injected radius may be 0: g_0 itself
     return AscentTrace(grads=(g0, output), displacement=e, first_direction=u, losses=(output_loss_fn(outputs),))
 
   def rule(

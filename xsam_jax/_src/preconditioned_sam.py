@@ -263,19 +263,20 @@ def preconditioned_sam(
     del params, loss_fn
     g_0, g_1 = trace.grads[0], trace.grads[-1]
     nu, e, _ = second_moment(state.nu, state.nu_exp, g_0, b2, moment_axis)
-    output = at_zero_radius(options.rho, trace, g_0, g_1)
+    output = at_zero_radius(base.at_step(options.rho, trace), g_0, g_1)
     grad_norm, nu = options.replica_mean((tm.tree_norm(output).astype(jnp.float32), nu))
     return output, state._replace(grad_norm=grad_norm, nu=tm.tree_cast_like(nu, state.nu), nu_exp=e)
 
   return base.transform(options, init_fn=init_fn, rule=rule, first_direction=first_direction, carried=("nu", "nu_exp"))
 
 
-def at_zero_radius(rho: optax.ScalarOrSchedule, trace: AscentTrace, g_0: PyTree, output: PyTree) -> PyTree:
-  """``output``, or ``g_0`` itself (selected, bitwise) where the radius at this step is 0.
+def at_zero_radius(rho: Any, g_0: PyTree, output: PyTree) -> PyTree:
+  """``output``, or ``g_0`` itself (bitwise, in ``output``'s dtypes) where ``rho``, this step's radius, is 0.
 
-  A Python number is > 0 (checked at construction): no select. A schedule's or an injected value may be 0.
+  ``rho`` is the radius's value at this step: a Python number (a constant, or a schedule's Python value)
+  is decided statically, with no select; a traced one (a schedule's or an injected value) by a select.
   """
   if isinstance(rho, (int, float)):
-    return output
-  zero = jnp.asarray(base.at_step(rho, trace)) == 0
+    return jax.tree.map(lambda a, b: a.astype(b.dtype), g_0, output) if rho == 0 else output
+  zero = jnp.asarray(rho) == 0
   return jax.tree.map(lambda a, b: jnp.where(zero, a.astype(b.dtype), b), g_0, output)
