@@ -21,7 +21,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # --doctest-modules imports every module it collects. This one is a script for
 # its own 8-device subprocess (it sets XLA_FLAGS when imported) and has no
 # doctests; tests/test_multidevice.py runs it.
-collect_ignore = ["tests/multidevice_checks.py"]
+collect_ignore_glob = ["tests/multidevice/*"]
 
 
 @pytest.fixture(autouse=True)

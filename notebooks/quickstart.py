@@ -67,9 +67,9 @@ import optax
 from flax import nnx
 
 import xsam_jax
-from experiments import data as data_lib
-from experiments import models
-from experiments.notebook import settings, show
+from experiments.core import data as data_lib
+from experiments.core import models
+from experiments.core.notebook import settings, show
 
 DATA_DIR, QUICK = settings(ROOT)
 plt.rcParams.update({"figure.dpi": 72, "font.size": 9})
@@ -163,7 +163,7 @@ show(fig)
 # %% [markdown]
 # ## 3. The model and the training loop
 #
-# The model is the repository's `experiments.models.CNN1D`: three stride-2 1-D convolutions
+# The model is the repository's `experiments.core.models.CNN1D`: three stride-2 1-D convolutions
 # (32 channels) and a linear head, 8k parameters. Every method uses the same chain around its
 # sharpness-aware link, as in the paper: decoupled weight decay `5e-4` and SGD with momentum
 # `0.9`, learning rate `0.05` with cosine decay, batch 100.

@@ -56,9 +56,10 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 import xsam_jax
-from experiments import data as data_lib
-from experiments import models, toy2d
-from experiments.notebook import settings, show
+from experiments import toy2d
+from experiments.core import data as data_lib
+from experiments.core import models
+from experiments.core.notebook import settings, show
 from xsam_jax import sharpness, testfns
 
 DATA_DIR, QUICK = settings(ROOT)
@@ -366,7 +367,7 @@ show(fig)
 # recomputes one XSAM step (ascent, plane, probes) and returns an orthonormal basis
 # `e1 = v0`, `e2` (v1 orthogonalized) for `sharpness.loss_surface`; `plot_xsam_plane` draws the
 # contours with the SGD, SAM and XSAM directions. The network is the repository's MLP
-# (`experiments.models.MLP`, 40-128-128-10) trained on MNIST-1D with SGD; the loss is on a fixed
+# (`experiments.core.models.MLP`, 40-128-128-10) trained on MNIST-1D with SGD; the loss is on a fixed
 # set of 1000 training examples. We keep its parameters as one flat vector
 # (`jax.flatten_util.ravel_pytree`), which every `xsam_jax` function accepts as a pytree.
 

@@ -12,7 +12,7 @@ import datetime
 import os
 from pathlib import Path
 
-from experiments import bench_report
+from experiments.core import report as core_report
 
 
 def format_table(durations: dict[str, float], *, exitstatus: int, cpu: str, cores: int | None, date: str) -> str:
@@ -37,7 +37,7 @@ def write(path: str, durations: dict[str, float], *, exitstatus: int) -> None:
   text = format_table(
     durations,
     exitstatus=exitstatus,
-    cpu=bench_report.cpu_name(),
+    cpu=core_report.cpu_name(),
     cores=os.cpu_count(),
     date=datetime.date.today().isoformat(),
   )

@@ -48,3 +48,55 @@ def mlp_problem(seed=0, dtype=jnp.float32):
   """(params, loss_fn) in ``dtype`` for the battery."""
   problem, params = mlp_data(seed)
   return jax.tree.map(lambda a: jnp.asarray(a, dtype), params), mlp_loss_fn(problem, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data parallelism on one device: the replicas are a ``jax.vmap`` axis named "batch", each with its own shard
+# ---------------------------------------------------------------------------------------------------------
+
+N_REPLICAS = 4
+# Two programs computing one SAM-like update on mlp_problem: per side one ascent gradient and one norm over the
+# parameters (tests/tolerances.py), plus a few elementwise roundings of the combination.
+UPDATE_OPS = 2 * (LOSS_OPS + NUM_PARAMS) + 4
+
+
+def replica_shards(seed):
+  """(float32 params, the whole batch (x, t), its N_REPLICAS shards (xs, ts)) of the reference MLP on 16 examples."""
+  problem, p0 = mlp_data(seed=seed, n=16)
+  params = jax.tree.map(jnp.float32, p0)
+  x, t = jnp.asarray(problem.x, jnp.float32), jnp.asarray(problem.t, jnp.float32)
+  xs, ts = x.reshape(N_REPLICAS, -1, x.shape[1]), t.reshape(N_REPLICAS, -1, t.shape[1])
+  return params, (x, t), (xs, ts)
+
+
+def replicated(tree):
+  """``tree`` stacked N_REPLICAS times along a new leading axis."""
+  return jax.tree.map(lambda a: jnp.broadcast_to(a, (N_REPLICAS, *jnp.shape(a))), tree)
+
+
+def replica_update(tx, params, xs, ts):
+  """One update of ``tx`` on each of the replicas (vmap axis "batch"); returns (updates, states) stacked."""
+
+  def step(p, s, xb, tb):
+    loss_fn = lambda q: mlp_batch_loss(q, {"x": xb, "t": tb})
+    return tx.update(jax.grad(loss_fn)(p), s, p, loss_fn=loss_fn)
+
+  return jax.jit(jax.vmap(step, axis_name="batch"))(replicated(params), replicated(tx.init(params)), xs, ts)
+
+
+def replica_steps(make, params, xs, ts, updates_to_follow):
+  """Runs ``make("batch")`` on the replicas along the params ``updates_to_follow`` leads to; returns the
+  per-step (updates, states), stacked over the replicas."""
+  tx = make("batch")
+
+  def step(p, s, xb, tb):
+    lf = lambda q: mlp_batch_loss(q, {"x": xb, "t": tb})
+    return tx.update(jax.grad(lf)(p), s, p, loss_fn=lf)
+
+  step = jax.jit(jax.vmap(step, axis_name="batch"))
+  state, out = replicated(tx.init(params)), []
+  for u_follow in updates_to_follow:
+    u, state = step(replicated(params), state, xs, ts)
+    out.append((u, state))
+    params = jax.tree.map(lambda p, v: p - 0.05 * v, params, u_follow)
+  return out

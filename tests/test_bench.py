@@ -10,7 +10,8 @@ import optax
 import pytest
 
 import xsam_jax
-from experiments import bench, bench_models
+from experiments import bench
+from experiments.bench import problems
 from tests.tolerances import f32_bound, f32_rtol
 
 
@@ -62,7 +63,7 @@ def _check_quick_wide(wide):
 
 def test_wide_hand_sam_is_sam():
   """The bench's hand-written SAM step is the library's sam (same maths), on the transformer-shaped tree."""
-  from experiments import bench_wide
+  from experiments.bench import wide as bench_wide
 
   params, loss_of = bench_wide.transformer_problem(blocks=1, width=4)
   _, hand = bench_wide.hand_sam_step(loss_of)
@@ -106,7 +107,7 @@ def test_models_flag_is_validated(capsys):
   assert info.value.code == 2
   assert "argument --models: must be comma-separated names from mlp, cnn, resnet18" in capsys.readouterr().err
   cpu = jax.default_backend() == "cpu"
-  assert bench_models.default_models() == (("mlp", "cnn") if cpu else ("mlp", "cnn", "resnet18"))
+  assert problems.default_models() == (("mlp", "cnn") if cpu else ("mlp", "cnn", "resnet18"))
 
 
 @pytest.mark.slow
@@ -122,7 +123,7 @@ def test_bench_quick_resnet18(tmp_path):
 def test_bench_wide_quick_cases(tmp_path):
   """``python -m experiments.bench_wide --quick`` (one compile per variant): every variant on every tree, the
   report written."""
-  from experiments import bench_wide
+  from experiments.bench import wide as bench_wide
 
   wide = bench_wide.main(["--quick", "--compile-repeats", "1", "--out", str(tmp_path)])
   _check_quick_wide(wide)
@@ -131,7 +132,7 @@ def test_bench_wide_quick_cases(tmp_path):
 
 
 def test_bench_wide_compile_repeats_is_validated(capsys):
-  from experiments import bench_wide
+  from experiments.bench import wide as bench_wide
 
   with pytest.raises(SystemExit) as info:
     bench_wide.main(["--compile-repeats", "0"])

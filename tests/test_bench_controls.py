@@ -1,10 +1,12 @@
-"""experiments.bench_controls --quick writes a well-formed report (its keys and shapes; no timing asserts)."""
+"""experiments.bench.controls --quick writes a well-formed report (its keys and shapes; no timing asserts)."""
 
 import json
 
 import pytest
 
-from experiments import bench, bench_controls, bench_report
+from experiments import bench
+from experiments.bench import controls as bench_controls
+from experiments.core import report as core_report
 
 
 @pytest.mark.slow  # a study end to end: outside CI
@@ -50,7 +52,7 @@ def test_bench_controls_quick_report(tmp_path):
   assert "ratio epoch sam_every5/sgd" in table
   # experiments.bench nests run()'s output (the report less the header and command) whole under "controls":
   # its table must still find the config (the full bench lost its whole report to a KeyError here).
-  header = {k: report[k] for k in bench_report.header()}
+  header = {k: report[k] for k in core_report.header()}
   nested = {k: v for k, v in report.items() if k not in header and k != "command"}
   assert "looksam_reuse" in bench.format_table({**header, "models": {}, "controls": nested})
 

@@ -1,4 +1,4 @@
-"""experiments.config: the studies' one configuration system.
+"""experiments.core.config: the studies' one configuration system.
 
 Flags are generated from the dataclass fields (help from their metadata;
 tuples, bools, optional fields and extra words handled), ``--quick`` makes the
@@ -12,19 +12,13 @@ import dataclasses
 
 import pytest
 
-from experiments import (
-  alpha_refine,
-  bench,
-  bench_controls,
-  bench_probe_memory,
-  bench_wide,
-  config,
-  sharpness_study,
-  toy2d,
-  train,
-)
-from experiments.config import ConfigError, setting
-from experiments.configs import TrainConfig
+from experiments import alpha_refine, bench, sharpness_study, toy2d, train
+from experiments.bench import controls as bench_controls
+from experiments.bench import probe_memory as bench_probe_memory
+from experiments.bench import wide as bench_wide
+from experiments.core import config
+from experiments.core.config import ConfigError, setting
+from experiments.train.config import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)

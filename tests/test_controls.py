@@ -11,7 +11,7 @@ import pytest
 
 import xsam_jax
 from tests import problems, reference, registry
-from tests.test_reference import HP, _jax_train
+from tests.test_reference_sam_xsam import HP, _jax_train
 from tests.tolerances import assert_trees_close, assert_trees_equal, f32_bound
 
 NO_BIASES = {"b1": False, "b2": False, "w1": True, "w2": True}

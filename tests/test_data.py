@@ -1,4 +1,4 @@
-"""Tests of experiments.data: loaders, batch order, augmentation, tfds on mock data."""
+"""Tests of experiments.core.data: loaders, batch order, augmentation, tfds on mock data."""
 
 import pathlib
 import random
@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from experiments import data as data_lib
+from experiments.core import data as data_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA_DIR = str(REPO / "data_cache")

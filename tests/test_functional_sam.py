@@ -14,7 +14,7 @@ import pytest
 
 import xsam_jax
 from tests import problems, reference
-from tests.test_reference import HP
+from tests.test_reference_sam_xsam import HP
 from tests.tolerances import assert_trees_equal, assert_trees_within, f32_bound, f64_bound
 
 STEPS = 5

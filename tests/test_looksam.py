@@ -1,5 +1,6 @@
 """LookSAM: the float64 numpy reference over SAM steps and the steps that reuse g_v, the equivalences with
-SAM and SGD, no extra pass on the reuse steps, validation, and data parallelism.
+SAM and SGD, no extra pass on the reuse steps, validation, and data parallelism (its m-sharpness:
+tests/test_m_sharpness.py).
 
 Reference tolerance (as tests/test_sam_variants.py): a step chains a few hundred float64 rounding steps
 (two gradients, a few norms and dot products over 32 parameters). The reuse steps normalize g_v, whose
@@ -16,10 +17,11 @@ import pytest
 
 import xsam_jax
 from tests import problems, reference
-from tests.test_family_reference import WEIGHTS_ONLY
-from tests.test_reference import HP
-from tests.test_reference import _jax_train as jax_train_f64
-from tests.test_sam_variants import N_REPLICAS, UPDATE_OPS, _replicated, _shards, _updates_along_sam
+from tests.problems import N_REPLICAS, UPDATE_OPS
+from tests.test_reference_family import WEIGHTS_ONLY
+from tests.test_reference_sam_xsam import HP
+from tests.test_reference_sam_xsam import _jax_train as jax_train_f64
+from tests.test_sam_variants import _updates_along_sam
 from tests.tolerances import assert_trees_close, f32_bound, f32_rtol
 from xsam_jax._src.gsam import orthogonal_part
 from xsam_jax._src.looksam import PARALLEL_ULPS
@@ -235,28 +237,10 @@ def test_traced_hyperparameters_are_accepted():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _replica_steps(make, params, xs, ts, updates_to_follow):
-  """Runs ``make("batch")`` on the replicas along the params ``updates_to_follow`` leads to; returns the
-  per-step (updates, states), stacked over the replicas."""
-  tx = make("batch")
-
-  def step(p, s, xb, tb):
-    lf = lambda q: problems.mlp_batch_loss(q, {"x": xb, "t": tb})
-    return tx.update(jax.grad(lf)(p), s, p, loss_fn=lf)
-
-  step = jax.jit(jax.vmap(step, axis_name="batch"))
-  state, out = _replicated(tx.init(params)), []
-  for u_follow in updates_to_follow:
-    u, state = step(_replicated(params), state, xs, ts)
-    out.append((u, state))
-    params = jax.tree.map(lambda p, v: p - 0.05 * v, params, u_follow)
-  return out
-
-
 def test_replicas_agree_with_global_batch():
   """With axis_name every replica returns the global-batch update on every step, the reuse steps included
   (their g_0 is averaged over the replicas before it is combined with g_v)."""
-  params, (x, t), (xs, ts) = _shards(seed=45)
+  params, (x, t), (xs, ts) = problems.replica_shards(seed=45)
   loss_fn = lambda q: problems.mlp_batch_loss(q, {"x": x, "t": t})
   tx = xsam_jax.looksam(0.3, k=2, alpha=0.7)
   state, p, global_updates = tx.init(params), params, []
@@ -264,7 +248,7 @@ def test_replicas_agree_with_global_batch():
     u, state = tx.update(jax.grad(loss_fn)(p), state, p, loss_fn=loss_fn)
     global_updates.append((u, state))
     p = jax.tree.map(lambda a, v: a - 0.05 * v, p, u)
-  runs = _replica_steps(
+  runs = problems.replica_steps(
     lambda ax: xsam_jax.looksam(0.3, k=2, alpha=0.7, axis_name=ax), params, xs, ts, [u for u, _ in global_updates]
   )
   for (u_r, s_r), (u_g, s_g) in zip(runs, global_updates, strict=True):
@@ -274,21 +258,3 @@ def test_replicas_agree_with_global_batch():
     for i in range(N_REPLICAS):
       assert_trees_close(jax.tree.map(lambda a, i=i: a[i], u_r), u_g, 10 * UPDATE_OPS)
       assert_trees_close(jax.tree.map(lambda a, i=i: a[i], s_r.g_v), s_g.g_v, 10 * UPDATE_OPS)
-
-
-def test_m_sharpness_keeps_one_g_v_on_every_replica():
-  """Per-replica ascents and decompositions; g_v is the replicas' mean of their own, the same on all, and
-  so are the outputs (the factory averages SAM's steps; the reuse steps use the mean g_0)."""
-  params, _, (xs, ts) = _shards(seed=46)
-  make = lambda ax: xsam_jax.looksam(0.3, k=2, alpha=0.7, axis_name=ax, m_sharpness=True)
-  runs = _replica_steps(make, params, xs, ts, [jax.tree.map(jnp.zeros_like, params)] * 2)
-  single = xsam_jax.looksam(0.3, k=2, alpha=0.7)
-  g_vs = []
-  for i in range(N_REPLICAS):
-    lf = lambda q, i=i: problems.mlp_batch_loss(q, {"x": xs[i], "t": ts[i]})
-    g_vs.append(single.update(jax.grad(lf)(params), single.init(params), params, loss_fn=lf)[1].g_v)
-  mean_g_v = jax.tree.map(lambda *a: sum(a) / N_REPLICAS, *g_vs)
-  for u_r, s_r in runs:
-    for i in range(1, N_REPLICAS):
-      jax.tree.map(lambda a, i=i: np.testing.assert_array_equal(a[i], a[0]), (u_r, s_r.g_v))
-    assert_trees_close(jax.tree.map(lambda a: a[0], s_r.g_v), mean_g_v, UPDATE_OPS)

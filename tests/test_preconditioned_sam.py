@@ -12,8 +12,8 @@ import pytest
 
 import xsam_jax
 from tests import problems, reference
-from tests.test_reference import HP
-from tests.test_reference import _jax_train as jax_train_f64
+from tests.test_reference_sam_xsam import HP
+from tests.test_reference_sam_xsam import _jax_train as jax_train_f64
 from tests.tolerances import assert_trees_equal, assert_trees_within, f32_bound, f32_rtol, f64_bound
 
 STEPS = 5

@@ -1,5 +1,5 @@
 """``probe_batch_size="auto"`` under a memory budget: the rule, where the budget comes from, and XLA's
-own peak of the compiled probe step against SAM's (experiments/bench_probe_memory.py)."""
+own peak of the compiled probe step against SAM's (experiments/bench/probe_memory.py)."""
 
 import json
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import xsam_jax
-from experiments import bench_probe_memory
+from experiments.bench import probe_memory as bench_probe_memory
 from xsam_jax._src import xsam as xsam_lib
 from xsam_jax._src.xsam import free_memory_budget, resolve_probe_batch_size, tree_bytes
 

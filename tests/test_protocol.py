@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import xsam_jax
-from experiments import methods, models
-from experiments.config import ConfigError
-from experiments.protocol import COMMAND, ProtocolConfig, engine, nets, runner, splits, stages, stats, store
+from experiments.core import engine, methods, stats
+from experiments.core.config import ConfigError
+from experiments.protocol import COMMAND, ProtocolConfig, programs, runner, splits, stages, store
 from experiments.protocol import protocol as protocol_lib
 from tests import tolerances
 
@@ -139,7 +139,7 @@ def test_interrupted_sweep_resumes(quick, tmp_path, monkeypatch):
   config = ProtocolConfig.quick().replace(data_dir=DATA_DIR)
   arm = stages.main_arm(config)
   calls = {"n": 0}
-  train = engine.train_runs
+  train = programs.train_runs
 
   def dying(*args, **kwargs):
     if calls["n"] == 3:
@@ -147,12 +147,12 @@ def test_interrupted_sweep_resumes(quick, tmp_path, monkeypatch):
     calls["n"] += 1
     return train(*args, **kwargs)
 
-  monkeypatch.setattr(engine, "train_runs", dying)
+  monkeypatch.setattr(programs, "train_runs", dying)
   first = runner.Runner(config, store.Store(str(tmp_path)), progress=False)
   with pytest.raises(KeyboardInterrupt):
     stages.tune_single(first, arm, alphas=config.fixed_alphas, baselines=False)
   assert first.store.trained == 3
-  monkeypatch.setattr(engine, "train_runs", train)
+  monkeypatch.setattr(programs, "train_runs", train)
   second = runner.Runner(config, store.Store(str(tmp_path)), progress=False)
   assert len(second.store.records) == 3
   result = stages.tune_single(second, arm, alphas=config.fixed_alphas, baselines=False)
@@ -281,27 +281,16 @@ def test_paired_interval_by_hand():
   assert math.isnan(one["low"])
 
 
-@pytest.mark.parametrize("name", ["cnn1d", "mlp"])
-def test_pure_forward_equals_the_nnx_model(name):
-  x = jax.random.normal(jax.random.key(1), (7, 40))
-  model = models.make_model(name, (40,), 10, width=8, seed=3)
-  params = nets.init(name, (40,), 10, width=8, seed=3)
-  ours, theirs = nets.forward(name)(params, x), model(x, train=True)
-  # Same products, summed in another order: a dot of length <= 5 * 8 (conv) or 8 * 8 * 8 (MLP) per layer, 3 layers.
-  n_ops = 3 * (40 if name == "cnn1d" else 512)
-  np.testing.assert_allclose(ours, theirs, rtol=0, atol=tolerances.f32_bound(theirs, n_ops=n_ops))
-
-
 def test_vmapped_runs_equal_a_loop_and_keep_the_probe_cond():
   config = ProtocolConfig.quick()
   s = splits.make_splits(DATA_DIR, splits.Regime(0.0, config.train_size), val_fraction=0.2, split_seed=0, noise_seed=0)
   problem = splits.problem(s, "val")
-  static = engine.Static("cnn1d", config.width, "xsam", 1, config.epochs, config.batch_size, 0.9, 0.0, 1000)
+  static = programs.Static("cnn1d", config.width, "xsam", 1, config.epochs, config.batch_size, 0.9, 0.0, 1000)
   values = [(0.05, 0.05), (0.1, 0.1), (0.2, 0.05)]
-  hps = [engine.hyperparameters("xsam", {"lr": lr, "wd": 5e-4, "rho": r, "rho_max": 2 * r}) for lr, r in values]
+  hps = [programs.hyperparameters("xsam", {"lr": lr, "wd": 5e-4, "rho": r, "rho_max": 2 * r}) for lr, r in values]
   kw = {"input_shape": s.input_shape, "num_classes": 10}
-  loop = engine.train_runs(static, hps, [0, 1, 2], problem, batched=False, **kw)
-  batched = engine.train_runs(static, hps, [0, 1, 2], problem, batched=True, **kw)
+  loop = programs.train_runs(static, hps, [0, 1, 2], problem, batched=False, **kw)
+  batched = programs.train_runs(static, hps, [0, 1, 2], problem, batched=True, **kw)
   steps = config.epochs * 10
   for a, b in zip(loop, batched, strict=True):
     assert set(a) == set(b)
@@ -311,7 +300,7 @@ def test_vmapped_runs_equal_a_loop_and_keep_the_probe_cond():
       np.testing.assert_allclose(a[key], b[key], rtol=0, atol=tolerances.f32_bound(a[key], n_ops=64 * steps))
   # The runs differ (each got its own hyperparameters and seed), so equality above is not vacuous.
   assert len({float(r["epoch_loss"][-1]) for r in loop}) == 3
-  assert engine.cond_survives(static, problem, **kw)
+  assert programs.cond_survives(static, problem, **kw)
 
 
 def test_cond_check_catches_a_batched_step_count():
@@ -388,7 +377,7 @@ def test_sgd_base_warmup_schedule_closed_form():
   """The base optimizer's step size: a linear ramp over W steps, then lr (1 + cos(pi (t - W) / (T - W))) / 2."""
   import optax
 
-  from experiments import methods
+  from experiments.core import methods
 
   lr, T, W = 0.2, 20, 4
   for warm in (0, W):

@@ -11,7 +11,7 @@ import pytest
 
 import xsam_jax
 from tests import problems, reference
-from tests.test_reference import HP, _run_jax
+from tests.test_reference_sam_xsam import HP, _run_jax
 from tests.tolerances import EPS32, assert_trees_equal, f32_bound
 from xsam_jax._src.rwp import filter_norms
 

@@ -1,9 +1,9 @@
 """GSAM, WSAM and Friendly SAM: the float64 numpy reference, the equivalences with SAM, validation, and
-data parallelism.
+data parallelism (their m-sharpness: tests/test_m_sharpness.py).
 
-Reference tolerance (as tests/test_reference.py): a training step chains a few hundred float64 rounding
-steps (two gradients, a few norms and dot products over 32 parameters), and 5-6 steps with lr 0.05 and
-momentum 0.9 move the params by less than ~1e3 eps64 |w| (~2): ~5e-13, far below 1e-10. The float32
+Reference tolerance (as tests/test_reference_sam_xsam.py): a training step chains a few hundred float64
+rounding steps (two gradients, a few norms and dot products over 32 parameters), and 5-6 steps with lr 0.05
+and momentum 0.9 move the params by less than ~1e3 eps64 |w| (~2): ~5e-13, far below 1e-10. The float32
 diagnostics in the state are float64 results rounded once to float32: within eps32 relative.
 """
 
@@ -15,16 +15,14 @@ import pytest
 
 import xsam_jax
 from tests import problems, reference
-from tests.test_reference import HP, _run_jax
-from tests.test_reference import _jax_train as jax_train_f64
+from tests.problems import N_REPLICAS, UPDATE_OPS
+from tests.test_reference_sam_xsam import HP, _run_jax
+from tests.test_reference_sam_xsam import _jax_train as jax_train_f64
 from tests.tolerances import assert_trees_close, assert_trees_within, f32_bound, f32_rtol
 
 STEPS = 5
 BASE = dict(lr=HP["lr"], momentum=HP["momentum"], wd=HP["wd"])
 RHO = HP["rho"]
-# Two programs computing one SAM-like update on problems.mlp_problem: per side one ascent gradient and one
-# norm over the parameters (tests/tolerances.py), plus a few elementwise roundings of the combination.
-UPDATE_OPS = 2 * (problems.LOSS_OPS + problems.NUM_PARAMS) + 4
 
 
 def _flat(tree):
@@ -305,30 +303,6 @@ def test_traced_hyperparameters_are_accepted():
 # Data parallelism (one device: the replica axis is a vmap axis)
 # ---------------------------------------------------------------------------------------------------------
 
-N_REPLICAS = 4
-
-
-def _shards(seed):
-  problem, p0 = problems.mlp_data(seed=seed, n=16)
-  params = jax.tree.map(jnp.float32, p0)
-  x, t = jnp.asarray(problem.x, jnp.float32), jnp.asarray(problem.t, jnp.float32)
-  xs, ts = x.reshape(N_REPLICAS, -1, x.shape[1]), t.reshape(N_REPLICAS, -1, t.shape[1])
-  return params, (x, t), (xs, ts)
-
-
-def _replicated(tree):
-  return jax.tree.map(lambda a: jnp.broadcast_to(a, (N_REPLICAS, *jnp.shape(a))), tree)
-
-
-def _replica_update(tx, params, xs, ts):
-  """One update of ``tx`` on each of the replicas (vmap axis "batch"); returns (updates, states) stacked."""
-
-  def step(p, s, xb, tb):
-    loss_fn = lambda q: problems.mlp_batch_loss(q, {"x": xb, "t": tb})
-    return tx.update(jax.grad(loss_fn)(p), s, p, loss_fn=loss_fn)
-
-  return jax.jit(jax.vmap(step, axis_name="batch"))(_replicated(params), _replicated(tx.init(params)), xs, ts)
-
 
 @pytest.mark.parametrize(
   "make",
@@ -340,54 +314,12 @@ def _replica_update(tx, params, xs, ts):
   ids=["gsam", "wsam-decoupled", "friendly_sam"],
 )
 def test_replicas_agree_with_global_batch(make):
-  params, (x, t), (xs, ts) = _shards(seed=38)
+  params, (x, t), (xs, ts) = problems.replica_shards(seed=38)
   loss_fn = lambda q: problems.mlp_batch_loss(q, {"x": x, "t": t})
   tx_g, tx_r = make(None), make("batch")
   u_g, s_g = tx_g.update(jax.grad(loss_fn)(params), tx_g.init(params), params, loss_fn=loss_fn)
-  u_r, s_r = _replica_update(tx_r, params, xs, ts)
+  u_r, s_r = problems.replica_update(tx_r, params, xs, ts)
   # Replicas reduce over shards (pmean of 4 means of 4), one device over the batch: two programs.
   for i in range(N_REPLICAS):
     assert_trees_close(jax.tree.map(lambda a, i=i: a[i], u_r), u_g, UPDATE_OPS)
     assert_trees_close(jax.tree.map(lambda a, i=i: a[i], s_r), s_g, UPDATE_OPS)
-
-
-def test_gsam_m_sharpness_averages_per_replica_outputs():
-  """Each replica decomposes its own gradients (as the authors' code does per worker); the outputs are
-  averaged: the mean of single-device GSAM on each shard."""
-  params, _, (xs, ts) = _shards(seed=39)
-  tx_r = xsam_jax.gsam(0.3, alpha=0.5, axis_name="batch", m_sharpness=True)
-  u_r, s_r = _replica_update(tx_r, params, xs, ts)
-  single = xsam_jax.gsam(0.3, alpha=0.5)
-  outs, states = [], []
-  for i in range(N_REPLICAS):
-    loss_fn = lambda q, i=i: problems.mlp_batch_loss(q, {"x": xs[i], "t": ts[i]})
-    u, s = single.update(jax.grad(loss_fn)(params), single.init(params), params, loss_fn=loss_fn)
-    outs.append(u)
-    states.append(s)
-  expected = jax.tree.map(lambda *a: sum(a) / N_REPLICAS, *outs)
-  for i in range(N_REPLICAS):
-    assert_trees_close(jax.tree.map(lambda a, i=i: a[i], u_r), expected, UPDATE_OPS)
-    np.testing.assert_allclose(s_r.cosine[i], np.mean([s.cosine for s in states]), rtol=f32_rtol(UPDATE_OPS))
-
-
-def test_wsam_decoupled_m_sharpness_keeps_one_base_state():
-  """Per-replica ascents, but the base optimizer sees the replicas' mean g_0: its state (the momentum)
-  is the same on every replica, and the update is base(mean g_0) - lr c mean(g_1 - g_0)."""
-  params, _, (xs, ts) = _shards(seed=40)
-  lr, gamma = 0.05, 0.8
-  make = lambda **kw: xsam_jax.wsam(0.3, gamma, base_optimizer=optax.sgd(lr, momentum=0.9), learning_rate=lr, **kw)
-  u_r, s_r = _replica_update(make(axis_name="batch", m_sharpness=True), params, xs, ts)
-  coupled = xsam_jax.wsam(0.3, gamma)
-  g0s, sharp = [], []
-  for i in range(N_REPLICAS):
-    loss_fn = lambda q, i=i: problems.mlp_batch_loss(q, {"x": xs[i], "t": ts[i]})
-    g0 = jax.grad(loss_fn)(params)
-    out, _ = coupled.update(g0, coupled.init(params), params, loss_fn=loss_fn)  # g_0 + c (g_1 - g_0)
-    g0s.append(g0)
-    sharp.append(jax.tree.map(lambda o, a: o - a, out, g0))  # c (g_1 - g_0)
-  mean = lambda trees: jax.tree.map(lambda *a: sum(a) / N_REPLICAS, *trees)
-  expected = jax.tree.map(lambda a, b: -lr * a - lr * b, mean(g0s), mean(sharp))
-  momentum = optax.tree.get(s_r.base_state, "trace")
-  for i in range(N_REPLICAS):
-    assert_trees_close(jax.tree.map(lambda a, i=i: a[i], u_r), expected, UPDATE_OPS)
-    jax.tree.map(lambda a, i=i: np.testing.assert_array_equal(a[i], a[0]), momentum)

@@ -1,9 +1,9 @@
-"""experiments.text: CPython's documentation as a character-level corpus (the language-model study's data)."""
+"""experiments.core.text: CPython's documentation as a character-level corpus (the language-model study's data)."""
 
 import numpy as np
 import pytest
 
-from experiments import text
+from experiments.core import text
 
 
 def test_pydoc_corpus_is_the_whole_stream_split_by_position():

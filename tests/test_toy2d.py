@@ -17,7 +17,8 @@ import optax
 import pytest
 
 import xsam_jax
-from experiments import methods, toy2d
+from experiments import toy2d
+from experiments.core import methods
 from tests.tolerances import assert_argmax_lead, f32_bound
 from xsam_jax import testfns
 

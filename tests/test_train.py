@@ -11,9 +11,11 @@ import pytest
 from flax import nnx
 
 import xsam_jax
-from experiments import checks, methods, models, train, trainer
-from experiments import data as data_lib
-from experiments.configs import TrainConfig
+from experiments import train
+from experiments.core import data as data_lib
+from experiments.core import methods, models
+from experiments.train import checks, trainer
+from experiments.train.config import TrainConfig
 from tests.tolerances import f32_bound
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

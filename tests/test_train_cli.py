@@ -15,11 +15,13 @@ import shutil
 
 import pytest
 
-from experiments import checkpoint as ckpt_lib
-from experiments import checks, methods, report, study, train, trainer
-from experiments import data as data_lib
-from experiments.config import ConfigError
-from experiments.configs import MAX_SEED, TrainConfig
+from experiments import train
+from experiments.core import checkpoint as ckpt_lib
+from experiments.core import data as data_lib
+from experiments.core import methods
+from experiments.core.config import ConfigError
+from experiments.train import checks, report, study, trainer
+from experiments.train.config import MAX_SEED, TrainConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA_DIR = str(ROOT / "data_cache")

@@ -17,7 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import checks, train
+from experiments import train
+from experiments.train import checks
 from tests.test_multidevice import _env as multidevice_env
 from tests.tolerances import EPS32, assert_argmax_lead, f32_bound
 
@@ -30,7 +31,8 @@ METHODS = ("sgd", "sam", "xsam")
 DRIVER = textwrap.dedent("""
     import contextlib, io, json, sys
     import jax
-    from experiments import train, trainer
+    from experiments import train
+    from experiments.train import trainer
 
     jax.config.update("jax_numpy_rank_promotion", "raise")  # as tests/conftest.py
     assert jax.device_count() == 8, jax.devices()

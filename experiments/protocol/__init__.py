@@ -19,11 +19,10 @@ fingerprint of what determines it; a rerun skips what is there, so an
 interrupted protocol resumes where it stopped.
 
 Modules: ``config`` (:class:`ProtocolConfig`, the command line), ``splits``
-(validation split, label noise), ``nets`` (pure forwards of the models),
-``engine`` (whole runs in one ``lax.scan``, batched with ``vmap``),
+(validation split, label noise),
+``programs`` (whole runs on :mod:`experiments.core.engine`, batched with ``vmap``),
 ``store`` (the run store), ``runner`` (settings, arms, training what is
-missing), ``stages`` (selection and the test phase), ``stats`` (t quantiles,
-paired intervals), ``timing`` (does vmap pay), ``report``/``tables``
+missing), ``stages`` (selection and the test phase), ``timing`` (does vmap pay), ``report``/``tables``
 (summaries and ``tables.md``) and ``protocol`` (:func:`run`).
 """
 

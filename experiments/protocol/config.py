@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from experiments import config
-from experiments.config import setting
+from experiments.core import config
+from experiments.core.config import setting
 
 _DATA, _TRAIN, _GRID, _STAGES = "data", "training", "grids", "stages"
 

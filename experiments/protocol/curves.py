@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from experiments.protocol import stats
+from experiments.core import stats
 from experiments.protocol.config import ProtocolConfig
 from experiments.protocol.runner import Setting
 

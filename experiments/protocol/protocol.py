@@ -18,12 +18,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from experiments.core.report import rounded
 from experiments.protocol import curves, report, stages
 from experiments.protocol.config import ProtocolConfig
 from experiments.protocol.runner import Arm, Runner, Setting
 from experiments.protocol.store import Store
 from experiments.protocol.tables import markdown
-from experiments.report import rounded
 
 JSON_FILE = "protocol.json"
 TABLES_FILE = "tables.md"

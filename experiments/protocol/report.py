@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from experiments import bench_report
-from experiments.protocol import stats
+from experiments.core import report as core_report
+from experiments.core import stats
 
 SINGLE_PAIRS = (
   ("sam", "sgd"),
@@ -47,7 +47,7 @@ def machine() -> dict[str, Any]:
 
   versions = {name: _version(name) for name in ("jax", "jaxlib", "optax", "flax", "numpy", "mnist1d")}
   return {
-    "cpu": bench_report.cpu_name(),
+    "cpu": core_report.cpu_name(),
     "cpu_count": os.cpu_count(),
     "platform": platform.platform(),
     "python": platform.python_version(),

@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from experiments.protocol import engine, splits
+from experiments.protocol import programs, splits
 from experiments.protocol.config import ProtocolConfig
 from experiments.protocol.store import Store, fingerprint
 
@@ -49,7 +49,7 @@ class Setting:
       or (method == "wsam" and _round(values["gamma"]) == 0.5)
     ):
       method = "sam"
-    hp = engine.hyperparameters(method, values)
+    hp = programs.hyperparameters(method, values)
     return cls(method, num_steps, tuple(sorted((k, _round(v)) for k, v in hp.items())))
 
   @property
@@ -93,7 +93,7 @@ class Runner:
     self.log = log
     self.test_reads: list[str] = []
     self._splits: dict[splits.Regime, splits.Splits] = {}
-    self._problems: dict[tuple[splits.Regime, str], engine.Problem] = {}
+    self._problems: dict[tuple[splits.Regime, str], programs.Problem] = {}
 
   def splits(self, regime: splits.Regime) -> splits.Splits:
     """The regime's splits (made once)."""
@@ -104,7 +104,7 @@ class Runner:
       )
     return self._splits[regime]
 
-  def problem(self, arm: Arm, split: str) -> engine.Problem:
+  def problem(self, arm: Arm, split: str) -> programs.Problem:
     """The arm's device arrays with evaluation split ``split``; reading ``"test"`` is logged in :attr:`test_reads`."""
     key = (arm.regime, split)
     if split == "test":
@@ -113,10 +113,10 @@ class Runner:
       self._problems[key] = splits.problem(self.splits(arm.regime), split)
     return self._problems[key]
 
-  def static(self, arm: Arm, setting: Setting) -> engine.Static:
+  def static(self, arm: Arm, setting: Setting) -> programs.Static:
     """The compiled program's settings of ``setting`` on ``arm``."""
     c = self.config
-    return engine.Static(
+    return programs.Static(
       model=arm.model,
       width=arm.width,
       method=setting.method,
@@ -150,7 +150,7 @@ class Runner:
     compilation per group), and stored one by one (``vmap``: chunk by chunk).
     """
     keys = [[fingerprint(self.ident(arm, s, seed, split)) for seed in seeds] for s in settings]
-    todo: dict[engine.Static, list[tuple[Setting, int, str]]] = {}
+    todo: dict[programs.Static, list[tuple[Setting, int, str]]] = {}
     for s, row in zip(settings, keys, strict=True):
       for seed, key in zip(seeds, row, strict=True):
         if self.store.get(key) is None and all(key != k for *_, k in todo.get(self.static(arm, s), [])):
@@ -165,7 +165,7 @@ class Runner:
         for start in range(0, len(runs), chunk):
           part = runs[start : start + chunk]
           t0 = time.perf_counter()
-          results = engine.train_runs(
+          results = programs.train_runs(
             static,
             [dict(s.hp) for s, _, _ in part],
             [seed for _, seed, _ in part],

@@ -1,6 +1,6 @@
 """The protocol's data: MNIST-1D's training set split into train and validation, label noise, smaller train sets.
 
-MNIST-1D (``experiments.data.load_mnist1d``: generated locally, 4000 training
+MNIST-1D (``experiments.core.data.load_mnist1d``: generated locally, 4000 training
 and 1000 test series) is split once, by a fixed permutation
 (``split_seed``), into a validation split (the first ``val_fraction`` of the
 permuted training set) and a training split (the rest). Hyperparameters are
@@ -30,8 +30,8 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import data as data_lib
-from experiments.protocol.engine import Problem
+from experiments.core import data as data_lib
+from experiments.protocol.programs import Problem
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,7 @@ vmapped call and as a Python loop of single-run calls of the same (compiled)
 program, alternating, after a warm-up call that compiles both; the best of
 ``rounds`` per mode counts (the machine is shared, so the minimum is the
 least disturbed). The XSAM probe check: the batched program must keep its
-``cond`` (:func:`experiments.protocol.engine.cond_survives`), and XSAM's
+``cond`` (:func:`experiments.protocol.programs.cond_survives`), and XSAM's
 cost relative to SAM must be about the same batched as looped (if the
 probes ran on every step, batched XSAM would cost several times SAM).
 """
@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from experiments.protocol import engine
+from experiments.protocol import programs
 from experiments.protocol.runner import Arm, Runner, Setting
 
 
@@ -43,7 +43,7 @@ def measure_vmap(runner: Runner, arm: Arm, *, n: int = 4, epochs: int = 4, round
     for r in range(rounds + 1):
       for mode in ("loop", "vmap"):
         t0 = time.perf_counter()
-        engine.train_runs(static, hps, seeds, problem, batched=mode == "vmap", **kw)
+        programs.train_runs(static, hps, seeds, problem, batched=mode == "vmap", **kw)
         if r:  # round 0 compiles
           times[mode].append((time.perf_counter() - t0) / n)
     loop, vmap = min(times["loop"]), min(times["vmap"])
@@ -56,7 +56,7 @@ def measure_vmap(runner: Runner, arm: Arm, *, n: int = 4, epochs: int = 4, round
   xsam_static = dataclasses.replace(
     runner.static(arm, Setting.make("xsam", lr=lr, wd=wd, rho=rho, rho_max=2 * rho)), epochs=epochs
   )
-  out["xsam_cond_kept_under_vmap"] = engine.cond_survives(xsam_static, problem, **kw)
+  out["xsam_cond_kept_under_vmap"] = programs.cond_survives(xsam_static, problem, **kw)
   speedups = [v["speedup"] for v in m.values()]
   out["verdict"] = (
     f"vmap pays ({min(speedups):.2f}-{max(speedups):.2f}x)"

@@ -1,17 +1,17 @@
 """The sharpness study's model and training: a pure-function MLP trained with SGD, SAM or XSAM.
 
-The training loop is self-contained (optax, one ``jax.lax.scan`` per epoch)
-so the Hessian is that of a plain function of the parameters (no BatchNorm
-state). The optimizers come from :mod:`experiments.methods`: the method
-(:func:`~experiments.methods.chain`), then the main job's base optimizer
-(:func:`~experiments.methods.sgd_base`: decoupled weight decay, SGD with
+Training is :func:`experiments.core.engine.scan_run` on a pure-function MLP
+(:func:`experiments.core.pure_models.he_mlp`), so the Hessian is that of a
+plain function of the parameters (no BatchNorm state). The optimizers come
+from :mod:`experiments.core.methods`: the method
+(:func:`~experiments.core.methods.chain`), then the main job's base optimizer
+(:func:`~experiments.core.methods.sgd_base`: decoupled weight decay, SGD with
 momentum and a cosine schedule).
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -19,18 +19,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import data as data_lib
-from experiments import methods
+from experiments.core import data as data_lib
+from experiments.core import engine, methods, pure_models
 from experiments.sharpness_study.config import SharpnessConfig
 
 METHODS = ("SGD", "SAM", "XSAM")
-"""The compared methods, as the outputs name them (``experiments.methods`` names them in lower case)."""
+"""The compared methods, as the outputs name them (``experiments.core.methods`` names them in lower case)."""
 
 
 def load_data(name: str, max_train: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """``(x_train, y_train, x_test, y_test)`` as standardized float32 / int32 numpy arrays.
 
-  The arrays come from :func:`experiments.data.load_dataset` (MNIST-1D
+  The arrays come from :func:`experiments.core.data.load_dataset` (MNIST-1D
   generated locally and cached, never downloaded; scikit-learn's digits with
   its fixed 80/20 split), flattened to vectors for the MLP.
   """
@@ -46,30 +46,11 @@ def load_data(name: str, max_train: int | None = None) -> tuple[np.ndarray, np.n
   return (x - mean) / std, np.asarray(y, np.int32), (xt - mean) / std, np.asarray(yt, np.int32)
 
 
-# ----------------------------------------------------------------- model
+init_mlp = pure_models.he_mlp
+"""He-initialized MLP params (:func:`experiments.core.pure_models.he_mlp`)."""
 
-
-def init_mlp(key: jax.Array, sizes: Sequence[int]) -> dict[str, dict[str, jax.Array]]:
-  """He-initialized MLP params in Flax layout (``kernel: (in, out)``, ``bias: (out,)``)."""
-  params = {}
-  for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
-    key, sub = jax.random.split(key)
-    params[f"dense{i}"] = {
-      "kernel": jax.random.normal(sub, (fan_in, fan_out)) * np.sqrt(2.0 / fan_in),
-      "bias": jnp.zeros((fan_out,)),
-    }
-  return params
-
-
-def apply_mlp(params: Any, x: jax.Array) -> jax.Array:
-  """ReLU MLP forward pass; returns logits."""
-  n = len(params)
-  for i in range(n):
-    layer = params[f"dense{i}"]
-    x = x @ layer["kernel"] + layer["bias"][None, :]
-    if i < n - 1:
-      x = jax.nn.relu(x)
-  return x
+apply_mlp = pure_models.he_mlp_forward
+"""ReLU MLP forward pass; returns logits (:func:`experiments.core.pure_models.he_mlp_forward`)."""
 
 
 def make_loss_fn(x: jax.typing.ArrayLike, y: jax.typing.ArrayLike) -> Callable[[Any], jax.Array]:
@@ -96,27 +77,22 @@ def train(
   base = methods.sgd_base(c.lr, c.momentum, c.weight_decay, c.epochs * steps)
   tx = methods.chain(method.lower(), *base, rho=c.rho, rho_max=c.probe_radius, alpha_update_period=steps)
   params = init_mlp(jax.random.key(seed), (x.shape[1], *c.hidden, 10))
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def run_epoch(params, opt_state, xb, yb):
-    def step(carry, batch):
-      params, opt_state = carry
-      loss_fn = make_loss_fn(*batch)
-      loss, grads = jax.value_and_grad(loss_fn)(params)
-      updates, opt_state = tx.update(grads, opt_state, params, loss_fn=loss_fn)
-      return (optax.apply_updates(params, updates), opt_state), loss
-
-    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (xb, yb))
-    return params, opt_state, jnp.mean(losses)
-
-  history: dict[str, Any] = {"train_loss": [], "alpha": []}
   rng = np.random.default_rng(seed)
-  for _ in range(c.epochs):
-    order = rng.permutation(len(y))[: steps * c.batch_size].reshape(steps, c.batch_size)
-    params, opt_state, loss = run_epoch(params, opt_state, x[order], y[order])
-    history["train_loss"].append(round(float(loss), 5))
-    if method == "XSAM":
-      history["alpha"].append(round(float(opt_state[0].alpha), 2))
+  order = np.concatenate(
+    [rng.permutation(len(y))[: steps * c.batch_size].reshape(steps, c.batch_size) for _ in range(c.epochs)]
+  )
+  run = engine.scan_run(
+    lambda p, batch: make_loss_fn(*batch)(p),
+    lambda hp: tx,
+    steps_per_epoch=steps,
+    epochs=c.epochs,
+    gather=lambda data, idx: (data[0][idx], data[1][idx]),
+    monitor=(lambda loss, opt_state: {"alpha": opt_state[0].alpha}) if method == "XSAM" else None,
+    last=("alpha",),
+  )
+  params, metrics = jax.jit(run)({}, params, jnp.asarray(order), (jnp.asarray(x), jnp.asarray(y)))
+  history: dict[str, Any] = {"train_loss": [round(float(v), 5) for v in metrics["epoch_loss"]], "alpha": []}
+  if method == "XSAM":
+    history["alpha"] = [round(float(v), 2) for v in metrics["epoch_alpha"]]
   history["test_acc"] = accuracy(params, xt, yt)
   return params, history

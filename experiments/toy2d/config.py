@@ -7,8 +7,8 @@ import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from experiments import config
-from experiments.config import setting
+from experiments.core import config
+from experiments.core.config import setting
 
 
 class Setting(NamedTuple):

@@ -2,8 +2,15 @@
 
 All start points and settings of one (method, K) pair run in one jitted
 call: ``jax.vmap`` over settings and start points around a ``jax.lax.scan``
-over optimizer steps. The optimizers come from :func:`experiments.methods.chain`
+over optimizer steps. The optimizers come from :func:`experiments.core.methods.chain`
 (the method, then plain ``optax.sgd(lr)``). Everything is deterministic.
+
+Why not :mod:`experiments.core.engine`: there is no data here (no batches,
+epochs or evaluation split; the loss is one fixed function of two
+coordinates), runs are vmapped over start points as well as settings, and
+the study keeps every step's position (the trajectories it plots), not
+per-epoch means. The step itself is the engine's: the clean gradient, then
+``tx.update(..., loss_fn=...)``.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import numpy as np
 import optax
 
 import xsam_jax
-from experiments import methods
+from experiments.core import methods
 from experiments.toy2d.config import Toy2dConfig
 from xsam_jax import testfns
 

@@ -29,7 +29,7 @@ import optax
 import xsam_jax
 
 if TYPE_CHECKING:
-  from experiments.configs import TrainConfig
+  from experiments.train.config import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +48,10 @@ class Method:
 
 
 METHOD_FIELDS = ("rho", "rho_max", "num_steps", "alpha_update_period", "probe_batch_size", "alphas", "alpha_refinement")
-"""The hyperparameters a method can read (:class:`~experiments.configs.TrainConfig` fields; plain SGD reads none)."""
+"""The hyperparameters a method can read (:class:`~experiments.train.config.TrainConfig` fields; SGD reads none)."""
 
 EXTRA_FIELDS = ("alpha", "gamma")
-"""Hyperparameters :func:`build` also takes that are no :class:`~experiments.configs.TrainConfig` field: the
+"""Hyperparameters :func:`build` also takes that are no :class:`~experiments.train.config.TrainConfig` field: the
 fixed alpha of ``xsam_fixed`` and GSAM, WSAM's gamma. The main job never sets them (each method's default);
 ``experiments.protocol`` tunes them. They are not part of a run's id (:func:`used_fields`)."""
 
@@ -160,7 +160,7 @@ def sgd_base(
 def used_fields(name: str) -> frozenset[str]:
   """The fields of :data:`METHOD_FIELDS` that method ``name`` reads.
 
-  A run's identity (``experiments.trainer.run_name``) includes only these
+  A run's identity (``experiments.train.trainer.run_name``) includes only these
   of them, so e.g. changing ``rho`` never retrains SGD.
 
   Raises:
@@ -186,7 +186,7 @@ def method_transform(config: TrainConfig) -> optax.GradientTransformationExtraAr
       rejects (naming the argument).
   """
   if config.rho_max is None and "rho_max" in used_fields(config.method):
-    raise ValueError("`rho_max` is None: resolve the configuration first (experiments.checks.resolve).")
+    raise ValueError("`rho_max` is None: resolve the configuration first (experiments.train.checks.resolve).")
   hyperparameters = {f: getattr(config, f) for f in METHOD_FIELDS if f != "alphas" or config.alphas is not None}
   return build(config.method, **hyperparameters)
 
@@ -199,7 +199,7 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
   NNX ``GraphDef`` and one compiled train step for all seeds.
 
   Args:
-    config: a resolved :class:`~experiments.configs.TrainConfig` (``rho_max`` etc. filled in).
+    config: a resolved :class:`~experiments.train.config.TrainConfig` (``rho_max`` etc. filled in).
     total_steps: number of optimizer steps of the whole run.
 
   Returns:

@@ -1,4 +1,5 @@
-"""xsam_jax equals the independent float64 numpy reference to 1e-10.
+"""SAM and XSAM equal the independent float64 numpy reference (tests/reference.py) to 1e-10; the other
+methods: tests/test_reference_family.py and the methods' own files.
 
 The tolerance is a rounding bound (tests/tolerances.py): a training step chains ~500 float64 rounding
 steps (K + 1 gradients, a probe loss, norms over the parameters), 6 steps with lr 0.05 and momentum

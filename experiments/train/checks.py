@@ -1,7 +1,7 @@
 """Checks of the main job's configuration before any data is loaded or any run trained.
 
-The ranges of single fields are checked by :class:`~experiments.configs.TrainConfig`
-itself (``experiments.config``); these checks need more: the machine (the
+The ranges of single fields are checked by :class:`~experiments.train.config.TrainConfig`
+itself (``experiments.core.config``); these checks need more: the machine (the
 device count), the data set (its name, kind and size) and the library (every
 method's transformation is built, so ``xsam_jax`` validates its
 hyperparameters). Each raises a :class:`ConfigError` naming the config field,
@@ -17,10 +17,10 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from experiments import data as data_lib
-from experiments import methods, models
-from experiments.config import ConfigError
-from experiments.configs import TrainConfig
+from experiments.core import data as data_lib
+from experiments.core import methods, models
+from experiments.core.config import ConfigError
+from experiments.train.config import TrainConfig
 
 
 class DeviceCountError(ConfigError):

@@ -44,11 +44,12 @@ from typing import NoReturn
 
 import jax
 
-from experiments import checkpoint as ckpt_lib
-from experiments import checks, config, report
-from experiments import data as data_lib
-from experiments import study as study_lib
-from experiments.configs import MAX_SEED, TrainConfig
+from experiments.core import checkpoint as ckpt_lib
+from experiments.core import config
+from experiments.core import data as data_lib
+from experiments.train import report
+from experiments.train import study as study_lib
+from experiments.train.config import MAX_SEED, TrainConfig
 
 MAX_SEEDS = 10_000
 """The most ``--seeds`` a study takes: each is one training run per method (checked before any list is built)."""
@@ -77,7 +78,7 @@ def build_parser(quick: bool = False) -> argparse.ArgumentParser:
     quick_help="tiny subset, 1 epoch, 1 seed (smoke test)",
   )
   g = p.add_argument_group("study")
-  g.add_argument("--method", help="train a single method (a name of experiments.methods.METHODS)")
+  g.add_argument("--method", help="train a single method (a name of experiments.core.methods.METHODS)")
   g.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated methods to compare")
   g.add_argument(
     "--seeds",
@@ -146,18 +147,25 @@ def method_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
 
 
 def check_study(
-  parser: argparse.ArgumentParser, args: argparse.Namespace, base: TrainConfig, names: Sequence[str]
-) -> None:
+  parser: argparse.ArgumentParser,
+  args: argparse.Namespace,
+  base: TrainConfig,
+  names: Sequence[str],
+  seeds: Sequence[int] = (),
+) -> study_lib.Plan:
   """Exits with a usage error (status 2) for anything the study cannot run with, before loading data.
 
-  :func:`experiments.checks.check_study` (devices, data set name, model,
+  :func:`experiments.train.checks.check_study` (devices, data set name, model,
   batch size where the data size is known, every method's transformation
   built by the library, which validates its hyperparameters); its
-  :class:`~experiments.config.ConfigError` names the config field, turned
+  :class:`~experiments.core.config.ConfigError` names the config field, turned
   here into the flag that sets it.
+
+  Returns:
+    The checked :class:`experiments.train.study.Plan`, which the study runs without checking again.
   """
   try:
-    checks.check_study(base, names)
+    return study_lib.plan(base, names, seeds)
   except config.ConfigError as err:
     _config_error(parser, args, err)
 
@@ -197,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.seed0 + args.seeds - 1 > MAX_SEED:  # checked before the list of seeds is built
     parser.error(f"argument --seeds: --seed0 {args.seed0} with {args.seeds} seeds passes the largest seed {MAX_SEED}")
   seeds = seeds_from_args(args)
-  check_study(parser, args, base, names)
+  checked = check_study(parser, args, base, names, seeds)
   workdir, output_dir = args.workdir, args.output_dir
   check_folder(parser, "--output-dir", output_dir)
   if not args.no_checkpoints:
@@ -211,9 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   start = time.perf_counter()
   try:
     result = study_lib.run_study(
-      base,
-      names,
-      seeds,
+      checked,
       workdir=None if args.no_checkpoints else workdir,
       resume=not args.fresh,
       progress=not args.no_progress,
@@ -239,7 +245,3 @@ def main(argv: Sequence[str] | None = None) -> int:
   status = "" if result["completed"] else " (stopped early; run again to resume)"
   print(f"\nwall time {result['wall_time_s']:.1f} s{status}; wrote {out['json']} and {len(out['pngs'])} PNG(s)")
   return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

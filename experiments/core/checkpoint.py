@@ -7,7 +7,7 @@ A checkpoint at step ``s`` holds two items:
   schedule and momentum included - and the optimizer's step counter);
 - ``meta``: JSON with the step and the history logged so far.
 
-The data order is a function of ``(seed, epoch)`` (see ``experiments.data``),
+The data order is a function of ``(seed, epoch)`` (see ``experiments.core.data``),
 so the step alone fixes the data position; a resumed run is bitwise equal to
 an uninterrupted one.
 

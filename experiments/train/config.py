@@ -3,9 +3,9 @@
 One frozen dataclass holds every hyperparameter of one run (one method, one
 seed); the study in ``experiments.train`` varies ``method`` and ``seed``.
 Fields left as ``None`` (or ``"auto"``) are resolved from the data set and
-model by ``experiments.checks.resolve``, so a configuration printed into the results JSON is
+model by ``experiments.train.checks.resolve``, so a configuration printed into the results JSON is
 always the complete one that ran. Its fields, their ranges and flags are declared with
-``experiments.config.setting``.
+``experiments.core.config.setting``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import hashlib
 import json
 from collections.abc import Iterable
 
-from experiments.config import StudyConfig, setting
-from experiments.models import MODELS
+from experiments.core.config import StudyConfig, setting
+from experiments.core.models import MODELS
 
 MAX_SEED = 2**32 - 1
 """Seeds above it would repeat others' initialisations (JAX keys take 32 bits)."""
@@ -29,10 +29,10 @@ class TrainConfig(StudyConfig):
   """Hyperparameters of one training run.
 
   Each field's ``help`` (``python -m experiments.train --help``) says what it
-  is and the range :class:`~experiments.config.StudyConfig` checks it against.
+  is and the range :class:`~experiments.core.config.StudyConfig` checks it against.
   ``method`` and ``seed`` have no flag: the study sets them per run.
   ``devices`` is checked against the machine by
-  ``experiments.checks.check_devices``: a 1-D mesh over the first N of
+  ``experiments.train.checks.check_devices``: a 1-D mesh over the first N of
   ``jax.devices()``, the batch sharded along its leading axis, parameters and
   optimizer state replicated, the same jitted step (global semantics: equal to
   one device up to the order of float reductions); 1 places nothing explicitly.
@@ -49,7 +49,7 @@ class TrainConfig(StudyConfig):
   )
   width: int = setting(32, "base width (channels or hidden units) of the small models", low=1, group=_DATA)
   batch_norm: bool = setting(False, "BatchNorm in the MLP / 1-D CNN (the others always have it)", group=_DATA)
-  method: str = setting("sgd", "optimizer name in experiments.methods.METHODS", flag=None)
+  method: str = setting("sgd", "optimizer name in experiments.core.methods.METHODS", flag=None)
   seed: int = setting(0, "initialisation and data-order seed", flag=None, low=0, high=MAX_SEED)
   epochs: int = setting(60, "training epochs", low=1, group=_OPT)
   batch_size: int = setting(100, "training batch size, at most the training examples", low=1, group=_OPT)
@@ -133,7 +133,7 @@ class TrainConfig(StudyConfig):
 
     Args:
       ignore: further fields to leave out, e.g. the hyperparameters that the
-        run's method does not use (``experiments.methods.unused_fields``:
+        run's method does not use (``experiments.core.methods.unused_fields``:
         SGD's runs do not depend on ``rho``).
     """
     skip = {"stop_after_epochs", "checkpoint_every", "data_dir", *ignore}

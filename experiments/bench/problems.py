@@ -1,4 +1,7 @@
-"""The models and problems of ``experiments.bench``: Flax MLP, small CNN and ResNet-18 on random batches."""
+"""The problems of ``experiments.bench``: the zoo's MLP, small CNN and ResNet-18 on random batches.
+
+The models are those of ``experiments.core.models``; only the batch (random images and labels) is made here.
+"""
 
 from __future__ import annotations
 
@@ -6,36 +9,13 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
-
-class MLP(nn.Module):
-  width: int = 256
-
-  @nn.compact
-  def __call__(self, x):
-    x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(self.width)(x))
-    x = nn.relu(nn.Dense(self.width)(x))
-    return nn.Dense(10)(x)
-
-
-class SmallCNN(nn.Module):
-  """Four 3x3 convs (one at full resolution, three with stride 2), ~0.39M params."""
-
-  width: int = 32
-
-  @nn.compact
-  def __call__(self, x):
-    w = self.width
-    x = nn.relu(nn.Conv(w, (3, 3))(x))
-    for mult in (2, 4, 8):
-      x = nn.relu(nn.Conv(w * mult, (3, 3), strides=(2, 2))(x))
-    return nn.Dense(10)(x.mean(axis=(1, 2)))
+from experiments.core import models
 
 
 def _classification(batch, image, seed, init, apply):
@@ -57,24 +37,9 @@ def _classification(batch, image, seed, init, apply):
   return params, functools.partial(loss, batch={"x": x, "y": y})
 
 
-def _problem(model, batch, image, seed=0):
-  """A Linen model's ``(params, loss_of)``."""
-  return _classification(
-    batch,
-    image,
-    seed,
-    lambda x: model.init(jax.random.key(seed), x)["params"],
-    lambda p, x: model.apply({"params": p}, x),
-  )
-
-
-def _resnet18_problem(batch, image, seed=0):
-  """ResNet-18 (``experiments.models``, Flax NNX, BatchNorm in training mode) as ``(params, loss_of)``."""
-  from flax import nnx
-
-  from experiments import models
-
-  graphdef, params, *rest = nnx.split(models.ResNet18(3, 10, rngs=nnx.Rngs(seed)), nnx.Param, ...)
+def _nnx_problem(model: nnx.Module, batch: int, image: int, seed: int) -> tuple[Any, Callable[[Any], jax.Array]]:
+  """An NNX model of ``experiments.core.models`` as ``(params, loss_of)``; BatchNorm (if any) in training mode."""
+  graphdef, params, *rest = nnx.split(model, nnx.Param, ...)
 
   def apply(p, x):
     return nnx.merge(graphdef, p, *rest, copy=True)(x, train=True)  # batch statistics; their update is dropped
@@ -83,11 +48,12 @@ def _resnet18_problem(batch, image, seed=0):
 
 
 def problems(mlp_width: int, cnn_width: int) -> dict[str, Callable[[int, int], tuple[Any, Callable[[Any], jax.Array]]]]:
-  """Model name -> ``(batch, image) -> (params, loss_of)``."""
+  """Model name -> ``(batch, image) -> (params, loss_of)``: the zoo's MLP, SmallCNN and ResNet-18 on RGB images."""
+  rngs = lambda: nnx.Rngs(0)
   return {
-    "mlp": lambda b, i: _problem(MLP(mlp_width), b, i),
-    "cnn": lambda b, i: _problem(SmallCNN(cnn_width), b, i),
-    "resnet18": _resnet18_problem,
+    "mlp": lambda b, i: _nnx_problem(models.MLP(i * i * 3, 10, hidden=(mlp_width, mlp_width), rngs=rngs()), b, i, 0),
+    "cnn": lambda b, i: _nnx_problem(models.SmallCNN(3, 10, width=cnn_width, rngs=rngs()), b, i, 0),
+    "resnet18": lambda b, i: _nnx_problem(models.ResNet18(3, 10, rngs=rngs()), b, i, 0),
   }
 
 

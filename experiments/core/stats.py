@@ -1,4 +1,6 @@
-"""The protocol's statistics, in numpy only: Student's t quantiles, paired differences with t confidence intervals.
+"""The studies' statistics, in numpy only: Student's t quantiles, paired differences with t confidence intervals.
+
+Used by the protocol and the language-model study.
 
 The t quantile inverts the t distribution's CDF, written with the
 regularized incomplete beta function (continued fraction, as in Numerical

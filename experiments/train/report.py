@@ -25,12 +25,13 @@ import datetime
 import json
 import math
 import os
-import platform
 import sys
 import warnings
 from typing import Any
 
 import numpy as np
+
+from experiments.core import report as core_report
 
 RESULTS_FILE = "results.json"
 ACCURACY_PNG = "accuracy.png"
@@ -160,19 +161,6 @@ def sharpness_summary(study: dict) -> str:
   return "\n".join(lines)
 
 
-def _machine() -> dict:
-  import jax
-
-  return {
-    "platform": platform.platform(),
-    "python": platform.python_version(),
-    "cpu_count": os.cpu_count(),
-    "jax_backend": jax.default_backend(),
-    "devices": [str(d) for d in jax.devices()],
-    "jax": jax.__version__,
-  }
-
-
 def write_json(study: dict, path: str, *, command: list | None = None) -> dict:
   """Writes the study (plus date, machine and command) to ``path`` as JSON.
 
@@ -183,7 +171,7 @@ def write_json(study: dict, path: str, *, command: list | None = None) -> dict:
     "study": "classification: SGD vs sharpness-aware methods",
     "date": datetime.datetime.now().isoformat(timespec="seconds"),
     "command": command if command is not None else sys.argv,
-    "machine": _machine(),
+    "machine": core_report.machine(),
     "wall_time_s": study["wall_time_s"],
     "completed": study["completed"],
     "table": table(study),
@@ -194,21 +182,10 @@ def write_json(study: dict, path: str, *, command: list | None = None) -> dict:
       name: {**entry, "diverged": [diverged(h) for h in entry["histories"]]} for name, entry in study["methods"].items()
     },
   }
-  text = json.dumps(rounded(doc), indent=1, allow_nan=False)
+  text = json.dumps(core_report.rounded(doc), indent=1, allow_nan=False)
   with open(path, "w") as f:
     f.write(text)
   return doc
-
-
-def rounded(obj: Any, digits: int = 6) -> Any:
-  """Floats rounded to ``digits`` significant digits (keeps the JSON small); NaN and infinities as None (null)."""
-  if isinstance(obj, (float, np.floating)):
-    return float(f"{obj:.{digits}g}") if math.isfinite(obj) else None
-  if isinstance(obj, dict):
-    return {k: rounded(v, digits) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [rounded(v, digits) for v in obj]
-  return obj
 
 
 def _mean_std(curves):

@@ -1,13 +1,10 @@
-"""The benches' shared plumbing: what every report starts with (date, machine, versions) and how it is written,
-the default hyperparameters, a training step, compiling with XLA's memory estimate, and round-robin timing."""
+"""The benches' shared plumbing: how a report is written, the default hyperparameters, a training step,
+compiling with XLA's memory estimate, and round-robin timing (the header: :func:`experiments.core.report.header`)."""
 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,37 +15,6 @@ import optax
 
 RHO, RHO_MAX, LEARNING_RATE = 0.05, 0.1, 0.05
 """The benches' default ascent radius, XSAM probe radius and base learning rate."""
-
-
-def cpu_name() -> str:
-  """The CPU's model name (``/proc/cpuinfo``, else ``lscpu``), else what ``platform`` knows."""
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False, timeout=10).stdout
-    for line in out.splitlines():
-      if line.startswith("Model name"):
-        return line.split(":", 1)[1].strip()
-  except (OSError, subprocess.SubprocessError):
-    pass
-  return platform.processor() or platform.machine()
-
-
-def header() -> dict[str, Any]:
-  """Date, device, CPU, host and versions: the first keys of every bench JSON."""
-  device = jax.devices()[0]
-  return {
-    "date": time.strftime("%Y-%m-%d"),
-    "device": f"{device.platform}: {getattr(device, 'device_kind', '')}",
-    "cpu": cpu_name(),
-    "host": f"{platform.machine()}, {jax.device_count()} device(s), {os.cpu_count()} CPU cores",
-    "jax": jax.__version__,
-    "optax": optax.__version__,
-  }
 
 
 def write(out_dir: str, filename: str, report: dict[str, Any], text: str) -> None:

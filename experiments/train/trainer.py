@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
-import time
 from typing import Any, NamedTuple, cast
 
 import jax
@@ -36,13 +34,12 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from tqdm.auto import tqdm
 
-from experiments import checkpoint as ckpt_lib
-from experiments import data as data_lib
-from experiments import methods, models
-from experiments.checks import check_devices, resolve
-from experiments.configs import TrainConfig
+from experiments.core import data as data_lib
+from experiments.core import engine, methods, models
+from experiments.train import resume as resume_lib
+from experiments.train.checks import check_devices, resolve
+from experiments.train.config import TrainConfig
 
 DIAGNOSTICS = ("alpha", "theta", "grad_norm", "perturbed_loss")
 """Scalar fields of a method's optax state logged every step when present (with ``perturbed_loss``, also
@@ -248,18 +245,13 @@ def run_name(config: TrainConfig) -> str:
   """The checkpoint folder name of a run: method, K (if it has ascent steps), seed and config hash.
 
   The hash leaves out the hyperparameters the method does not read
-  (:func:`experiments.methods.unused_fields`): SGD's runs do not depend on
+  (:func:`experiments.core.methods.unused_fields`): SGD's runs do not depend on
   ``rho``, ``num_steps`` or XSAM's settings, SAM's not on XSAM's, so a
   study re-run with another ``rho`` reuses SGD's finished runs.
   """
   unused = methods.unused_fields(config.method)
   k = "" if "num_steps" in unused else f"_k{config.num_steps}"
   return f"{config.method}{k}_seed{config.seed}_{config.fingerprint(ignore=unused)}"
-
-
-def _new_history() -> dict:
-  keys = ["epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate", "time_s"]
-  return {k: [] for k in keys}
 
 
 def _log_epoch(history: dict, epoch: int, step_metrics: list, test: dict, lr: float, elapsed: float) -> None:
@@ -281,51 +273,6 @@ def _log_epoch(history: dict, epoch: int, step_metrics: list, test: dict, lr: fl
     history.setdefault("probe_losses", []).append([float(x) for x in stacked["probe_losses"][-1]])
 
 
-def _resume_point(
-  meta: dict, saved_step: int | None, steps_per_epoch: int, total_steps: int
-) -> tuple[int, dict, float]:
-  """``(step, history, elapsed_s)`` from a checkpoint's ``meta``; ValueError etc. if inconsistent."""
-  step, history, elapsed = int(meta["step"]), meta["history"], float(meta["elapsed_s"])
-  if step != saved_step or not 0 < step <= total_steps or step % steps_per_epoch:
-    raise ValueError(f"meta says step {step} in the checkpoint of step {saved_step} (of {total_steps} steps)")
-  if not isinstance(history, dict) or any(
-    not isinstance(history.get(k), list) or len(history[k]) != step // steps_per_epoch for k in _new_history()
-  ):
-    raise ValueError(f"the history does not hold the {step // steps_per_epoch} epochs of step {step}")
-  return step, history, elapsed
-
-
-def _open_run(
-  run_dir: str, state: nnx.State, *, resume: bool, steps_per_epoch: int, total_steps: int
-) -> tuple[ckpt_lib.RunCheckpointer, nnx.State, int, dict, float]:
-  """The run's checkpointer and its resume point: ``(checkpointer, state, step, history, elapsed_s)``.
-
-  Without ``resume`` the folder is deleted first; otherwise its newest
-  checkpoint, if any, is restored onto the shardings of ``state``.
-
-  Raises:
-    experiments.checkpoint.CheckpointError: for a damaged folder.
-  """
-  if not resume and os.path.isdir(run_dir):
-    shutil.rmtree(run_dir)
-  elif not resume and os.path.lexists(run_dir):
-    os.remove(run_dir)
-  checkpointer = ckpt_lib.RunCheckpointer(run_dir)
-  step, history, elapsed = 0, _new_history(), 0.0
-  try:
-    saved = checkpointer.latest_step()
-    if saved is not None:
-      state, meta = checkpointer.restore(state, saved)
-      step, history, elapsed = _resume_point(meta, saved, steps_per_epoch, total_steps)
-  except ckpt_lib.CheckpointError:
-    checkpointer.close()
-    raise
-  except (KeyError, TypeError, ValueError) as e:
-    checkpointer.close()
-    raise ckpt_lib.CheckpointError(checkpointer.directory, e) from e
-  return checkpointer, state, step, history, elapsed
-
-
 def check_checkpoint(config: TrainConfig, workdir: str, *, data: data_lib.Dataset) -> None:
   """Reads the run's checkpoint, if its folder exists, and raises if it is damaged; trains nothing.
 
@@ -334,7 +281,7 @@ def check_checkpoint(config: TrainConfig, workdir: str, *, data: data_lib.Datase
   trained again, not after.
 
   Raises:
-    experiments.checkpoint.CheckpointError: as :func:`train_and_evaluate` with ``resume``.
+    experiments.core.checkpoint.CheckpointError: as :func:`train_and_evaluate` with ``resume``.
   """
   data = data.subset(config.train_subset, config.test_subset)
   run_dir = os.path.join(workdir, run_name(resolve(config, data)))
@@ -342,7 +289,7 @@ def check_checkpoint(config: TrainConfig, workdir: str, *, data: data_lib.Datase
     return  # nothing to read: no model is built
   config, _, state = init_run(config, data)
   steps_per_epoch = len(data.y_train) // config.batch_size
-  checkpointer, *_ = _open_run(
+  checkpointer, *_ = resume_lib.open_run(
     run_dir, state, resume=True, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * config.epochs
   )
   checkpointer.close()
@@ -377,7 +324,7 @@ def train_and_evaluate(
     A :class:`TrainResult`.
 
   Raises:
-    experiments.checkpoint.CheckpointError: when the run's checkpoint folder
+    experiments.core.checkpoint.CheckpointError: when the run's checkpoint folder
       in ``workdir`` is damaged (with ``resume``; ``resume=False`` deletes it).
   """
   parallel = data_parallel(config)  # validates devices before loading anything
@@ -391,9 +338,9 @@ def train_and_evaluate(
   schedule = optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1))
 
   checkpointer = None
-  step, history, elapsed = 0, _new_history(), 0.0
+  step, history, elapsed = 0, resume_lib.new_history(), 0.0
   if workdir is not None:
-    checkpointer, state, step, history, elapsed = _open_run(
+    checkpointer, state, step, history, elapsed = resume_lib.open_run(
       os.path.join(workdir, run_name(config)),
       state,
       resume=resume,
@@ -401,50 +348,47 @@ def train_and_evaluate(
       total_steps=total_steps,
     )
 
-  bar = tqdm(
-    total=total_steps,
-    initial=step,
-    disable=not progress,
-    unit="step",
-    mininterval=0.5,
-    desc=f"{config.method} K={config.num_steps} seed={config.seed}",
-    dynamic_ncols=True,
-  )
-  completed = step >= total_steps
-  start_epoch = step // steps_per_epoch
-  for epoch in range(start_epoch, config.epochs):
-    t0 = time.perf_counter()
-    batches = data_lib.EpochBatches(
-      data, seed=config.seed, epoch=epoch, batch_size=config.batch_size, augment=config.augment
-    )
-    step_metrics = []
-    for i in range(step - epoch * steps_per_epoch, steps_per_epoch):
-      x, y = batches[i]
-      if parallel is not None:
-        x, y = jax.device_put((x, y), parallel.batch)
-      state, metrics = train_step(graphdef, state, x, y)
-      step_metrics.append(metrics)
-      step += 1
-      bar.update(1)
-    test = evaluate(
+  augment = config.augment
+
+  def batches(epoch: int) -> data_lib.EpochBatches:
+    return data_lib.EpochBatches(data, seed=config.seed, epoch=epoch, batch_size=config.batch_size, augment=augment)
+
+  def step_fn(state: nnx.State, xy: tuple[np.ndarray, np.ndarray]) -> tuple[nnx.State, dict]:
+    if parallel is not None:
+      xy = jax.device_put(xy, parallel.batch)
+    return train_step(graphdef, state, *xy)
+
+  def evaluate_state(state: nnx.State) -> dict:
+    return evaluate(
       graphdef, state, data, config.eval_batch_size, sharding=None if parallel is None else parallel.batch
     )
-    elapsed += time.perf_counter() - t0
+
+  def log(epoch: int, step: int, step_metrics: list, test: dict, elapsed: float) -> dict[str, str]:
     _log_epoch(history, epoch, step_metrics, test, float(cast(jax.Array, schedule(step - 1))), elapsed)
     postfix = {"test_acc": f"{test['test_accuracy']:.3f}", "loss": f"{history['train_loss'][-1]:.4f}"}
     if "sharpness" in history:  # L(w + d) - L(w), the epoch's mean
       postfix["sharpness"] = f"{history['sharpness'][-1]:.4f}"
-    bar.set_postfix(postfix, refresh=False)
-    done = epoch + 1 == config.epochs
-    stop = config.stop_after_epochs is not None and epoch + 1 >= config.stop_after_epochs and not done
-    every = config.checkpoint_every
-    if checkpointer is not None and (done or stop or (every > 0 and (epoch + 1) % every == 0)):
-      checkpointer.save(step, state, {"step": step, "history": history, "elapsed_s": elapsed})
-    if done:
-      completed = True
-    if stop:
-      break
-  bar.close()
+    return postfix
+
+  def save(step: int, state: nnx.State, elapsed: float) -> None:
+    assert checkpointer is not None
+    checkpointer.save(step, state, {"step": step, "history": history, "elapsed_s": elapsed})
+
+  state, done, completed = engine.fit(
+    state,
+    epochs=config.epochs,
+    steps_per_epoch=steps_per_epoch,
+    start=engine.Progress(step, elapsed),
+    batches=batches,
+    step=step_fn,
+    evaluate=evaluate_state,
+    log=log,
+    save=None if checkpointer is None else save,
+    checkpoint_every=config.checkpoint_every,
+    stop_after_epochs=config.stop_after_epochs,
+    progress=progress,
+    desc=f"{config.method} K={config.num_steps} seed={config.seed}",
+  )
   if checkpointer is not None:
     checkpointer.close()
-  return TrainResult(config, graphdef, state, history, step, completed)
+  return TrainResult(config, graphdef, state, history, done.step, completed)

@@ -7,13 +7,13 @@ runs differ in their seed and in the traced hyperparameters of
 GSAM's alpha, WSAM's gamma), so one compiled program serves a whole grid.
 Inside, a run is
 
-1. the model's initial parameters (``experiments.models.make_model`` with the
+1. the model's initial parameters (``experiments.core.models.make_model`` with the
    run's seed, made on the host and stacked);
 2. ``epochs * steps_per_epoch`` optimizer steps in one ``lax.scan``: the batch
    is gathered on device from the training arrays by the run's index order
-   (``experiments.data.epoch_order(seed, epoch)``, as the main job), the clean
+   (``experiments.core.data.epoch_order(seed, epoch)``, as the main job), the clean
    pass is ``jax.value_and_grad`` of the cross-entropy, and the optimizer is
-   ``experiments.methods.chain(method, *sgd_base(lr, momentum, wd, T))``;
+   ``experiments.core.methods.chain(method, *sgd_base(lr, momentum, wd, T))``;
 3. the loss and accuracy on the evaluation split (validation while tuning,
    test in the final stage: the caller passes one, never both) and on the
    training split.
@@ -29,7 +29,6 @@ are only ever incremented, so they stay unbatched through the scan and the
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 from collections.abc import Sequence
@@ -40,9 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import data as data_lib
-from experiments import methods
-from experiments.protocol import nets
+from experiments.core import engine, methods, pure_models
 
 TRACED = ("lr", "wd", "rho", "rho_max", "alpha", "gamma")
 """The hyperparameters passed to the compiled program as (batched) arrays."""
@@ -67,8 +64,8 @@ class Static:
   """What fixes the compiled program: runs sharing it batch together.
 
   Attributes:
-    model, width: ``experiments.models.make_model``'s name and width.
-    method: a key of :data:`METHOD_READS` (and of ``experiments.methods.METHODS``).
+    model, width: ``experiments.core.models.make_model``'s name and width.
+    method: a key of :data:`METHOD_READS` (and of ``experiments.core.methods.METHODS``).
     num_steps: ascent steps K (1 for methods without an ascent).
     epochs, batch_size: training length; steps per epoch = train size // batch size.
     momentum: SGD momentum of the base optimizer.
@@ -108,16 +105,9 @@ def hyperparameters(method: str, values: dict[str, float]) -> dict[str, float]:
   return {n: float(values[n]) for n in names}
 
 
-def init_params(static: Static, seed: int, input_shape: tuple[int, ...], num_classes: int) -> nets.Params:
-  """The run's initial parameters: ``experiments.models.make_model``'s with ``seed`` (see ``nets.init``)."""
-  return nets.init(static.model, input_shape, num_classes, width=static.width, seed=seed)
-
-
-def data_order(seed: int, epochs: int, n: int, batch_size: int) -> np.ndarray:
-  """``(epochs * (n // batch_size), batch_size)`` int32 indices: each epoch's ``epoch_order(seed, epoch, n)``."""
-  steps = n // batch_size
-  rows = [data_lib.epoch_order(seed, e, n)[: steps * batch_size].reshape(steps, batch_size) for e in range(epochs)]
-  return np.concatenate(rows).astype(np.int32)
+def init_params(static: Static, seed: int, input_shape: tuple[int, ...], num_classes: int) -> pure_models.Params:
+  """The run's initial parameters: ``experiments.core.models.make_model``'s with ``seed`` (see ``pure_models.init``)."""
+  return pure_models.init(static.model, input_shape, num_classes, width=static.width, seed=seed)
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -130,26 +120,43 @@ def _method_state(opt_state: Any) -> Any:
   return first if hasattr(first, "perturbed_loss") else None
 
 
-def run_fn(static: Static, steps_per_epoch: int) -> Any:
-  """One run's training as a pure function ``(hp, params, order, x, y) -> (params, per-epoch metrics)``.
+def _monitor(loss: jax.Array, opt_state: Any) -> dict[str, jax.Array]:
+  state = _method_state(opt_state)
+  out = {}
+  if state is not None:
+    out["sharpness"] = state.perturbed_loss - loss
+    if hasattr(state, "alpha"):
+      out["alpha"] = state.alpha
+      out["probe_gap"] = state.max_loss - state.perturbed_loss
+  return out
 
-  Vmap it over ``hp``, ``params`` and ``order``. The per-epoch metrics are
-  the means over each epoch's steps of the clean training loss and of the
-  method's diagnostics: ``sharpness`` (``L(w + d_K) - L(w)``) and, for XSAM,
-  ``alpha`` (constant within an epoch: one probe round per epoch) and
-  ``probe_gap`` (the last probe round's highest loss minus the ascent
-  point's); XSAM also returns its last round's ``probe_losses``.
+
+def _final(opt_state: Any) -> dict[str, jax.Array]:
+  state = _method_state(opt_state)
+  return {"probe_losses": state.probe_losses} if state is not None and hasattr(state, "probe_losses") else {}
+
+
+def run_fn(static: Static, steps_per_epoch: int) -> Any:
+  """One run's training as a pure function ``(hp, params, order, (x, y)) -> (params, per-epoch metrics)``.
+
+  :func:`experiments.core.engine.scan_run` with the cross-entropy of the
+  model, SGD (``methods.sgd_base``) after the method, and the batch gathered
+  on device from the training arrays. Vmap it over ``hp``, ``params`` and
+  ``order``. The per-epoch metrics are the means over each epoch's steps of
+  the clean training loss and of the method's diagnostics: ``sharpness``
+  (``L(w + d_K) - L(w)``) and, for XSAM, ``alpha`` (constant within an epoch:
+  one probe round per epoch) and ``probe_gap`` (the last probe round's
+  highest loss minus the ascent point's); XSAM also returns its last
+  round's ``probe_losses``.
 
   Args:
     static: the program's settings.
     steps_per_epoch: optimizer steps per epoch (XSAM probes alpha once per epoch, the paper's schedule).
   """
   total = steps_per_epoch * static.epochs
-  apply = nets.forward(static.model)
+  apply = pure_models.forward(static.model)
 
-  def run(
-    hp: dict[str, jax.Array], params: Any, order: jax.Array, x_train: jax.Array, y_train: jax.Array
-  ) -> tuple[Any, dict[str, jax.Array]]:
+  def make_tx(hp: Any) -> optax.GradientTransformationExtraArgs:
     warmup = static.warmup_epochs * steps_per_epoch
     base = methods.sgd_base(cast(Any, hp["lr"]), static.momentum, cast(Any, hp["wd"]), total, warmup)  # traced
     kwargs: dict[str, Any] = {k: hp[k] for k in METHOD_READS[static.method]}
@@ -157,33 +164,17 @@ def run_fn(static: Static, steps_per_epoch: int) -> Any:
       kwargs["num_steps"] = static.num_steps
     if static.method == "xsam":
       kwargs["alpha_update_period"] = steps_per_epoch
-    tx = methods.chain(static.method, *base, **kwargs)
-    opt_state = tx.init(params)  # made inside the vmapped function: its int counters stay unbatched
+    return methods.chain(static.method, *base, **kwargs)
 
-    def step(carry: tuple[Any, Any], idx: jax.Array) -> tuple[tuple[Any, Any], dict[str, jax.Array]]:
-      params, opt_state = carry
-      x, y = x_train[idx], y_train[idx]
-      loss_fn = lambda p: _cross_entropy(apply(p, x), y)
-      loss, grads = jax.value_and_grad(loss_fn)(params)
-      updates, opt_state = tx.update(grads, opt_state, params, loss_fn=loss_fn)
-      params = optax.apply_updates(params, updates)
-      out = {"loss": loss}
-      state = _method_state(opt_state)
-      if state is not None:
-        out["sharpness"] = state.perturbed_loss - loss
-        if hasattr(state, "alpha"):
-          out["alpha"] = state.alpha
-          out["probe_gap"] = state.max_loss - state.perturbed_loss
-      return (params, opt_state), out
-
-    (params, opt_state), trace = jax.lax.scan(step, (params, opt_state), order)
-    metrics = {f"epoch_{k}": v.reshape(static.epochs, steps_per_epoch).mean(axis=1) for k, v in trace.items()}
-    state = _method_state(opt_state)
-    if state is not None and hasattr(state, "probe_losses"):
-      metrics["probe_losses"] = state.probe_losses
-    return params, metrics
-
-  return run
+  return engine.scan_run(
+    lambda params, batch: _cross_entropy(apply(params, batch[0]), batch[1]),
+    make_tx,
+    steps_per_epoch=steps_per_epoch,
+    epochs=static.epochs,
+    gather=lambda data, idx: (data[0][idx], data[1][idx]),
+    monitor=_monitor,
+    final=_final,
+  )
 
 
 def _program(static: Static) -> Static:
@@ -196,14 +187,14 @@ def compiled(program: Static, steps_per_epoch: int, batched: bool) -> Any:
   """The jitted training program: ``vmap`` of :func:`run_fn` over (hp, params, order) if ``batched``."""
   run = run_fn(program, steps_per_epoch)
   if batched:
-    run = jax.vmap(run, in_axes=(0, 0, 0, None, None))
+    run = jax.vmap(run, in_axes=(0, 0, 0, None))
   return jax.jit(run)
 
 
 @functools.lru_cache(maxsize=8)
 def evaluator(model: str, batched: bool) -> Any:
   """The jitted ``(params, x, y) -> (mean loss, accuracy)`` of ``model`` (vmapped over params if ``batched``)."""
-  apply = nets.forward(model)
+  apply = pure_models.forward(model)
 
   def evaluate(params: Any, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
     logits = apply(params, x)
@@ -244,7 +235,7 @@ def train_runs(
     raise ValueError(f"{n_train} training examples make no batch of {static.batch_size}")
   inits = [init_params(static, s, input_shape, num_classes) for s in seeds]
   names = sorted(hps[0])
-  orders = [data_order(s, static.epochs, n_train, static.batch_size) for s in seeds]
+  orders = [engine.data_order(s, static.epochs, n_train, static.batch_size) for s in seeds]
   train = compiled(_program(static), steps_per_epoch, batched)
   evaluate = evaluator(static.model, batched)
 
@@ -257,12 +248,12 @@ def train_runs(
   if batched:
     hp = {n: jnp.asarray([h[n] for h in hps], jnp.float32) for n in names}
     params = jax.tree.map(lambda *xs: jnp.stack(xs), *inits)
-    out = finish(*train(hp, params, jnp.asarray(np.stack(orders)), problem.x_train, problem.y_train))
+    out = finish(*train(hp, params, jnp.asarray(np.stack(orders)), (problem.x_train, problem.y_train)))
     return [{k: np.asarray(v[i]) for k, v in out.items()} for i in range(len(seeds))]
   results = []
   for h, params, order in zip(hps, inits, orders, strict=True):
     hp = {n: jnp.asarray(h[n], jnp.float32) for n in names}
-    out = finish(*train(hp, params, jnp.asarray(order), problem.x_train, problem.y_train))
+    out = finish(*train(hp, params, jnp.asarray(order), (problem.x_train, problem.y_train)))
     results.append({k: np.asarray(v) for k, v in out.items()})
   return results
 
@@ -283,44 +274,13 @@ def cond_survives(static: Static, problem: Problem, *, input_shape: tuple[int, .
   names = ("lr", "wd", *METHOD_READS[static.method])
   order = jnp.zeros((spe * static.epochs, static.batch_size), jnp.int32)
   run = run_fn(static, spe)
-  single = jax.make_jaxpr(run)({n: jnp.float32(0.1) for n in names}, params, order, problem.x_train, problem.y_train)
-  batched = jax.make_jaxpr(jax.vmap(run, in_axes=(0, 0, 0, None, None)))(
+  data = (problem.x_train, problem.y_train)
+  single = jax.make_jaxpr(run)({n: jnp.float32(0.1) for n in names}, params, order, data)
+  batched = jax.make_jaxpr(jax.vmap(run, in_axes=(0, 0, 0, None)))(
     {n: jnp.full((2,), 0.1, jnp.float32) for n in names},
     jax.tree.map(lambda x: jnp.stack([x, x]), params),
     jnp.stack([order, order]),
-    problem.x_train,
-    problem.y_train,
+    data,
   )
-  count = model_conds(single.jaxpr)
-  return count > 0 and model_conds(batched.jaxpr) == count
-
-
-def _subjaxprs(eqn: Any) -> list[Any]:
-  out = []
-  for value in eqn.params.values():
-    for sub in value if isinstance(value, (tuple, list)) else (value,):
-      inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr, or a Jaxpr
-      if hasattr(inner, "eqns"):
-        out.append(inner)
-  return out
-
-
-def primitives(jaxpr: Any) -> collections.Counter[str]:
-  """How often each primitive occurs in ``jaxpr`` and in the jaxprs nested in its equations (scan, cond bodies)."""
-  names: collections.Counter[str] = collections.Counter()
-  for eqn in jaxpr.eqns:
-    names[eqn.primitive.name] += 1
-    for inner in _subjaxprs(eqn):
-      names += primitives(inner)
-  return names
-
-
-def model_conds(jaxpr: Any) -> int:
-  """The number of ``cond`` equations in ``jaxpr`` (nested ones included) whose branches contain a ``dot_general``."""
-  count = 0
-  for eqn in jaxpr.eqns:
-    subs = _subjaxprs(eqn)
-    if eqn.primitive.name == "cond" and any(primitives(b)["dot_general"] for b in subs):
-      count += 1
-    count += sum(model_conds(b) for b in subs)
-  return count
+  count = engine.model_conds(single.jaxpr)
+  return count > 0 and engine.model_conds(batched.jaxpr) == count

@@ -1,21 +1,21 @@
 """A comparison study: several methods times several seeds, one data set.
 
-Runs :func:`experiments.trainer.train_and_evaluate` for every (method, seed)
+Runs :func:`experiments.train.trainer.train_and_evaluate` for every (method, seed)
 pair on one shared in-memory data set and collects the histories; the
-report (table, JSON, plots) is written by ``experiments.report``.
+report (table, JSON, plots) is written by ``experiments.train.report``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from experiments import checks, trainer
-from experiments import data as data_lib
-from experiments.configs import TrainConfig
+from experiments.core import data as data_lib
+from experiments.train import checks, trainer
+from experiments.train.config import TrainConfig
 
 
 def summarize(values: Sequence[float]) -> dict:
@@ -25,10 +25,28 @@ def summarize(values: Sequence[float]) -> dict:
   return {"mean": float(arr.mean()), "std": std, "n": int(arr.size)}
 
 
+class Plan(NamedTuple):
+  """A checked study: made only by :func:`plan`, which runs every check of the configuration once."""
+
+  base: TrainConfig
+  method_names: tuple[str, ...]
+  seeds: tuple[int, ...]
+
+
+def plan(base: TrainConfig, method_names: Sequence[str], seeds: Sequence[int]) -> Plan:
+  """Checks the study (:func:`experiments.train.checks.check_study`, before any data is loaded) and returns it.
+
+  Raises:
+    experiments.core.config.ConfigError: as :func:`run_study`.
+  """
+  checks.check_study(base, method_names)
+  return Plan(base, tuple(method_names), tuple(seeds))
+
+
 def run_study(
-  base: TrainConfig,
-  method_names: Sequence[str],
-  seeds: Sequence[int],
+  base: TrainConfig | Plan,
+  method_names: Sequence[str] = (),
+  seeds: Sequence[int] = (),
   *,
   workdir: str | None,
   resume: bool = True,
@@ -39,9 +57,10 @@ def run_study(
 
   Args:
     base: the configuration shared by all runs (``method`` and ``seed`` are
-      overridden per run); ``base.devices > 1`` trains every run data
-      parallel (see ``experiments.trainer``).
-    method_names: names understood by ``experiments.methods``.
+      overridden per run), or a :class:`Plan` already checked (then
+      ``method_names`` and ``seeds`` come from it); ``base.devices > 1`` trains every run data
+      parallel (see ``experiments.train.trainer``).
+    method_names: names understood by ``experiments.core.methods``.
     seeds: the seeds; each run's initialisation and data order.
     workdir: checkpoint folder (None: no checkpoints).
     resume: continue runs found in ``workdir``; False starts them afresh.
@@ -57,15 +76,16 @@ def run_study(
     count is recorded in every ``config`` (``devices``).
 
   Raises:
-    experiments.checkpoint.CheckpointError: a run's checkpoint folder in
+    experiments.core.checkpoint.CheckpointError: a run's checkpoint folder in
       ``workdir`` is damaged (with ``resume``), found before any run trains.
-    experiments.config.ConfigError: (a ``ValueError``) for anything
-      :func:`experiments.checks.check_study` rejects: an unknown or repeated
+    experiments.core.config.ConfigError: (a ``ValueError``) for anything
+      :func:`experiments.train.checks.check_study` rejects: an unknown or repeated
       method, hyperparameters a method's constructor rejects, a data set,
       model, batch size or ``base.devices`` the study cannot take (before any
       data is loaded).
   """
-  checks.check_study(base, method_names)
+  checked = base if isinstance(base, Plan) else plan(base, method_names, seeds)
+  base, method_names, seeds = checked
   start = time.perf_counter()
   data = data_lib.load_dataset(base.dataset, base.data_dir, download=download)
   if workdir is not None and resume:  # every run's checkpoint is readable, before any run trains

@@ -29,9 +29,11 @@ import numpy as np
 import optax
 
 import xsam_jax
-from experiments import bench_report, config
-from experiments.bench_models import MODELS, default_models, problems
-from experiments.config import setting
+from experiments.bench import common
+from experiments.bench.problems import MODELS, default_models, problems
+from experiments.core import config
+from experiments.core import report as core_report
+from experiments.core.config import setting
 from xsam_jax._src import base as base_lib
 from xsam_jax._src import tree_math as tm
 from xsam_jax._src.xsam import resolve_probe_batch_size
@@ -44,10 +46,10 @@ MICROBATCHES = 8
 class BenchConfig(config.StudyConfig):
   """What the bench times (the full bench; :meth:`quick` is the tests' tiny one)."""
 
-  rho: float = setting(bench_report.RHO, "SAM / XSAM ascent radius", low=0, low_open=True)
-  rho_max: float = setting(bench_report.RHO_MAX, "XSAM probe radius", low=0, low_open=True)
+  rho: float = setting(common.RHO, "SAM / XSAM ascent radius", low=0, low_open=True)
+  rho_max: float = setting(common.RHO_MAX, "XSAM probe radius", low=0, low_open=True)
   learning_rate: float = setting(
-    bench_report.LEARNING_RATE, "learning rate of the base SGD (momentum 0.9)", flag="lr", low=0, low_open=True
+    common.LEARNING_RATE, "learning rate of the base SGD (momentum 0.9)", flag="lr", low=0, low_open=True
   )
   weight_decay: float = setting(5e-4, "decoupled weight decay of the base optimizer", low=0)
   batch: int = setting(128, f"batch size (a multiple of {MICROBATCHES} for the microbatched entry)", low=1)
@@ -58,9 +60,9 @@ class BenchConfig(config.StudyConfig):
   repeats: int = setting(15, "timed round-robin rounds", low=1)
   compile_repeats: int = setting(3, "fresh compilations per step variant", low=1)
   probe_chunks: tuple[int, ...] = setting((1, 3, 7), "lax.map batch sizes of the probe strategies", low=1)
-  wide: bool = setting(True, "compile times on wide trees (experiments.bench_wide)")
-  controls: bool = setting(True, "epoch times of cheap SAM and LookSAM (experiments.bench_controls)")
-  probe_memory: bool = setting(True, "peak memory of memory-aware probes (experiments.bench_probe_memory)")
+  wide: bool = setting(True, "compile times on wide trees (experiments.bench.wide)")
+  controls: bool = setting(True, "epoch times of cheap SAM and LookSAM (experiments.bench.controls)")
+  probe_memory: bool = setting(True, "peak memory of memory-aware probes (experiments.bench.probe_memory)")
 
   @classmethod
   def quick(cls) -> BenchConfig:
@@ -122,12 +124,12 @@ def _variants(
   )
   grad_fn = lambda lo: {"grad_fn": jax.grad(lambda p, _: lo(p))}
   return {
-    "sgd": (optax.chain(*base), bench_report.make_step(optax.chain(*base), loss_of, lambda lo: {})),
-    "sam": (sam, bench_report.make_step(sam, loss_of)),
-    "plane_floor": (floor, bench_report.make_step(floor, loss_of)),
-    "xsam_nonprobe": (xs_never, bench_report.make_step(xs_never, loss_of)),
-    "xsam_probe": (xs_probe, bench_report.make_step(xs_probe, loss_of)),
-    "optax_contrib_sam": (contrib, bench_report.make_step(contrib, loss_of, grad_fn)),
+    "sgd": (optax.chain(*base), common.make_step(optax.chain(*base), loss_of, lambda lo: {})),
+    "sam": (sam, common.make_step(sam, loss_of)),
+    "plane_floor": (floor, common.make_step(floor, loss_of)),
+    "xsam_nonprobe": (xs_never, common.make_step(xs_never, loss_of)),
+    "xsam_probe": (xs_probe, common.make_step(xs_probe, loss_of)),
+    "optax_contrib_sam": (contrib, common.make_step(contrib, loss_of, grad_fn)),
   }
 
 
@@ -137,7 +139,7 @@ def bench_microbatched(
   """Memory of the full batch against ``xsam_jax.microbatched(loss, k)``: compiled, never run.
 
   For ``k = 1`` (the plain full-batch call) and ``k = num_microbatches``,
-  XLA's memory estimate (:func:`experiments.bench_report.memory`) and the compile time of two
+  XLA's memory estimate (:func:`experiments.bench.common.memory`) and the compile time of two
   jitted functions: ``value_and_grad`` of the loss, and a whole SAM step
   (``value_and_grad``, then ``sam`` with the micro-batched ``loss_fn``, then
   the base optimizer). ``temp_bytes`` holds the activations.
@@ -173,7 +175,7 @@ def bench_microbatched(
       fn, args = make(xsam_jax.microbatched(loss, k))
       t0 = time.perf_counter()
       compiled = jax.jit(fn).lower(*args).compile()
-      rows[f"k={k}"] = {"compile_s": time.perf_counter() - t0, **(bench_report.memory(compiled) or {})}
+      rows[f"k={k}"] = {"compile_s": time.perf_counter() - t0, **(common.memory(compiled) or {})}
     full, micro = rows["k=1"], rows[f"k={num_microbatches}"]
     if "temp_bytes" in full and "temp_bytes" in micro:
       rows["temp_ratio"] = micro["temp_bytes"] / max(full["temp_bytes"], 1)
@@ -203,14 +205,14 @@ def bench_steps(
   for _ in range(c.compile_repeats):
     for name, (step, state) in jobs.items():
       jax.clear_caches()  # else the repeat is a cache hit, not a compilation
-      compiled, secs, peak = bench_report.compile_timed(step, params, state)
+      compiled, secs, peak = common.compile_timed(step, params, state)
       compile_s[name].append(secs)
       out[name] = {"peak_bytes": peak}
       calls[name] = lambda c=compiled, s=state: c(params, s)
   for name, call in calls.items():
     jax.block_until_ready(call())  # warm-up run
     out[name]["compile_s"] = statistics.median(compile_s[name])
-  medians = bench_report.time_round_robin(calls, c.repeats)
+  medians = common.time_round_robin(calls, c.repeats)
   for name, entry in out.items():
     entry["median_s"] = medians[name]
   return out
@@ -229,7 +231,7 @@ def bench_probes(params: Any, loss_of: Callable[[Any], jax.Array], c: BenchConfi
     fn = lambda p, bs=bs: xsam_jax.building_blocks.probe_losses(
       loss_of, p, v0, v1, theta, alphas, c.rho_max, batch_size=bs
     )
-    compiled, secs, peak = bench_report.compile_timed(fn, params)
+    compiled, secs, peak = common.compile_timed(fn, params)
     jax.block_until_ready(compiled(params))
     calls[name] = lambda c=compiled: c(params)
     out[name] = {"compile_s": secs, "peak_bytes": peak}
@@ -237,7 +239,7 @@ def bench_probes(params: Any, loss_of: Callable[[Any], jax.Array], c: BenchConfi
   def one_probe(p, a, b):
     return loss_of(jax.tree.map(lambda w, x, y: w + c.rho_max * (a * x + b * y), p, v0, v1))
 
-  compiled, secs, peak = bench_report.compile_timed(one_probe, params, jnp.float32(0), jnp.float32(1))
+  compiled, secs, peak = common.compile_timed(one_probe, params, jnp.float32(0), jnp.float32(1))
   coefs = [xsam_jax.building_blocks.slerp_coefficients(a, theta) for a in alphas]
 
   def loop():
@@ -246,7 +248,7 @@ def bench_probes(params: Any, loss_of: Callable[[Any], jax.Array], c: BenchConfi
   jax.block_until_ready(loop())
   calls["python loop"] = loop
   out["python loop"] = {"compile_s": secs, "peak_bytes": peak}
-  medians = bench_report.time_round_robin(calls, c.repeats)
+  medians = common.time_round_robin(calls, c.repeats)
   for name, entry in out.items():
     entry["median_s"] = medians[name]
   return out
@@ -292,7 +294,7 @@ def main(argv=None):
   c, args, _ = COMMAND.parse(argv)
   builders = problems(c.mlp_width, c.cnn_width)
   report: dict[str, Any] = {
-    **bench_report.header(),
+    **core_report.header(),
     "batch": c.batch,
     "image": f"{c.image}x{c.image}x3",
     "repeats": c.repeats,
@@ -313,23 +315,23 @@ def main(argv=None):
       "microbatched": bench_microbatched(params, loss_of, c),
     }
   if c.wide:
-    from experiments import bench_wide
+    from experiments.bench import wide as bench_wide
 
     wide = bench_wide.WideConfig.quick() if args.quick else bench_wide.WideConfig.default()
     report["wide"] = bench_wide.run(wide.replace(compile_repeats=c.compile_repeats))
   if c.controls:
-    from experiments import bench_controls
+    from experiments.bench import controls as bench_controls
 
     report["controls"] = bench_controls.run(
       bench_controls.ControlsConfig.quick() if args.quick else bench_controls.ControlsConfig.default()
     )
   if c.probe_memory:
-    from experiments import bench_probe_memory
+    from experiments.bench import probe_memory as bench_probe_memory
 
     report["probe_memory"] = bench_probe_memory.run(
       bench_probe_memory.ProbeMemoryConfig.quick() if args.quick else bench_probe_memory.ProbeMemoryConfig.default()
     )
-  bench_report.write(args.out, "bench.json", report, format_table(report))
+  common.write(args.out, "bench.json", report, format_table(report))
   return report
 
 
@@ -354,19 +356,15 @@ def format_table(report: dict[str, Any]) -> str:
       if "temp_ratio" in rows:
         lines.append(f"  microbatched {name} temp ratio k={MICROBATCHES}/k=1: {rows['temp_ratio']:.3f}")
   if "wide" in report:
-    from experiments import bench_wide
+    from experiments.bench import wide as bench_wide
 
     lines.extend(bench_wide.format_rows(report["wide"]))
   if "controls" in report:
-    from experiments import bench_controls
+    from experiments.bench import controls as bench_controls
 
     lines.extend(["", bench_controls.format_table({**report, **report["controls"]})])
   if "probe_memory" in report:
-    from experiments import bench_probe_memory
+    from experiments.bench import probe_memory as bench_probe_memory
 
     lines.extend(["", *bench_probe_memory.format_rows(report["probe_memory"])])
   return "\n".join(lines)
-
-
-if __name__ == "__main__":
-  main()

@@ -1,6 +1,13 @@
 """The SAM family (MSAM, LSAM, ASAM, XSAM+ASAM, VaSSO, eigenvector-corrected
-SAM) equals the independent float64 numpy reference to 1e-10, over several
-training steps of ``chain(method, add_decayed_weights, sgd(momentum))``."""
+SAM, and VaSSO and EigenSAM with ``adaptive``) equals the independent float64
+numpy reference to 1e-10, over several training steps of
+``chain(method, add_decayed_weights, sgd(momentum))``.
+
+SAM and XSAM: tests/test_reference_sam_xsam.py; their m-sharpness:
+tests/test_m_sharpness.py. The methods with a file of their own compare with
+the reference there (GSAM, WSAM, Friendly SAM: tests/test_sam_variants.py;
+LookSAM, Momentum-SAM, RWP, preconditioned and Functional SAM: tests/test_<method>.py).
+"""
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +16,8 @@ import pytest
 
 import xsam_jax
 from tests import problems, reference
-from tests.test_reference import HP, _run_jax
-from tests.test_reference import _jax_train as jax_train_f64
+from tests.test_reference_sam_xsam import HP, _run_jax
+from tests.test_reference_sam_xsam import _jax_train as jax_train_f64
 from xsam_jax._src.eigen_sam import eigen_sam, initial_eigvec
 from xsam_jax._src.multistep import lsam, msam
 from xsam_jax._src.vasso import vasso
@@ -143,6 +150,26 @@ def test_vasso_matches_reference(theta):
   np.testing.assert_allclose(reference.MLP.flatten(jax.tree.map(np.asarray, state[0].ema)), ema_ref, atol=1e-10)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "weights-only"])
+def test_adaptive_vasso_matches_reference(masked):
+  """ASAM's neighbourhood for VaSSO's perturbation: w + rho T^2 d_t / |T d_t|."""
+  problem, p0 = problems.mlp_data(seed=42)
+  theta, eta = 0.4, 0.05
+  mask = WEIGHTS_ONLY if masked else None
+  flat_mask = reference.flat_mask(problem, mask) if masked else None
+
+  def output_fn(w, count, ema):
+    return reference.vasso_output(problem.grad, w, RHO, theta, ema, t=reference.asam_t(w, eta, flat_mask))
+
+  w_ref, ema_ref = reference.run(reference.MLP.flatten(p0), STEPS, output_fn, **BASE)
+  tx = xsam_jax.vasso(RHO, theta=theta, adaptive=True, eta=eta, adaptive_mask=mask)
+  w, state, _ = jax_train_f64(tx, problem, p0, STEPS)
+  np.testing.assert_allclose(w, w_ref, rtol=0, atol=1e-10)
+  np.testing.assert_allclose(reference.MLP.flatten(jax.tree.map(np.asarray, state[0].ema)), ema_ref, atol=1e-10)
+  w_plain, _, _ = jax_train_f64(xsam_jax.vasso(RHO, theta=theta), problem, p0, STEPS)
+  assert np.max(np.abs(w - w_plain)) > 1e-4  # ASAM changed the run
+
+
 def _quartic(seed=27):
   """A reference Quartic on 7 parameters, with its JAX loss on {"u": (3,), "v": (2, 2)}."""
   rng = np.random.default_rng(seed)
@@ -184,3 +211,27 @@ def test_eigen_sam_matches_reference(alpha):
   np.testing.assert_allclose(w, w_ref, rtol=0, atol=1e-10)
   np.testing.assert_allclose(_flat(state[0].eigvec), v_ref, atol=1e-10)
   assert bool(state[0].has_eigvec)
+
+
+def test_adaptive_eigen_sam_matches_reference():
+  """ASAM moves EigenSAM's ascent point; the eigenvector and the correction stay in plain coordinates."""
+  problem, p0, loss_fn = _quartic(seed=45)
+  period, iters, rho, eta, alpha, steps = 2, 5, 0.2, 0.1, 0.8, 6
+
+  def output_fn(w, count, v):
+    if count % period == 0:
+      v, _ = reference.power_iteration(lambda x: problem.hvp(w, x), v, iters)
+    g_adv = reference.ascent(problem.grad, w, problem.grad(w), rho, 1, t=reference.asam_t(w, eta))[0][-1]
+    return reference.eigen_corrected(g_adv, v, alpha), v
+
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), p0)
+    v0 = _flat(initial_eigvec(params, seed=1))
+    tx = xsam_jax.eigen_sam(
+      rho, alpha=alpha, eig_update_period=period, power_iterations=iters, seed=1, adaptive=True, eta=eta
+    )
+    out, state, _ = _run_jax(tx, params, loss_fn, steps)
+    w = _flat(out)
+  w_ref, v_ref = reference.run(_flat(p0), steps, output_fn, state=v0, **BASE)
+  np.testing.assert_allclose(w, w_ref, rtol=0, atol=1e-10)
+  np.testing.assert_allclose(_flat(state[0].eigvec), v_ref, atol=1e-10)

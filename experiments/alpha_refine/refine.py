@@ -37,9 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import xsam_jax
-from experiments import config, study
-from experiments.config import setting
-from experiments.configs import TrainConfig
+from experiments.core import config
+from experiments.core.config import setting
+from experiments.train import study
+from experiments.train.config import TrainConfig
 from xsam_jax._src.xsam import select_alpha
 
 GRID21 = tuple(xsam_jax.DEFAULT_ALPHAS)
@@ -186,7 +187,3 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(format_tables(report))
   print(f"\nwall time {report['wall_time_s']:.0f} s; wrote {out_dir / 'alpha_refine.json'}")
   return 0
-
-
-if __name__ == "__main__":
-  raise SystemExit(main())
