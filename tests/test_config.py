@@ -12,7 +12,7 @@ import dataclasses
 
 import pytest
 
-from experiments import alpha_refine, bench, sharpness_study, toy2d, train
+from experiments import alpha_refine, bench, lm, sharpness_study, toy2d, train
 from experiments.bench import controls as bench_controls
 from experiments.bench import probe_memory as bench_probe_memory
 from experiments.bench import wide as bench_wide
@@ -138,6 +138,7 @@ STUDIES = [
   (bench_wide.WideConfig, bench_wide.COMMAND.build_parser),
   (bench_controls.ControlsConfig, bench_controls.COMMAND.build_parser),
   (bench_probe_memory.ProbeMemoryConfig, bench_probe_memory.COMMAND.build_parser),
+  (lm.LMConfig, lm.COMMAND.build_parser),
 ]
 
 
