@@ -16,6 +16,7 @@ from experiments import alpha_refine, bench, lm, sharpness_study, toy2d, train
 from experiments.bench import controls as bench_controls
 from experiments.bench import probe_memory as bench_probe_memory
 from experiments.bench import wide as bench_wide
+from experiments.core import command as command_lib
 from experiments.core import config
 from experiments.core.config import ConfigError, setting
 from experiments.train.config import TrainConfig
@@ -43,12 +44,12 @@ class Demo(config.StudyConfig):
 
 
 def _parser(quick=False):
-  return config.study_parser(Demo, quick, prog="demo", description="A demo.", quick_help="small")
+  return command_lib.study_parser(Demo, quick, prog="demo", description="A demo.", quick_help="small")
 
 
 def _parse(argv):
-  _, args = config.parse_args(_parser, argv)
-  return config.from_args(Demo, args)
+  _, args = command_lib.parse_args(_parser, argv)
+  return command_lib.from_args(Demo, args)
 
 
 def test_flags_are_generated_from_the_fields():
@@ -146,8 +147,8 @@ STUDIES = [
 def test_every_study_reads_its_configs_from_the_command_line(cls, build_parser):
   """No flag: default(); --quick: quick(); every flag's own default, given as text, parses back to itself."""
   for argv, expected in (([], cls.default()), (["--quick"], cls.quick())):
-    _, args = config.parse_args(build_parser, argv)
-    assert config.from_args(cls, args) == expected
+    _, args = command_lib.parse_args(build_parser, argv)
+    assert command_lib.from_args(cls, args) == expected
     assert dataclasses.is_dataclass(expected)
     with pytest.raises(dataclasses.FrozenInstanceError):
       expected.__setattr__("mode", "x")
@@ -161,7 +162,7 @@ def test_every_study_reads_its_configs_from_the_command_line(cls, build_parser):
 
 
 def test_command_parses_config_output_folder_and_extra_flags():
-  command = config.Command(
+  command = command_lib.Command(
     Demo,
     prog="python -m demo",
     description="A demo.",

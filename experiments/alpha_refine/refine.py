@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import xsam_jax
+from experiments.core import command as command_lib
 from experiments.core import config
 from experiments.core.config import setting
 from experiments.train import study
@@ -158,7 +159,7 @@ def format_tables(report: dict) -> str:
   return "\n".join(lines)
 
 
-COMMAND = config.Command(
+COMMAND = command_lib.Command(
   AlphaRefineConfig,
   prog="python -m experiments.alpha_refine",
   description=__doc__.splitlines()[0],

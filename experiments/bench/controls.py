@@ -46,6 +46,7 @@ from flax import nnx
 
 import xsam_jax
 from experiments.bench import common
+from experiments.core import command as command_lib
 from experiments.core import config, data, models
 from experiments.core import report as core_report
 from experiments.core.config import setting
@@ -288,7 +289,7 @@ def run(c: ControlsConfig) -> dict[str, Any]:
   }
 
 
-COMMAND = config.Command(
+COMMAND = command_lib.Command(
   ControlsConfig,
   prog="python -m experiments.bench_controls",
   description=__doc__ or "",

@@ -35,6 +35,7 @@ import optax
 
 import xsam_jax
 from experiments.bench import common
+from experiments.core import command as command_lib
 from experiments.core import config
 from experiments.core import report as core_report
 from experiments.core.config import setting
@@ -164,7 +165,7 @@ def format_rows(report: dict[str, Any]) -> list[str]:
   return rows
 
 
-COMMAND = config.Command(
+COMMAND = command_lib.Command(
   ProbeMemoryConfig,
   prog="python -m experiments.bench_probe_memory",
   description=__doc__ or "",

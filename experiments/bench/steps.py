@@ -31,6 +31,7 @@ import optax
 import xsam_jax
 from experiments.bench import common
 from experiments.bench.problems import MODELS, default_models, problems
+from experiments.core import command as command_lib
 from experiments.core import config
 from experiments.core import report as core_report
 from experiments.core.config import setting
@@ -280,7 +281,7 @@ def ratios(steps, probes, period=100):
   }
 
 
-COMMAND = config.Command(
+COMMAND = command_lib.Command(
   BenchConfig,
   prog="python -m experiments.bench",
   description=__doc__ or "",

@@ -37,6 +37,7 @@ import optax
 
 import xsam_jax
 from experiments.bench import common
+from experiments.core import command as command_lib
 from experiments.core import config
 from experiments.core import report as core_report
 from experiments.core.config import setting
@@ -211,7 +212,7 @@ def format_rows(wide: dict[str, Any]) -> list[str]:
   return rows
 
 
-COMMAND = config.Command(
+COMMAND = command_lib.Command(
   WideConfig,
   prog="python -m experiments.bench_wide",
   description=__doc__ or "",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from experiments.core import command as command_lib
 from experiments.core import config
 from experiments.core.config import setting
 
@@ -42,7 +43,7 @@ class LMConfig(config.StudyConfig):
   b2: float = setting(0.99, "AdamW's second-moment decay", low=0, high=1, high_open=True)
   lrs: tuple[float, ...] = setting((1e-3, 3e-3, 1e-2), "AdamW's peak learning rates tried", low=0, low_open=True)
   rhos: tuple[float, ...] = setting(
-    (0.01, 0.03, 0.1), "radii tried for SAM, Functional SAM, preconditioned SAM and their combination", low=0
+    (0.003, 0.01, 0.03), "radii tried for SAM, Functional SAM, preconditioned SAM and their combination", low=0
   )
   momentum_rhos: tuple[float, ...] = setting((0.03, 0.1, 0.3), "radii tried for Momentum-SAM", low=0)
   rwp_gammas: tuple[float, ...] = setting((0.003, 0.01, 0.03), "noise scales tried for RWP", low=0)
@@ -82,7 +83,7 @@ class LMConfig(config.StudyConfig):
       raise config.ConfigError("eval_every", f"must divide the steps {self.steps}, got {self.eval_every}")
 
 
-COMMAND = config.Command(
+COMMAND = command_lib.Command(
   LMConfig,
   prog="python -m experiments.lm",
   description="Does sharpness-awareness help a small character-level transformer (AdamW), and does XSAM?",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from experiments.core import command as command_lib
 from experiments.core import config
 from experiments.core.config import setting
 
@@ -138,7 +139,7 @@ class ProtocolConfig(config.StudyConfig):
     )
 
 
-COMMAND = config.Command(
+COMMAND = command_lib.Command(
   ProtocolConfig,
   prog="python -m experiments.protocol",
   description="The XSAM paper's tuning and evaluation protocol on MNIST-1D at CPU scale.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from experiments.core import command as command_lib
 from experiments.core import config
 from experiments.core.config import setting
 
@@ -55,7 +56,7 @@ class SharpnessConfig(config.StudyConfig):
     return 2 * self.rho if self.rho_max is None else self.rho_max
 
 
-COMMAND = config.Command(
+COMMAND = command_lib.Command(
   SharpnessConfig,
   prog="python -m experiments.sharpness_study",
   description="Sharpness at the end of training: SGD vs SAM vs XSAM (the XSAM paper's Hessian claim).",

@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from experiments.core import command as command_lib
 from experiments.core import config
 from experiments.core.config import setting
 
@@ -102,7 +103,7 @@ class Toy2dConfig(config.StudyConfig):
     )
 
 
-COMMAND = config.Command(
+COMMAND = command_lib.Command(
   Toy2dConfig,
   prog="python -m experiments.toy2d",
   description="The 2-D test-function study (XSAM paper Sec. 5.1, Fig. 3a; Fig. 1b).",

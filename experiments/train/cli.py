@@ -45,6 +45,7 @@ from typing import NoReturn
 import jax
 
 from experiments.core import checkpoint as ckpt_lib
+from experiments.core import command as command_lib
 from experiments.core import config
 from experiments.core import data as data_lib
 from experiments.train import report
@@ -70,7 +71,7 @@ def build_parser(quick: bool = False) -> argparse.ArgumentParser:
     quick: make ``TrainConfig.quick()``'s values (and one seed, and the
       ``runs/quick`` folders) the defaults, as ``--quick`` does.
   """
-  p = config.study_parser(
+  p = command_lib.study_parser(
     TrainConfig,
     quick,
     prog="python -m experiments.train",
@@ -107,12 +108,12 @@ def build_parser(quick: bool = False) -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   """Parses the command line (None: ``sys.argv[1:]``); with ``--quick``, the quick defaults."""
-  return config.parse_args(build_parser, argv)[1]
+  return command_lib.parse_args(build_parser, argv)[1]
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
   """The base :class:`TrainConfig` of the study described by ``args`` (``method`` and ``seed`` are set per run)."""
-  return config.from_args(TrainConfig, args)
+  return command_lib.from_args(TrainConfig, args)
 
 
 def seeds_from_args(args: argparse.Namespace) -> list[int]:
@@ -196,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   folders are writable. An unreadable checkpoint folder stops the study with
   exit status 1 and a message naming the folder.
   """
-  parser, args = config.parse_args(build_parser, argv)
+  parser, args = command_lib.parse_args(build_parser, argv)
   try:
     base = config_from_args(args)
   except config.ConfigError as err:  # the flags' types check each field already
