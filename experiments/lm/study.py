@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+import xsam_jax
 from experiments.core import stats, text
 from experiments.lm import runs
 from experiments.lm.config import LMConfig
@@ -86,7 +87,7 @@ def _curves(trained: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
   }
 
 
-def alpha_summary(trained: Sequence[dict[str, Any]], top: float = 2.0) -> dict[str, Any]:
+def alpha_summary(trained: Sequence[dict[str, Any]], top: float = max(xsam_jax.DEFAULT_ALPHAS)) -> dict[str, Any]:
   """XSAM's alpha over training (one probe round per interval): mean, share at the grid's top, per-interval mean."""
   alphas = np.asarray([r["epoch_alpha"] for r in trained], np.float64)
   return {
@@ -145,7 +146,7 @@ def run(c: LMConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     "selected": selected,
     "test": {m: {"test_loss": v, **stats.summary(v)} for m, v in losses.items()},
     "comparisons": comparisons,
-    "alpha": alpha_summary(test["xsam"], top=2.0),
+    "alpha": alpha_summary(test["xsam"]),
     "curves": {m: _curves(trained) for m, trained in test.items()},
     "wall_time_s": time.perf_counter() - start,
   }
