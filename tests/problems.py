@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from tests import reference
 
@@ -100,3 +101,32 @@ def replica_steps(make, params, xs, ts, updates_to_follow):
     out.append((u, state))
     params = jax.tree.map(lambda p, v: p - 0.05 * v, params, u_follow)
   return out
+
+
+def train_step(tx, loss_fn, *, pass_loss_fn=True):
+  """``step(params, state) -> (params, state, updates)``: the clean gradient, then ``tx.update`` (with
+  ``loss_fn=`` unless ``pass_loss_fn`` is False: the whole optimizers called without it), then the update."""
+
+  def step(params, state):
+    g = jax.grad(loss_fn)(params)
+    extra = {"loss_fn": loss_fn} if pass_loss_fn else {}
+    u, state = tx.update(g, state, params, **extra)
+    return optax.apply_updates(params, u), state, u
+
+  return step
+
+
+def train(tx, params, loss_fn, steps=3, *, jit=True, pass_loss_fn=True):
+  """``steps`` steps of :func:`train_step` from ``tx.init(params)``; returns ``(params, state, last_updates)``."""
+  step = train_step(tx, loss_fn, pass_loss_fn=pass_loss_fn)
+  step = jax.jit(step) if jit else step
+  state = tx.init(params)
+  u = None
+  for _ in range(steps):
+    params, state, u = step(params, state)
+  return params, state, u
+
+
+def all_finite(tree):
+  """Whether every leaf of ``tree`` is finite (checked in float64, so bfloat16 and float16 leaves count too)."""
+  return all(bool(np.all(np.isfinite(np.asarray(x, np.float64)))) for x in jax.tree.leaves(tree))

@@ -44,27 +44,8 @@ def _chain(name):
   return optax.chain(CASES[name](), optax.sgd(0.05, momentum=0.9))
 
 
-def _step_fn(tx, loss_fn):
-  def step(params, state):
-    g = jax.grad(loss_fn)(params)
-    u, state = tx.update(g, state, params, loss_fn=loss_fn)
-    return optax.apply_updates(params, u), state, u
-
-  return step
-
-
-def _finite(tree):
-  return all(bool(np.all(np.isfinite(np.asarray(x, np.float64)))) for x in jax.tree.leaves(tree))
-
-
 def _run(name, params, loss_fn, steps=3, jit=True):
-  tx = _chain(name)
-  step = _step_fn(tx, loss_fn)
-  step = jax.jit(step) if jit else step
-  state = tx.init(params)
-  for _ in range(steps):
-    params, state, u = step(params, state)
-  return params, state, u
+  return problems.train(_chain(name), params, loss_fn, steps, jit=jit)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -87,7 +68,7 @@ def test_jit_equals_nojit(name):
 def test_no_recompilation(name):
   params, loss_fn = problems.mlp_problem(seed=12)
   tx = _chain(name)
-  inner, traces = _step_fn(tx, loss_fn), []
+  inner, traces = problems.train_step(tx, loss_fn), []
 
   def counted(params, state):
     traces.append(1)  # runs once per trace, never at execution
@@ -99,7 +80,7 @@ def test_no_recompilation(name):
   for _ in range(3):
     params, state, _ = step(params, state)
   assert len(traces) == 1
-  assert _finite(params)
+  assert problems.all_finite(params)
   # Every method keeps L(w + d_K) of its last perturbed step (tests/test_controls.py checks its value).
   perturbed_loss = float(optax.tree.get(state, "perturbed_loss"))
   assert np.isfinite(perturbed_loss)
@@ -158,7 +139,7 @@ def test_params_dtype_is_kept(name, dtype):
     ):
       assert leaf_u.dtype == jnp.dtype(dtype)
       assert leaf_p.dtype == leaf_p0.dtype
-    assert _finite(u)
+    assert problems.all_finite(u)
 
 
 def _quadratic(sign):
@@ -177,8 +158,8 @@ def test_zero_gradient_gives_finite_zero_output(name):
   tx = CASES[name]()
   state = tx.init(params)
   u, state = jax.jit(lambda s: tx.update(jax.grad(loss_fn)(params), s, params, loss_fn=loss_fn))(state)
-  assert _finite(u)
-  assert _finite(state)
+  assert problems.all_finite(u)
+  assert problems.all_finite(state)
   chex.assert_trees_all_close(u, jax.tree.map(jnp.zeros_like, params))
 
 
@@ -191,8 +172,8 @@ def test_parallel_and_antiparallel_directions_are_finite(name, sign):
   params, loss_fn = _quadratic(sign)
   params = jax.tree.map(lambda x: 0.05 * x, params)
   _, state, u = _run(name, params, loss_fn, steps=2)
-  assert _finite(u)
-  assert _finite(state)
+  assert problems.all_finite(u)
+  assert problems.all_finite(state)
 
 
 def _assert_finite_unless_overflowed(state, unscaled_state, scale):
@@ -212,7 +193,7 @@ def _assert_finite_unless_overflowed(state, unscaled_state, scale):
     else:
       assert np.isfinite(s.max_loss)
   rest = [x for x in jax.tree.leaves(state) if not any(x is p.probe_losses or x is p.max_loss for p in probes)]
-  assert _finite(rest)
+  assert problems.all_finite(rest)
 
 
 def _global_norm(tree):
@@ -243,7 +224,7 @@ def test_extreme_gradient_scales(name, scale):
   scaled_loss = lambda p: scale * loss_fn(p)
   g_s = jax.grad(scaled_loss)(params)
   u_s, s_s = jax.jit(lambda s: tx.update(g_s, s, params, loss_fn=scaled_loss))(tx.init(params))
-  assert _finite(u_s)
+  assert problems.all_finite(u_s)
   _assert_finite_unless_overflowed(s_s, s1, scale)
   norm = lambda t: float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(t))))
   if any(np.all(np.isinf(np.asarray(p.probe_losses))) for p in _probe_states(s_s)):
@@ -313,8 +294,8 @@ def test_nested_and_empty_pytrees(name):
 
   _, state, u = _run(name, params, loss_fn, steps=2)
   assert jax.tree.structure(u) == jax.tree.structure(params)
-  assert _finite(u)
-  assert _finite(state)
+  assert problems.all_finite(u)
+  assert problems.all_finite(state)
 
   empty = {}
   _, _, u_empty = _run(name, empty, lambda p: jnp.float32(1.0), steps=2)

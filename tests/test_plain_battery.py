@@ -26,26 +26,12 @@ def _make(name, **overrides):
   return factory(**(kwargs | overrides))
 
 
-def _step_fn(tx, loss_fn):
-  def step(params, state):
-    g = jax.grad(loss_fn)(params)
-    u, state = tx.update(g, state, params)
-    return optax.apply_updates(params, u), state, u
-
-  return step
+def _plain_step(tx, loss_fn):
+  return problems.train_step(tx, loss_fn, pass_loss_fn=False)
 
 
 def _run(tx, params, loss_fn, steps=3, jit=True):
-  step = _step_fn(tx, loss_fn)
-  step = jax.jit(step) if jit else step
-  state = tx.init(params)
-  for _ in range(steps):
-    params, state, u = step(params, state)
-  return params, state, u
-
-
-def _finite(tree):
-  return all(bool(np.all(np.isfinite(np.asarray(x, np.float64)))) for x in jax.tree.leaves(tree))
+  return problems.train(tx, params, loss_fn, steps, jit=jit, pass_loss_fn=False)
 
 
 def _perturbation_norm(params, state):
@@ -70,7 +56,7 @@ def test_plain_jit_equals_nojit(name):
 def test_plain_no_recompilation_and_no_loss_fn(name):
   params, loss_fn = problems.mlp_problem(seed=42)
   tx = _make(name)
-  inner, traces = _step_fn(tx, loss_fn), []
+  inner, traces = _plain_step(tx, loss_fn), []
 
   def counted(params, state):
     traces.append(1)  # runs once per trace, never at execution
@@ -81,7 +67,7 @@ def test_plain_no_recompilation_and_no_loss_fn(name):
   for _ in range(3):
     params, state, _ = step(params, state)
   assert len(traces) == 1
-  assert _finite(params)
+  assert problems.all_finite(params)
   assert int(state.count) == 3
   assert float(state.momentum_norm) > 0
 
@@ -136,8 +122,8 @@ def test_plain_params_dtype_is_kept(name, dtype):
     ):
       assert leaf_u.dtype == jnp.dtype(dtype)
       assert leaf_p.dtype == leaf_p0.dtype
-    assert _finite(u)
-    assert _finite(state)
+    assert problems.all_finite(u)
+    assert problems.all_finite(state)
     w = xsam_jax.momentum_sam_params(new_params, state)
     assert all(a.dtype == b.dtype for a, b in zip(jax.tree.leaves(w), jax.tree.leaves(params), strict=True))
 
@@ -151,7 +137,7 @@ def test_plain_zero_gradients_give_no_perturbation_and_no_nan(name):
   no_l2 = {} if "adamw" in name else {"weight_decay": 0.0}  # SGD's L2 term enters the momentum; AdamW's decay not
   p1, s1, u1 = _run(_make(name, **no_l2), params, zero_loss, steps=3)
   p0, _, u0 = _run(_make(name, rho=0.0, **no_l2), params, zero_loss, steps=3)
-  assert _finite(s1)
+  assert problems.all_finite(s1)
   assert float(s1.momentum_norm) == 0.0
   assert_trees_equal(u1, u0)
   assert_trees_equal(p1, p0)
@@ -170,14 +156,14 @@ def test_plain_extreme_gradient_scales(name, scale):
   tx = _make(name)
   state = tx.init(params)
   u, state = jax.jit(tx.update)(g, state, params)
-  assert _finite(u)
+  assert problems.all_finite(u)
   rho0 = PLAIN_OPTIMIZERS[name][1]["rho"]
   rho0 = float(rho0(0)) if callable(rho0) else rho0
   # The perturbation alone: the unperturbed params of zero held params (the held ones here are ~lr |g|,
   # beyond which a float32 perturbation of norm rho vanishes).
   zeros = jax.tree.map(jnp.zeros_like, params)
   np.testing.assert_allclose(_perturbation_norm(zeros, state), rho0, rtol=f32_rtol(16))
-  assert _finite(optax.tree.get(state.base_state, "mu" if "adamw" in name else "trace"))
+  assert problems.all_finite(optax.tree.get(state.base_state, "mu" if "adamw" in name else "trace"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -190,8 +176,8 @@ def test_plain_nested_and_empty_pytrees(name):
 
   new_params, state, u = _run(_make(name), params, loss_fn, steps=2)
   assert jax.tree.structure(u) == jax.tree.structure(params)
-  assert _finite(u)
-  assert _finite(state)
+  assert problems.all_finite(u)
+  assert problems.all_finite(state)
   assert jax.tree.structure(xsam_jax.momentum_sam_params(new_params, state)) == jax.tree.structure(params)
 
   _, _, u_empty = _run(_make(name), {}, lambda p: jnp.float32(1.0), steps=2)
