@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,3 +131,20 @@ def train(tx, params, loss_fn, steps=3, *, jit=True, pass_loss_fn=True):
 def all_finite(tree):
   """Whether every leaf of ``tree`` is finite (checked in float64, so bfloat16 and float16 leaves count too)."""
   return all(bool(np.all(np.isfinite(np.asarray(x, np.float64)))) for x in jax.tree.leaves(tree))
+
+
+def assert_state_survives_cond(update_state, state):
+  """The state one update makes (``update_state(state)``) has the structure, shapes and dtypes of ``state``,
+  so the update can sit in a ``jax.lax.cond`` (the false branch keeps ``state`` as it is); its int32
+  ``count`` is 1 after one step."""
+
+  @jax.jit
+  def maybe_update(pred, state):
+    return jax.lax.cond(pred, update_state, lambda s: s, state)
+
+  new_state = maybe_update(True, state)
+  chex.assert_trees_all_equal_structs(state, new_state)
+  chex.assert_trees_all_equal_shapes_and_dtypes(state, new_state)
+  chex.assert_trees_all_equal(maybe_update(False, state), state)
+  assert new_state.count.dtype == jnp.int32
+  assert int(new_state.count) == 1

@@ -30,6 +30,9 @@ import optax
 
 import xsam_jax
 from experiments.bench import common
+from experiments.bench import controls as bench_controls
+from experiments.bench import probe_memory as bench_probe_memory
+from experiments.bench import wide as bench_wide
 from experiments.bench.problems import MODELS, default_models, problems
 from experiments.core import command as command_lib
 from experiments.core import config
@@ -316,19 +319,13 @@ def main(argv=None):
       "microbatched": bench_microbatched(params, loss_of, c),
     }
   if c.wide:
-    from experiments.bench import wide as bench_wide
-
     wide = bench_wide.WideConfig.quick() if args.quick else bench_wide.WideConfig.default()
     report["wide"] = bench_wide.run(wide.replace(compile_repeats=c.compile_repeats))
   if c.controls:
-    from experiments.bench import controls as bench_controls
-
     report["controls"] = bench_controls.run(
       bench_controls.ControlsConfig.quick() if args.quick else bench_controls.ControlsConfig.default()
     )
   if c.probe_memory:
-    from experiments.bench import probe_memory as bench_probe_memory
-
     report["probe_memory"] = bench_probe_memory.run(
       bench_probe_memory.ProbeMemoryConfig.quick() if args.quick else bench_probe_memory.ProbeMemoryConfig.default()
     )
@@ -357,15 +354,9 @@ def format_table(report: dict[str, Any]) -> str:
       if "temp_ratio" in rows:
         lines.append(f"  microbatched {name} temp ratio k={MICROBATCHES}/k=1: {rows['temp_ratio']:.3f}")
   if "wide" in report:
-    from experiments.bench import wide as bench_wide
-
     lines.extend(bench_wide.format_rows(report["wide"]))
   if "controls" in report:
-    from experiments.bench import controls as bench_controls
-
     lines.extend(["", bench_controls.format_table({**report, **report["controls"]})])
   if "probe_memory" in report:
-    from experiments.bench import probe_memory as bench_probe_memory
-
     lines.extend(["", *bench_probe_memory.format_rows(report["probe_memory"])])
   return "\n".join(lines)

@@ -139,10 +139,11 @@ def scan_run(
       out = {"loss": value, **(monitor(value, opt_state) if monitor is not None else {})}
       evals = None
       if evaluate is not None:
-        shown = at(params, opt_state)
-        shapes = jax.eval_shape(evaluate, shown)
-        nan = lambda p: jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)
-        evals = jax.lax.cond((t + 1) % steps_per_epoch == 0, evaluate, nan, shown)
+        # The evaluated parameters (``eval_params``) are made inside the branch: once per epoch, not per step.
+        shown = lambda p, s: evaluate(at(p, s))
+        shapes = jax.eval_shape(shown, params, opt_state)
+        nan = lambda p, s: jax.tree.map(lambda x: jnp.full(x.shape, jnp.nan, x.dtype), shapes)
+        evals = jax.lax.cond((t + 1) % steps_per_epoch == 0, shown, nan, params, opt_state)
       return (params, opt_state, t + 1), (out, evals)
 
     (params, opt_state, _), (trace, evals) = jax.lax.scan(step, (params, opt_state, jnp.int32(0)), order)
@@ -158,6 +159,30 @@ def scan_run(
     return at(params, opt_state), metrics
 
   return run
+
+
+def method_state(opt_state: Any) -> Any:
+  """The sharpness-aware method's state: the first of a chain's states (or the state itself) if it has
+  ``perturbed_loss``, else None (plain AdamW or SGD, or a whole optimizer such as Momentum-SAM)."""
+  first = opt_state[0] if isinstance(opt_state, tuple) and opt_state else opt_state
+  return first if hasattr(first, "perturbed_loss") else None
+
+
+def sharpness_monitor(loss: jax.Array, opt_state: Any) -> dict[str, jax.Array]:
+  """A :func:`scan_run` monitor: the sharpness-aware method's diagnostics after a step.
+
+  ``sharpness`` ``= L(w + d_K) - L(w)`` (its state's ``perturbed_loss`` minus the clean ``loss``); for
+  XSAM also ``alpha`` and ``probe_gap`` (the last probe round's highest loss minus the ascent point's).
+  Nothing for a method without ``perturbed_loss``.
+  """
+  state = method_state(opt_state)
+  out = {}
+  if state is not None:
+    out["sharpness"] = state.perturbed_loss - loss
+    if hasattr(state, "alpha"):
+      out["alpha"] = state.alpha
+      out["probe_gap"] = state.max_loss - state.perturbed_loss
+  return out
 
 
 def _subjaxprs(eqn: Any) -> list[Any]:

@@ -114,16 +114,6 @@ def make_tx(method: str, hp: Any, c: LMConfig, steps: int) -> optax.GradientTran
   return optax.chain(factory(), adamw)
 
 
-def _monitor(loss: jax.Array, opt_state: Any) -> dict[str, jax.Array]:
-  first = opt_state[0] if isinstance(opt_state, tuple) else opt_state
-  out = {}
-  if hasattr(first, "perturbed_loss"):
-    out["sharpness"] = first.perturbed_loss - loss
-  if hasattr(first, "alpha") and hasattr(first, "probe_losses"):  # XSAM (a fixed alpha has no probes)
-    out["alpha"] = first.alpha
-  return out
-
-
 @functools.lru_cache(maxsize=32)
 def program(method: str, c: LMConfig, steps: int, batched: bool) -> Any:
   """The jitted ``run(hp, params, order, (train, val)) -> (params, metrics)`` of ``method`` (vmapped if ``batched``)."""
@@ -147,7 +137,7 @@ def program(method: str, c: LMConfig, steps: int, batched: bool) -> Any:
       steps_per_epoch=c.eval_every,
       epochs=steps // c.eval_every,
       gather=lambda windows, idx: windows[idx],
-      monitor=_monitor,
+      monitor=engine.sharpness_monitor,
       last=("alpha",),
       evaluate=lambda p: validation(p, val),
       split=split,

@@ -114,25 +114,8 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def _method_state(opt_state: Any) -> Any:
-  """The sharpness-aware method's state (the chain's first), or None for SGD."""
-  first = opt_state[0]
-  return first if hasattr(first, "perturbed_loss") else None
-
-
-def _monitor(loss: jax.Array, opt_state: Any) -> dict[str, jax.Array]:
-  state = _method_state(opt_state)
-  out = {}
-  if state is not None:
-    out["sharpness"] = state.perturbed_loss - loss
-    if hasattr(state, "alpha"):
-      out["alpha"] = state.alpha
-      out["probe_gap"] = state.max_loss - state.perturbed_loss
-  return out
-
-
 def _final(opt_state: Any) -> dict[str, jax.Array]:
-  state = _method_state(opt_state)
+  state = engine.method_state(opt_state)
   return {"probe_losses": state.probe_losses} if state is not None and hasattr(state, "probe_losses") else {}
 
 
@@ -172,7 +155,7 @@ def run_fn(static: Static, steps_per_epoch: int) -> Any:
     steps_per_epoch=steps_per_epoch,
     epochs=static.epochs,
     gather=lambda data, idx: (data[0][idx], data[1][idx]),
-    monitor=_monitor,
+    monitor=engine.sharpness_monitor,
     final=_final,
   )
 
