@@ -114,20 +114,25 @@ def make_tx(method: str, hp: Any, c: LMConfig, steps: int) -> optax.GradientTran
   return optax.chain(factory(), adamw)
 
 
+def _forward(params: Any, windows: jax.Array, *, heads: int) -> jax.Array:
+  """The model's logits for ``windows[:, :-1]`` (each window's characters but its last)."""
+  return pure_models.transformer_forward(params, windows[:, :-1], heads=heads)
+
+
+def _window_loss(params: Any, windows: jax.Array, *, heads: int) -> jax.Array:
+  """The training, validation and test loss: mean next-character cross-entropy over ``windows``."""
+  return _cross_entropy(_forward(params, windows, heads=heads), windows)
+
+
 @functools.lru_cache(maxsize=32)
-def program(method: str, c: LMConfig, steps: int, batched: bool) -> Any:
-  """The jitted ``run(hp, params, order, (train, val)) -> (params, metrics)`` of ``method`` (vmapped if ``batched``)."""
-  apply = functools.partial(pure_models.transformer_forward, heads=c.heads)
-  forward = lambda params, windows: apply(params, windows[:, :-1])
-
-  def validation(params: Any, val: jax.Array) -> dict[str, jax.Array]:
-    return {"val_loss": _cross_entropy(forward(params, val), val)}
-
+def program(method: str, c: LMConfig, steps: int) -> Any:
+  """The jitted ``run(hp, params, order, (train, val)) -> (params, metrics)`` of ``method``, vmapped over runs."""
+  window_loss = functools.partial(_window_loss, heads=c.heads)
   loss = split = None
   if method in SPLIT:
-    split = (forward, _cross_entropy)
+    split = (functools.partial(_forward, heads=c.heads), _cross_entropy)
   else:
-    loss = lambda params, windows: _cross_entropy(forward(params, windows), windows)
+    loss = window_loss
 
   def run(hp: Any, params: Any, order: jax.Array, data: tuple[jax.Array, jax.Array]) -> Any:
     train, val = data
@@ -139,23 +144,18 @@ def program(method: str, c: LMConfig, steps: int, batched: bool) -> Any:
       gather=lambda windows, idx: windows[idx],
       monitor=engine.sharpness_monitor,
       last=("alpha",),
-      evaluate=lambda p: validation(p, val),
+      evaluate=lambda p: {"val_loss": window_loss(p, val)},
       split=split,
       eval_params=xsam_jax.momentum_sam_params if method == "momentum_sam" else None,
     )
     return inner(hp, params, order, train)
 
-  if batched:
-    run = jax.vmap(run, in_axes=(0, 0, 0, None))
-  return jax.jit(run)
+  return jax.jit(jax.vmap(run, in_axes=(0, 0, 0, None)))
 
 
 @functools.lru_cache(maxsize=4)
 def _test_loss(heads: int) -> Any:
-  def evaluate(params: Any, windows: jax.Array) -> jax.Array:
-    return _cross_entropy(pure_models.transformer_forward(params, windows[:, :-1], heads=heads), windows)
-
-  return jax.jit(jax.vmap(evaluate, in_axes=(0, None)))
+  return jax.jit(jax.vmap(functools.partial(_window_loss, heads=heads), in_axes=(0, None)))
 
 
 def train_runs(
@@ -199,9 +199,7 @@ def train_runs(
   orders = [_order(s, epochs, n, c.batch_size, c.eval_every) for s in seeds]
   hp = {k: jnp.asarray([h[k] for h in hps], jnp.float32) for k in names}
   params = jax.tree.map(lambda *xs: jnp.stack(xs), *inits)
-  final, metrics = program(method, c, steps, True)(
-    hp, params, jnp.asarray(np.stack(orders)), (train.windows, val.windows)
-  )
+  final, metrics = program(method, c, steps)(hp, params, jnp.asarray(np.stack(orders)), (train.windows, val.windows))
   out = jax.device_get(metrics)
   if test:
     out["test_loss"] = jax.device_get(_test_loss(c.heads)(final, Windows.of(corpus.test, c.context).windows))
