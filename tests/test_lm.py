@@ -12,6 +12,7 @@ from experiments.core import config, pure_models, text
 from experiments.lm import runs
 from experiments.lm.__main__ import main
 from experiments.lm.config import METHODS, LMConfig
+from tests.tolerances import f32_rtol
 
 
 def test_transformer_is_causal():
@@ -31,9 +32,10 @@ def test_transformer_is_causal():
 def test_schedule_warms_up_then_decays_to_zero():
   lr = runs.schedule(0.01, steps=100, warmup=0.1)
   assert float(lr(0)) == 0.0
-  assert float(lr(5)) == pytest.approx(0.005, rel=1e-6)
-  assert float(lr(10)) == pytest.approx(0.01, rel=1e-6)
-  assert float(lr(55)) == pytest.approx(0.005, rel=1e-5)  # halfway through the cosine
+  # float32 roundings: the warmup's t / warm * lr 2; the cosine's clip, divide, cos, add, halve and multiply 8.
+  assert float(lr(5)) == pytest.approx(0.005, rel=f32_rtol(2))
+  assert float(lr(10)) == pytest.approx(0.01, rel=f32_rtol(8))
+  assert float(lr(55)) == pytest.approx(0.005, rel=f32_rtol(8))  # halfway through the cosine
   assert float(lr(100)) == pytest.approx(0.0, abs=1e-9)
 
 
