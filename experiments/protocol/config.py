@@ -68,7 +68,9 @@ class ProtocolConfig(config.StudyConfig):
   vmap_chunk: int = setting(10, "runs per vmapped call", low=1, group=_TRAIN)
   lrs: tuple[float, ...] = setting((0.05, 0.1, 0.2, 0.4), "peak learning rates", low=0, low_open=True, group=_GRID)
   wds: tuple[float, ...] = setting((1e-4, 5e-4, 1e-3), "weight decays", low=0, group=_GRID)
-  rhos: tuple[float, ...] = setting((0.01, 0.02, 0.05, 0.1, 0.2), "SAM's rho grid", low=0, low_open=True, group=_GRID)
+  rhos: tuple[float, ...] = setting(
+    (0.003, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2), "SAM's rho grid", low=0, low_open=True, group=_GRID
+  )
   rho_max_factors: tuple[float, ...] = setting(
     (1.0, 1.25, 1.5, 2.0, 3.0), "XSAM's rho_max grid, as multiples of rho", low=0, low_open=True, group=_GRID
   )
