@@ -407,3 +407,21 @@ def test_toy2d_stage_calls_the_axes_sweep(monkeypatch):
   assert seen == ["quick"]
   monkeypatch.delattr(experiments.toy2d, "axes_sweep")
   assert stages.toy2d_stage(ProtocolConfig.default())["status"].startswith("hook only")
+
+
+def test_curves_mark_the_selected_grid_factor_not_a_rounded_quotient():
+  """The selected rho_max is marked at its grid factor: with rho 0.1 and factor 1.5, the stored rho_max
+  (0.15) divided by 0.1 is 1.4999999999999998, which once left the MLP arm's choice unmarked."""
+  from experiments.protocol import curves
+
+  config = ProtocolConfig(rho_max_factors=(1.0, 1.25, 1.5, 2.0, 3.0))
+  hp = {"lr": 0.4, "wd": 1e-3, "rho": 0.1}
+  selection = {
+    "selected": {
+      "sam": {"setting": runner.Setting.make("sam", **hp)},
+      "xsam": {"setting": runner.Setting.make("xsam", **hp, rho_max=1.5 * hp["rho"])},
+      "xsam_fixed": {"setting": runner.Setting.make("xsam_fixed", **hp, alpha=2.0)},
+    }
+  }
+  assert selection["selected"]["xsam"]["setting"].values["rho_max"] / hp["rho"] != 1.5  # the trap
+  assert curves.selected_points(config, selection) == {"rho_max": 1.5, "alpha": 2.0}

@@ -70,6 +70,21 @@ def _point(x: float, setting: Setting, label: str, selection: dict[str, Any], te
   return point
 
 
+def selected_points(config: ProtocolConfig, selection: dict[str, Any]) -> dict[str, float]:
+  """The validation-selected points of the two curves: ``{"rho_max": factor, "alpha": alpha}``.
+
+  The factor is the grid's own ``f`` whose setting (made as the selection and :func:`plan` make it) was
+  chosen, not the quotient ``rho_max / rho``, which need not round back to ``f`` (``0.15 / 0.1 != 1.5``).
+  """
+  base = _base(selection)
+  chosen = selection["selected"]["xsam"]["setting"]
+  factor = [f for f in config.rho_max_factors if Setting.make("xsam", **base, rho_max=f * base["rho"]) == chosen]
+  return {
+    "rho_max": factor[0] if factor else chosen.values["rho_max"] / base["rho"],
+    "alpha": selection["selected"]["xsam_fixed"]["setting"].values.get("alpha", 1.0),
+  }
+
+
 def curves(config: ProtocolConfig, selection: dict[str, Any], tests: dict[str, Any]) -> dict[str, Any]:
   """One arm's curves: ``{"rho_max": [point, ...], "alpha": [...], "selected": {...}}``.
 
@@ -77,11 +92,7 @@ def curves(config: ProtocolConfig, selection: dict[str, Any], tests: dict[str, A
   :func:`stats.paired`), ``val`` (the same on validation over the tuning seeds), the test accuracy
   and, for XSAM, its probed alpha.
   """
-  base = _base(selection)
-  selected = {
-    "rho_max": selection["selected"]["xsam"]["setting"].values["rho_max"] / base["rho"],
-    "alpha": selection["selected"]["xsam_fixed"]["setting"].values.get("alpha", 1.0),
-  }
+  selected = selected_points(config, selection)
   labels = plan(config, selection)
   rho_max = [
     _point(f, labels[f"{PREFIX}xsam@{f:g}"], f"{PREFIX}xsam@{f:g}", selection, tests) for f in config.rho_max_factors
