@@ -61,6 +61,19 @@ def test_runs_are_reproducible_and_functional_sam_gets_its_split_loss():
   assert runs.bits_per_character(math.log(2.0)) == pytest.approx(1.0)
 
 
+def test_rwp_noise_key_is_each_runs_seed():
+  """RWP's noise key is its built-in key (seed 0) folded with the run's traced seed: runs of one vmapped
+  call draw different noise, and the same seed draws the same."""
+  c = LMConfig.quick()
+  params = {"w": jnp.ones((3, 2))}
+  keys = jax.vmap(
+    lambda s: runs.make_tx("rwp", {"lr": 1e-3, "gamma": 0.01, "seed": s}, c, c.steps).init(params)[0].key
+  )(jnp.asarray([0, 1, 1], jnp.int32))
+  for i, s in enumerate([0, 1, 1]):
+    np.testing.assert_array_equal(keys[i], jax.random.fold_in(jax.random.PRNGKey(0), s))
+  assert not np.array_equal(keys[0], keys[1])
+
+
 @pytest.mark.slow
 def test_quick_study_end_to_end(tmp_path):
   """``python -m experiments.lm --quick``: every method tuned and tested, paired intervals, files written."""

@@ -13,9 +13,9 @@ on every validation window at each interval's end, inside the scan.
 The optimizer of every method but Momentum-SAM is ``optax.chain(method,
 adamw)``; Momentum-SAM is its own AdamW (``xsam_jax.momentum_sam_adamw``)
 and is evaluated at its unperturbed weights (``xsam_jax.momentum_sam_params``).
-RWP's noise key is the same (seed 0) in every run: its seed is a Python
-integer, not a traced value; the runs still differ in initialisation and
-data order.
+RWP's noise key is folded with each run's seed, so every run draws its own
+noise (``xsam_jax.rwp``'s own ``seed`` is a Python integer fixed when the
+optimizer is built).
 """
 
 from __future__ import annotations
@@ -111,7 +111,24 @@ def make_tx(method: str, hp: Any, c: LMConfig, steps: int) -> optax.GradientTran
     "functional_preconditioned": lambda: xsam_jax.functional_sam(hp["rho"], precondition=True, b2=c.b2),
     "rwp": lambda: xsam_jax.rwp(hp["gamma"]),
   }[method]
-  return optax.chain(factory(), adamw)
+  tx = optax.chain(factory(), adamw)
+  return _seeded_noise(tx, hp["seed"]) if method == "rwp" else tx
+
+
+def _seeded_noise(tx: optax.GradientTransformationExtraArgs, seed: jax.Array) -> optax.GradientTransformationExtraArgs:
+  """``tx``, a chain whose first state is RWP's, with its noise key folded with the run's (traced) ``seed``.
+
+  ``xsam_jax.rwp``'s ``seed`` is a Python int fixed when the optimizer is built, and the runs of one
+  vmapped call share that build; folding each run's seed into the key its ``init`` made gives every run
+  its own noise, as it has its own initialisation and data order.
+  """
+
+  def init(params: Any) -> Any:
+    state: Any = tx.init(params)
+    first, *rest = state
+    return (first._replace(key=jax.random.fold_in(first.key, seed)), *rest)
+
+  return optax.GradientTransformationExtraArgs(init, tx.update)
 
 
 def _forward(params: Any, windows: jax.Array, *, heads: int) -> jax.Array:
@@ -198,6 +215,8 @@ def train_runs(
     raise ValueError(f"{n} training windows are fewer than one interval's {c.batch_size} x {c.eval_every}")
   orders = [_order(s, epochs, n, c.batch_size, c.eval_every) for s in seeds]
   hp = {k: jnp.asarray([h[k] for h in hps], jnp.float32) for k in names}
+  if method == "rwp":
+    hp["seed"] = jnp.asarray(seeds, jnp.int32)  # each run's noise (see _seeded_noise)
   params = jax.tree.map(lambda *xs: jnp.stack(xs), *inits)
   final, metrics = program(method, c, steps)(hp, params, jnp.asarray(np.stack(orders)), (train.windows, val.windows))
   out = jax.device_get(metrics)
