@@ -128,6 +128,16 @@ def train(tx, params, loss_fn, steps=3, *, jit=True, pass_loss_fn=True):
   return params, state, u
 
 
+def assert_dtypes_kept(params, new_params, updates, dtype):
+  """Every update leaf has ``dtype``, every new parameter its old dtype, and the updates are finite."""
+  for leaf_u, leaf_p, leaf_p0 in zip(
+    jax.tree.leaves(updates), jax.tree.leaves(new_params), jax.tree.leaves(params), strict=True
+  ):
+    assert leaf_u.dtype == jnp.dtype(dtype)
+    assert leaf_p.dtype == leaf_p0.dtype
+  assert all_finite(updates)
+
+
 def all_finite(tree):
   """Whether every leaf of ``tree`` is finite (checked in float64, so bfloat16 and float16 leaves count too)."""
   return all(bool(np.all(np.isfinite(np.asarray(x, np.float64)))) for x in jax.tree.leaves(tree))

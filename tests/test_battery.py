@@ -58,7 +58,7 @@ def test_jit_equals_nojit(name):
   # lr = 0.05 and summed by momentum 0.9 (weights 1 + 1.9 + 2.71 < 6): under 0.3 STEP_OPS, plus a
   # rounding of the params per step. Probe rounds must have a clear winner (no near-tie).
   _assert_no_near_tie(s_jit)
-  _assert_dtypes_kept(params, p_jit, u_jit, jnp.float32)  # float32 of test_params_dtype_is_kept
+  problems.assert_dtypes_kept(params, p_jit, u_jit, jnp.float32)  # float32 of test_params_dtype_is_kept
   assert_trees_close(p_eager, p_jit, 0.3 * STEP_OPS + 3)
   assert_trees_close(s_eager, s_jit, STEP_OPS)
   for a, b in zip(_probe_states(s_eager), _probe_states(s_jit), strict=True):
@@ -109,15 +109,6 @@ def test_state_structure_and_dtypes_are_stable(name):
   problems.assert_state_survives_cond(lambda s: tx.update(g, s, params, loss_fn=loss_fn)[1], state)
 
 
-def _assert_dtypes_kept(params, new_params, updates, dtype):
-  for leaf_u, leaf_p, leaf_p0 in zip(
-    jax.tree.leaves(updates), jax.tree.leaves(new_params), jax.tree.leaves(params), strict=True
-  ):
-    assert leaf_u.dtype == jnp.dtype(dtype)
-    assert leaf_p.dtype == leaf_p0.dtype
-  assert problems.all_finite(updates)
-
-
 # float32 runs in test_jit_equals_nojit (the same training run).
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float64"])
 @pytest.mark.parametrize("name", NAMES)
@@ -126,7 +117,7 @@ def test_params_dtype_is_kept(name, dtype):
   with jax.enable_x64(dtype == "float64"):
     params, loss_fn = problems.mlp_problem(seed=15, dtype=jnp.dtype(dtype))
     new_params, _, u = _run(name, params, loss_fn, steps=2)
-    _assert_dtypes_kept(params, new_params, u, dtype)
+    problems.assert_dtypes_kept(params, new_params, u, dtype)
 
 
 def _quadratic(sign):

@@ -107,12 +107,7 @@ def test_plain_params_dtype_is_kept(name, dtype):
   with jax.enable_x64(dtype == "float64"):
     params, loss_fn = problems.mlp_problem(seed=45, dtype=jnp.dtype(dtype))
     new_params, state, u = _run(_make(name), params, loss_fn, steps=2)
-    for leaf_u, leaf_p, leaf_p0 in zip(
-      jax.tree.leaves(u), jax.tree.leaves(new_params), jax.tree.leaves(params), strict=True
-    ):
-      assert leaf_u.dtype == jnp.dtype(dtype)
-      assert leaf_p.dtype == leaf_p0.dtype
-    assert problems.all_finite(u)
+    problems.assert_dtypes_kept(params, new_params, u, dtype)
     assert problems.all_finite(state)
     w = xsam_jax.momentum_sam_params(new_params, state)
     assert all(a.dtype == b.dtype for a, b in zip(jax.tree.leaves(w), jax.tree.leaves(params), strict=True))
