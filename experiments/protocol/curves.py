@@ -73,14 +73,13 @@ def _point(x: float, setting: Setting, label: str, selection: dict[str, Any], te
 def selected_points(config: ProtocolConfig, selection: dict[str, Any]) -> dict[str, float]:
   """The validation-selected points of the two curves: ``{"rho_max": factor, "alpha": alpha}``.
 
-  The factor is the grid's own ``f`` whose setting (made as the selection and :func:`plan` make it) was
-  chosen, not the quotient ``rho_max / rho``, which need not round back to ``f`` (``0.15 / 0.1 != 1.5``).
+  The factor is the grid's own ``f`` whose curve setting (:func:`plan`'s) is the chosen one, not the
+  quotient ``rho_max / rho``, which need not round back to ``f`` (``0.15 / 0.1 != 1.5``).
   """
-  base = _base(selection)
-  chosen = selection["selected"]["xsam"]["setting"]
-  factor = [f for f in config.rho_max_factors if Setting.make("xsam", **base, rho_max=f * base["rho"]) == chosen]
+  labels, chosen = plan(config, selection), selection["selected"]["xsam"]["setting"]
+  factor = [f for f in config.rho_max_factors if labels[f"{PREFIX}xsam@{f:g}"] == chosen]
   return {
-    "rho_max": factor[0] if factor else chosen.values["rho_max"] / base["rho"],
+    "rho_max": factor[0] if factor else chosen.values["rho_max"] / _base(selection)["rho"],
     "alpha": selection["selected"]["xsam_fixed"]["setting"].values.get("alpha", 1.0),
   }
 
