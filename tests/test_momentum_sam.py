@@ -122,12 +122,14 @@ def test_momentum_sam_adamw_matches_reference_float64():
 
 
 # -- (b) rho = 0 is the base optimizer, bitwise ---------------------------------------------------------------
+# Op by op, without jit: at rho = 0 the method runs the base optimizer's primitives on the same inputs and
+# adds exact zeros, so the results are bitwise the base's. Two jitted programs need not be: XLA may fuse
+# (and so round) them differently.
 
 
 def _run_plain(tx, params, loss_fn, steps):
   state = tx.init(params)
 
-  @jax.jit
   def step(p, s):
     u, s = tx.update(jax.grad(loss_fn)(p), s, p)
     return optax.apply_updates(p, u), s, u

@@ -110,7 +110,8 @@ def momentum_sam(
   SAM's :math:`+\rho\, g / \|g\|`, so SAM's second forward and backward
   pass is gone: the cost of a step is SGD's plus a norm of the momentum.
   At ``rho=0`` it is ``optax.chain(optax.add_decayed_weights(weight_decay,
-  mask), optax.sgd(learning_rate, momentum=momentum))`` (bitwise).
+  mask), optax.sgd(learning_rate, momentum=momentum))`` (bitwise op by op;
+  jitted, within XLA's fusion rounding).
 
   Call ``update`` as a plain optimizer's, ``tx.update(grads, state,
   params)`` with ``grads`` the gradient at ``params`` (no ``loss_fn``;
@@ -224,7 +225,7 @@ def momentum_sam_adamw(
 
   with :math:`\hat\mu = \mu / \|\mu\|` (0 for :math:`\mu = 0`). The output
   is the update :math:`p_{t+1} - p_t`; at ``rho=0`` it is ``optax.adamw``'s
-  (bitwise). Get the unperturbed :math:`w_t` with
+  (bitwise op by op; jitted, within XLA's fusion rounding). Get the unperturbed :math:`w_t` with
   :func:`momentum_sam_params`.
 
   A separate factory, not a ``base=`` option of :func:`momentum_sam`: each
