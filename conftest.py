@@ -10,8 +10,14 @@ not shipped in the wheel.
 
 import os
 
+from tests.xla_flags import cheap_compilation_flags
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MPLBACKEND", "Agg")  # the plotting examples draw off screen
+
+# Cheaper compilation for the whole suite (tests/xla_flags.py); XSAM_JAX_TEST_FULL_OPT=1 keeps jax's defaults.
+if os.environ.get("XSAM_JAX_TEST_FULL_OPT") != "1":
+  os.environ["XLA_FLAGS"] = cheap_compilation_flags(os.environ.get("XLA_FLAGS", ""))
 
 import jax
 import pytest

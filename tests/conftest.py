@@ -6,16 +6,7 @@ import os
 # XLA_FLAGS=--xla_force_host_platform_device_count=8.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# The suite mostly compiles tiny programs: LLVM's optimization level 0 cuts its
-# CPU time by ~15% (measured 2026-12-01). XLA's HLO passes (fusion, buffer
-# assignment, what memory_analysis reports) are unchanged, and every float
-# comparison has a bound-derived tolerance, so no assertion depends on the
-# level. Set XSAM_JAX_TEST_FULL_OPT=1 to test the default level; subprocesses
-# (multi-device checks, notebooks) inherit the setting.
-if os.environ.get("XSAM_JAX_TEST_FULL_OPT") != "1" and "xla_backend_optimization_level" not in os.environ.get(
-  "XLA_FLAGS", ""
-):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# The compile-time flags the suite runs with: the root conftest.py.
 
 import jax
 import pytest

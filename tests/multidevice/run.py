@@ -39,7 +39,9 @@ CLUSTER = None
 if "--process-id" in sys.argv:
   _args = dict(zip(sys.argv[1::2], sys.argv[2::2], strict=True))
   CLUSTER = {k: int(_args["--" + k.replace("_", "-")]) for k in ("process_id", "num_processes", "port")}
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // CLUSTER['num_processes']}"
+  _flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+  _devices = 8 // CLUSTER["num_processes"]
+  os.environ["XLA_FLAGS"] = " ".join([*_flags, f"--xla_force_host_platform_device_count={_devices}"])
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
