@@ -9,6 +9,7 @@ not shipped in the wheel.
 """
 
 import os
+from pathlib import Path
 
 from tests.xla_flags import cheap_compilation_flags
 
@@ -38,3 +39,12 @@ def _doctests_in_float32(request):
       yield
   else:
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+  """Runs the files that took longest in the committed durations table first (tests/durations.py)."""
+  from tests import durations
+
+  seconds = durations.read(Path(__file__).parent / "results" / "tests" / "durations.md")
+  order = durations.longest_files_first([item.nodeid for item in items], seconds)
+  items[:] = [items[i] for i in order]
