@@ -239,6 +239,51 @@ def test_seed_determinism_and_the_key():
   assert not np.allclose(np.asarray(u1["w1"]), np.asarray(u2["w1"]))
 
 
+def test_a_key_is_a_seed_given_directly():
+  """``key=PRNGKey(s)`` is ``seed=s`` bit for bit (one program: the key lives in the state); a typed key works;
+  keys made inside ``vmap`` from each run's seed give each run its own noise."""
+  params, loss_fn = problems.mlp_problem(seed=45)
+  make = lambda **kw: optax.chain(xsam_jax.rwp(0.1, **kw), *_base())
+  p_seed, s_seed, _ = _run(make(seed=4), params, loss_fn, 2)
+  p_key, s_key, _ = _run(make(key=jax.random.PRNGKey(4)), params, loss_fn, 2)
+  assert_trees_equal(p_seed, p_key)
+  assert_trees_equal(s_seed, s_key)
+  typed = xsam_jax.rwp(0.1, key=jax.random.key(4))
+  g = jax.grad(loss_fn)(params)
+  u, state = typed.update(g, typed.init(params), params, loss_fn=loss_fn)
+  assert jnp.issubdtype(state.key.dtype, jax.dtypes.prng_key)
+  np.testing.assert_array_equal(
+    jax.random.key_data(state.key), jax.random.key_data(jax.random.split(jax.random.key(4))[0])
+  )
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(u))
+
+  def first_step(seed):
+    tx = xsam_jax.rwp(0.1, alpha=1.0, key=jax.random.fold_in(jax.random.PRNGKey(0), seed))
+    state = tx.init(params)
+    return state.key, tx.update(g, state, params, loss_fn=loss_fn)[0]
+
+  keys, outs = jax.vmap(first_step)(jnp.asarray([0, 1], jnp.int32))
+  for i in range(2):
+    np.testing.assert_array_equal(keys[i], jax.random.fold_in(jax.random.PRNGKey(0), i))
+  assert not np.allclose(np.asarray(outs["w1"][0]), np.asarray(outs["w1"][1]))  # two runs, two noises
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "match"),
+  [
+    (dict(seed=3, key=jax.random.PRNGKey(3)), r"pass `seed` or `key`, not both"),
+    (dict(key=5), r"`key` must be one PRNG key.*For an int, pass `seed=`"),
+    (dict(key=jnp.zeros(2, jnp.int32)), r"`key` must be one PRNG key.*shape \(2,\) and dtype int32"),
+    (dict(key=jax.random.split(jax.random.key(0), 2)), r"`key` must be one PRNG key"),
+    (dict(key=jax.random.split(jax.random.PRNGKey(0), 2)), r"`key` must be one PRNG key"),
+  ],
+  ids=["with-seed", "python-int", "int32", "two-typed", "two-raw"],
+)
+def test_a_bad_key_is_named(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    xsam_jax.rwp(0.1, **kwargs)
+
+
 def test_perturb_every_outputs_g0_and_keeps_the_key_on_other_steps():
   params, loss_fn = problems.mlp_problem(seed=46)
   tx = xsam_jax.rwp(0.1, seed=1, perturb_every=2)

@@ -109,26 +109,11 @@ def make_tx(method: str, hp: Any, c: LMConfig, steps: int) -> optax.GradientTran
     "functional_sam": lambda: xsam_jax.functional_sam(hp["rho"], b2=c.b2),
     "preconditioned_sam": lambda: xsam_jax.preconditioned_sam(hp["rho"], b2=c.b2),
     "functional_preconditioned": lambda: xsam_jax.functional_sam(hp["rho"], precondition=True, b2=c.b2),
-    "rwp": lambda: xsam_jax.rwp(hp["gamma"]),
+    # Each run's own noise, as it has its own initialisation and data order: the runs of one vmapped call
+    # share this build, so the key (seed 0's, folded with the run's traced seed) is given, not a seed.
+    "rwp": lambda: xsam_jax.rwp(hp["gamma"], key=jax.random.fold_in(jax.random.PRNGKey(0), hp["seed"])),
   }[method]
-  tx = optax.chain(factory(), adamw)
-  return _seeded_noise(tx, hp["seed"]) if method == "rwp" else tx
-
-
-def _seeded_noise(tx: optax.GradientTransformationExtraArgs, seed: jax.Array) -> optax.GradientTransformationExtraArgs:
-  """``tx``, a chain whose first state is RWP's, with its noise key folded with the run's (traced) ``seed``.
-
-  ``xsam_jax.rwp``'s ``seed`` is a Python int fixed when the optimizer is built, and the runs of one
-  vmapped call share that build; folding each run's seed into the key its ``init`` made gives every run
-  its own noise, as it has its own initialisation and data order.
-  """
-
-  def init(params: Any) -> Any:
-    state: Any = tx.init(params)
-    first, *rest = state
-    return (first._replace(key=jax.random.fold_in(first.key, seed)), *rest)
-
-  return optax.GradientTransformationExtraArgs(init, tx.update)
+  return optax.chain(factory(), adamw)
 
 
 def _forward(params: Any, windows: jax.Array, *, heads: int) -> jax.Array:
@@ -216,7 +201,7 @@ def train_runs(
   orders = [_order(s, epochs, n, c.batch_size, c.eval_every) for s in seeds]
   hp = {k: jnp.asarray([h[k] for h in hps], jnp.float32) for k in names}
   if method == "rwp":
-    hp["seed"] = jnp.asarray(seeds, jnp.int32)  # each run's noise (see _seeded_noise)
+    hp["seed"] = jnp.asarray(seeds, jnp.int32)  # each run's RWP noise key (see make_tx)
   params = jax.tree.map(lambda *xs: jnp.stack(xs), *inits)
   final, metrics = program(method, c, steps)(hp, params, jnp.asarray(np.stack(orders)), (train.windows, val.windows))
   out = jax.device_get(metrics)

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from xsam_jax._src import ascent as ascent_lib
@@ -25,8 +26,9 @@ class RWPState(NamedTuple):
 
   Attributes:
     count: int32 number of ``update`` calls so far (saturating).
-    key: the PRNG key (``jax.random.PRNGKey(seed)`` at ``init``) of the
-      next perturbation; each step that perturbs splits it in two, draws
+    key: the PRNG key of the next perturbation (at ``init``:
+      ``jax.random.PRNGKey(seed)``, or the ``key`` given to :func:`rwp`, typed
+      or raw as given); each step that perturbs splits it in two, draws
       its noise from one half and keeps the other here. A step whose output
       is not finite keeps the key (:ref:`non-finite-steps`), so a skipped bad
       batch does not change the later draws.
@@ -114,11 +116,32 @@ def _either(a: Any, b: Any) -> Any:
   return jnp.logical_or(a, b)
 
 
+def _check_key(key: Any, seed: int) -> None:
+  """Raises ValueError unless ``key`` is one PRNG key (typed, shape ``()``, or raw, ``PRNGKey(0)``'s shape and
+  dtype) and ``seed`` is left at 0."""
+  if seed != 0:
+    raise ValueError(f"rwp: pass `seed` or `key`, not both (got seed={seed} and a key).")
+  raw = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+  shape, dtype = getattr(key, "shape", None), getattr(key, "dtype", None)
+  typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+  if (
+    not isinstance(key, (jax.Array, np.ndarray))
+    or (typed and shape != ())
+    or (not typed and (shape != raw.shape or dtype != raw.dtype))
+  ):
+    described = f"an array of shape {shape} and dtype {dtype}" if dtype is not None else repr(key)
+    raise ValueError(
+      f"`key` must be one PRNG key: jax.random.key(n) (shape ()) or jax.random.PRNGKey(n) (shape "
+      f"{raw.shape}, {raw.dtype}), got {described}. For an int, pass `seed=` instead."
+    )
+
+
 def rwp(
   gamma: optax.ScalarOrSchedule,
   *,
   alpha: Scalar = 0.5,
   seed: int = 0,
+  key: jax.Array | None = None,
   filter_axis: int = -1,
   axis_name: AxisName | None = None,
   m_sharpness: bool = False,
@@ -155,8 +178,8 @@ def rwp(
   draw)``, keeps ``next`` and draws the ``i``-th perturbed leaf (in
   ``jax.tree.leaves`` order) as ``jax.random.normal(jax.random.fold_in(draw,
   i), shape)`` in the leaf's wide dtype (float32 or wider), times ``gamma``
-  times its filter norms at ``w``. The same ``seed`` gives the same run
-  bitwise; steps that do not perturb leave the key alone.
+  times its filter norms at ``w``. The same ``seed`` (or ``key``) gives the
+  same run bitwise; steps that do not perturb leave the key alone.
 
   Cost: one extra forward+backward pass per call, ``g_eps`` (as SAM), so
   two gradient evaluations per step counting the loop's ``g_0``, plus one
@@ -212,7 +235,14 @@ def rwp(
       whose values are >= 0 (its value at step 0 is checked).
     alpha: the weight of the perturbed gradient, a real number in
       ``[0, 1]`` (the authors use 0.5; 1: plain RWP; 0: ``g_0``).
-    seed: a Python int in ``[0, 2**63 - 1]``, the seed of the noise.
+    seed: a Python int in ``[0, 2**63 - 1]``, the seed of the noise
+      (``init`` starts from ``jax.random.PRNGKey(seed)``).
+    key: instead of ``seed``, the noise's PRNG key itself: a typed key
+      (``jax.random.key``, shape ``()``) or a raw one
+      (``jax.random.PRNGKey``, ``uint32``), possibly traced. Runs ``vmap``-ed
+      over seeds build one optimizer; pass each run's key (say
+      ``jax.random.fold_in(base_key, run_seed)``) so that each draws its own
+      noise, as it has its own initialisation. ``init`` stores it as given.
     filter_axis: the axis that indexes a weight's filters (output units),
       ``-1`` (Flax, Haiku: kernels ``(..., in, out)``) or ``0`` (PyTorch
       layouts: ``(out, in, ...)``); used for leaves with two or more axes.
@@ -234,13 +264,14 @@ def rwp(
     An ``optax.GradientTransformationExtraArgs`` with state
     :class:`RWPState`; call its ``update`` as ``update(grads, state, params,
     loss_fn=loss_fn)`` (:ref:`calling-update`). With
-    ``optax.inject_hyperparams`` list ``seed`` and ``filter_axis`` in
+    ``optax.inject_hyperparams`` list ``seed``, ``key`` and ``filter_axis`` in
     ``static_args``.
 
   Raises:
     ValueError: ``gamma`` negative or not finite, ``alpha`` outside
-      ``[0, 1]``, ``seed`` outside ``[0, 2**63 - 1]``, ``filter_axis`` not 0
-      or -1, or a shared option out of its range.
+      ``[0, 1]``, ``seed`` outside ``[0, 2**63 - 1]``, ``key`` not a PRNG key
+      (or given with a ``seed`` other than 0), ``filter_axis`` not 0 or -1,
+      or a shared option out of its range.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, xsam_jax
@@ -277,6 +308,8 @@ def rwp(
   seed = validation.check_static_int("seed", seed, minimum=0)
   if seed > MAX_SEED:
     raise ValueError(f"`seed` must be an int in [0, {MAX_SEED}] (a PRNG seed: a signed 64-bit int), got {seed}.")
+  if key is not None:
+    _check_key(key, seed)
   if isinstance(filter_axis, bool) or filter_axis not in (0, -1):
     raise ValueError(
       f"`filter_axis` must be -1 (Flax/Haiku kernels, output units last) or 0 (PyTorch layouts, output "
@@ -287,7 +320,8 @@ def rwp(
   def init_fn(params: optax.Params) -> RWPState:
     del params
     zero = jnp.zeros([], jnp.float32)
-    return RWPState(count=base.zero_count(), key=jax.random.PRNGKey(seed), perturbed_loss=zero)
+    start = jax.random.PRNGKey(seed) if key is None else key
+    return RWPState(count=base.zero_count(), key=start, perturbed_loss=zero)
 
   def perturbation(
     options: base.Options, loss_fn: LossFn, params: PyTree, g0: PyTree, state: RWPState, count: jax.Array
