@@ -63,10 +63,6 @@ def _unit_or(tree: PyTree, fallback: PyTree) -> tuple[PyTree, jax.Array]:
   return unit, ok
 
 
-MAX_SEED = 2**63 - 1
-"""The largest ``seed`` ``jax.random.PRNGKey`` takes (a signed 64-bit integer)."""
-
-
 def initial_eigvec(params: PyTree, seed: int = 0) -> PyTree:
   """The deterministic start of the power iteration: a unit Gaussian vector.
 
@@ -241,9 +237,7 @@ def eigen_sam(
   validation.check_finite("alpha", alpha)
   validation.check_period("eig_update_period", eig_update_period, allow_none=False)
   power_iterations = validation.check_static_int("power_iterations", power_iterations)
-  seed = validation.check_static_int("seed", seed, minimum=0)
-  if seed > MAX_SEED:
-    raise ValueError(f"`seed` must be an int in [0, {MAX_SEED}] (a PRNG seed: a signed 64-bit int), got {seed}.")
+  seed = validation.check_seed(seed)
 
   def init_fn(params: optax.Params) -> EigenSAMState:
     zero = jnp.zeros([], jnp.float32)

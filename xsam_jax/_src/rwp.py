@@ -17,9 +17,6 @@ from xsam_jax._src import tree_math as tm
 from xsam_jax._src.ascent import AscentTrace
 from xsam_jax._src.types import AxisName, LossFn, PyTree, Scalar
 
-MAX_SEED = 2**63 - 1
-"""The largest ``seed`` ``jax.random.PRNGKey`` takes (a signed 64-bit integer)."""
-
 
 class RWPState(NamedTuple):
   """State of :func:`rwp`.
@@ -305,9 +302,7 @@ def rwp(
   else:
     validation.check_nonnegative("gamma", gamma)
   validation.check_real("alpha", alpha, "a real number in [0, 1]", lambda v: 0.0 <= v <= 1.0)
-  seed = validation.check_static_int("seed", seed, minimum=0)
-  if seed > MAX_SEED:
-    raise ValueError(f"`seed` must be an int in [0, {MAX_SEED}] (a PRNG seed: a signed 64-bit int), got {seed}.")
+  seed = validation.check_seed(seed)
   if key is not None:
     _check_key(key, seed)
   if isinstance(filter_axis, bool) or filter_axis not in (0, -1):

@@ -133,6 +133,18 @@ def check_static_int(name: str, value: Any, minimum: int = 1, *, inject_hint: bo
   return int(value)
 
 
+MAX_SEED = 2**63 - 1
+"""The largest seed ``jax.random.PRNGKey`` takes (a signed 64-bit integer)."""
+
+
+def check_seed(value: Any) -> int:
+  """Checks ``seed``, a PRNG seed: a static Python int in ``[0, MAX_SEED]``; returns it as an int."""
+  seed = check_static_int("seed", value, minimum=0)
+  if seed > MAX_SEED:
+    raise ValueError(f"`seed` must be an int in [0, {MAX_SEED}] (a PRNG seed: a signed 64-bit int), got {seed}.")
+  return seed
+
+
 def check_period(name: str, value: Any, *, allow_none: bool = True) -> None:
   """Checks a period: an int >= 1 (a 0-d integer array, possibly traced, too), or None if allowed."""
   if value is None and allow_none:
