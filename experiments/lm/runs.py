@@ -13,9 +13,9 @@ on every validation window at each interval's end, inside the scan.
 The optimizer of every method but Momentum-SAM is ``optax.chain(method,
 adamw)``; Momentum-SAM is its own AdamW (``xsam_jax.momentum_sam_adamw``)
 and is evaluated at its unperturbed weights (``xsam_jax.momentum_sam_params``).
-RWP's noise key is folded with each run's seed, so every run draws its own
-noise (``xsam_jax.rwp``'s own ``seed`` is a Python integer fixed when the
-optimizer is built).
+RWP's noise key is seed 0's folded with each run's traced seed, passed as
+``xsam_jax.rwp``'s ``key`` (its ``seed`` is a Python integer fixed when the
+optimizer is built), so every run draws its own noise.
 """
 
 from __future__ import annotations
